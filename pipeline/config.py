@@ -1,0 +1,261 @@
+"""params.yaml, read and validated once into frozen, typed objects.
+
+Every stage calls `load_params()` first, before doing any work. A bad value
+stops the stage with one `ParamsError` whose message names the full key path,
+the value found and what is allowed, e.g.
+
+    data.val_size: must be an integer between 0 and 49999, got -5
+
+Each section is a frozen dataclass; each field declares its own check through
+`_field(...)`, so the schema and its validation live in one place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.errors import PipelineError
+
+CIFAR10_TRAIN_IMAGES = 50_000  # images in the canonical training batches
+
+
+class ParamsError(PipelineError):
+    """A params.yaml value is missing, unknown, of the wrong type or out of range."""
+
+
+# --- value checks: each returns the cleaned value or raises ParamsError ----------------------
+
+
+Check = Callable[[str, Any], Any]
+
+
+def _fail(path: str, allowed: str, value: Any) -> ParamsError:
+    return ParamsError(f"{path}: must be {allowed}, got {value!r}")
+
+
+def integer(low: int | None = None, high: int | None = None) -> Check:
+    if low is not None and high is not None:
+        allowed = f"an integer between {low} and {high}"
+    elif low is not None:
+        allowed = "a positive integer" if low == 1 else f"an integer >= {low}"
+    else:
+        allowed = "an integer"
+
+    def check(path: str, value: Any) -> int:
+        # bool is an int subclass in Python; `epochs: true` is a mistake, not 1.
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _fail(path, allowed, value)
+        if (low is not None and value < low) or (high is not None and value > high):
+            raise _fail(path, allowed, value)
+        return value
+
+    return check
+
+
+def number(low: float, high: float, *, low_open: bool = False, high_open: bool = False) -> Check:
+    left, right = "(" if low_open else "[", ")" if high_open else "]"
+    allowed = f"a number in {left}{low:g}, {high:g}{right}"
+
+    def check(path: str, value: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise _fail(path, allowed, value)
+        value = float(value)
+        if not math.isfinite(value):
+            raise _fail(path, allowed, value)
+        if (
+            value < low
+            or value > high
+            or (low_open and value == low)
+            or (high_open and value == high)
+        ):
+            raise _fail(path, allowed, value)
+        return value
+
+    return check
+
+
+def boolean() -> Check:
+    def check(path: str, value: Any) -> bool:
+        if not isinstance(value, bool):
+            raise _fail(path, "true or false", value)
+        return value
+
+    return check
+
+
+def choice(*options: str) -> Check:
+    allowed = "one of " + ", ".join(options)
+
+    def check(path: str, value: Any) -> str:
+        if value not in options:
+            raise _fail(path, allowed, value)
+        return value
+
+    return check
+
+
+def url() -> Check:
+    schemes = ("https://", "http://", "file://")
+
+    def check(path: str, value: Any) -> str:
+        if not isinstance(value, str) or not value.startswith(schemes):
+            raise _fail(path, "a URL starting with https://, http:// or file://", value)
+        return value
+
+    return check
+
+
+def md5() -> Check:
+    def check(path: str, value: Any) -> str:
+        if (
+            not isinstance(value, str)
+            or len(value) != 32
+            or any(c not in "0123456789abcdef" for c in value.lower())
+        ):
+            raise _fail(path, "an md5 checksum of 32 hex digits", value)
+        return value.lower()
+
+    return check
+
+
+def integer_list(low: int, high: int, min_length: int = 1) -> Check:
+    allowed = f"a list of at least {min_length} integers between {low} and {high}"
+    item = integer(low, high)
+
+    def check(path: str, value: Any) -> tuple[int, ...]:
+        if not isinstance(value, list) or len(value) < min_length:
+            raise _fail(path, allowed, value)
+        for i, element in enumerate(value):
+            try:
+                item(f"{path}[{i}]", element)
+            except ParamsError:
+                raise _fail(path, allowed, value) from None
+        return tuple(value)
+
+    return check
+
+
+def _field(check: Check) -> Any:
+    return dataclasses.field(metadata={"check": check})
+
+
+# --- the schema ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DataParams:
+    url: str = _field(url())
+    md5: str = _field(md5())
+    val_size: int = _field(integer(0, CIFAR10_TRAIN_IMAGES - 1))
+    seed: int = _field(integer(0, 2**32 - 1))
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    stem_filters: int = _field(integer(1, 4096))
+    filters: tuple[int, ...] = _field(integer_list(1, 4096))
+    units_per_stage: int = _field(integer(1, 64))
+    dropout: float = _field(number(0.0, 1.0, high_open=True))
+
+
+@dataclass(frozen=True)
+class AugmentParams:
+    rotation: float = _field(number(0.0, 180.0))  # degrees, each way
+    shift: float = _field(number(0.0, 1.0, high_open=True))  # fraction of the image side
+    flip: bool = _field(boolean())  # random horizontal flips
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    epochs: int = _field(integer(1))
+    batch_size: int = _field(integer(1))
+    learning_rate: float = _field(number(0.0, 10.0, low_open=True))
+    lr_schedule: str = _field(choice("constant", "cosine", "onecycle"))
+    seed: int = _field(integer(0, 2**32 - 1))
+    augment: AugmentParams = _field(AugmentParams)
+    precision: str = _field(choice("auto", "float32", "mixed_float16", "mixed_bfloat16"))
+    deterministic: bool = _field(boolean())
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    batch_size: int = _field(integer(1))
+    misclassified: int = _field(integer(0, 400))  # images in the error grid
+    register: bool = _field(boolean())
+
+
+@dataclass(frozen=True)
+class Params:
+    data: DataParams = _field(DataParams)
+    model: ModelParams = _field(ModelParams)
+    train: TrainParams = _field(TrainParams)
+    evaluate: EvaluateParams = _field(EvaluateParams)
+
+
+# --- parsing ------------------------------------------------------------------------------
+
+
+def _build(cls: type, raw: Any, path: str) -> Any:
+    """Build dataclass `cls` from mapping `raw`, checking every field; `path` names it."""
+    where = path or "params.yaml"
+    if not isinstance(raw, Mapping):
+        raise ParamsError(f"{where}: must be a mapping of keys to values, got {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields), key=str)
+    if unknown:
+        name = f"{path}.{unknown[0]}" if path else str(unknown[0])
+        raise ParamsError(f"{name}: unknown key; allowed keys in {where}: {', '.join(fields)}")
+    values = {}
+    for name, field in fields.items():
+        full = f"{path}.{name}" if path else name
+        if name not in raw:
+            raise ParamsError(f"{full}: missing; add it to params.yaml")
+        check = field.metadata["check"]
+        if dataclasses.is_dataclass(check):
+            values[name] = _build(check, raw[name], full)
+        else:
+            values[name] = check(full, raw[name])
+    return cls(**values)
+
+
+def parse_params(raw: Any) -> Params:
+    """Validate a params mapping (as loaded from YAML) into `Params`."""
+    return _build(Params, raw, "")
+
+
+def load_params(path: Path | str = "params.yaml") -> Params:
+    """Read and validate params.yaml; the one place any stage reads its knobs."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: not found; run from the repository root") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ParamsError(f"{path}: not valid YAML: {error}") from None
+    return parse_params(raw)
+
+
+def flatten(params: Params) -> dict[str, Any]:
+    """Every value with its dotted key (`train.augment.flip`), as MLflow logs them."""
+    flat: dict[str, Any] = {}
+
+    def walk(obj: Any, prefix: str) -> None:
+        for field in dataclasses.fields(obj):
+            value = getattr(obj, field.name)
+            key = f"{prefix}.{field.name}" if prefix else field.name
+            if dataclasses.is_dataclass(value):
+                walk(value, key)
+            else:
+                flat[key] = list(value) if isinstance(value, tuple) else value
+
+    walk(params, "")
+    return flat

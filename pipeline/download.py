@@ -1,0 +1,299 @@
+"""Stage `download`: fetch the CIFAR-10 archive into data/raw, verified by md5.
+
+    python -m pipeline.download      # reads data.url and data.md5 from params.yaml
+
+The archive is streamed into `<name>.part` while its md5 is computed, and only
+renamed to `<name>` once the md5 matches, so a file under its final name is
+always complete. Transient failures (reset, timeout, HTTP 5xx, short body) are
+retried with exponential backoff, resuming the `.part` with an HTTP Range
+request where the server allows it. A final file that already matches is reused
+without touching the network.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import http.client
+import os
+import re
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path, PurePosixPath
+from typing import BinaryIO, TextIO
+
+from pipeline import paths
+from pipeline.config import load_params
+from pipeline.errors import PipelineError, cli
+
+CHUNK_BYTES = 1 << 20  # read, hash and write 1 MiB at a time
+TIMEOUT_S = 60.0  # socket timeout for connecting and for each read
+MAX_BACKOFF_S = 60.0  # cap on the wait between attempts
+MB = 1e6  # progress is reported in decimal megabytes, as browsers and curl do
+FIX_HINT = "dvc exp run -S data.url=... -S data.md5=... or edit params.yaml"
+
+
+def _mirror_hint(name: str) -> str:
+    return (
+        f"point data.url at a mirror or a local copy (file:///path/to/{name}) "
+        f"and data.md5 at its checksum: {FIX_HINT}"
+    )
+
+
+class DownloadError(PipelineError):
+    """The archive could not be fetched or is not the expected file."""
+
+
+class _Transient(Exception):
+    """A failure worth another attempt; its message is the reason."""
+
+
+class Progress:
+    """Bytes done/total, rate and ETA of one transfer.
+
+    On a terminal: one line redrawn in place with a carriage return. Otherwise
+    (DVC logs, CI): a plain line at most every `interval_s` and one at the end.
+    """
+
+    def __init__(
+        self,
+        stream: TextIO | None = None,
+        *,
+        interval_s: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.stream = stream if stream is not None else sys.stdout
+        self.tty = self.stream.isatty()
+        self.interval_s = 0.2 if self.tty else interval_s  # a terminal redraws at 5 Hz
+        self.clock = clock
+        self.total: int | None = None
+        self.start_bytes = self.done = 0
+        self.started_s = self.shown_s = 0.0
+        self.width = 0  # length of the last terminal line, to blank it out
+
+    def start(self, done: int, total: int | None) -> None:
+        """Begin an attempt at byte `done` (non-zero when resuming) of `total` (None: unknown)."""
+        self.total, self.start_bytes, self.done = total, done, done
+        self.started_s = self.shown_s = self.clock()
+
+    def update(self, done: int) -> None:
+        self.done = done
+        now = self.clock()
+        if now - self.shown_s >= self.interval_s:
+            self.shown_s = now
+            self._show(now, final=False)
+
+    def finish(self) -> None:
+        self._show(self.clock(), final=True)
+
+    def _show(self, now: float, *, final: bool) -> None:
+        elapsed_s = now - self.started_s
+        # Rate of this attempt only: bytes resumed from disk were not transferred.
+        rate = (self.done - self.start_bytes) / elapsed_s if elapsed_s > 0 else 0.0
+        size = f"{self.done / MB:.1f}" + (f"/{self.total / MB:.1f}" if self.total else "")
+        line = f"download: {size} MB  {rate / MB:.1f} MB/s"
+        if self.total and rate > 0 and not final:
+            eta_s = max(self.total - self.done, 0) / rate
+            line += f"  ETA {int(eta_s) // 60}:{int(eta_s) % 60:02d}"
+        if self.tty:
+            self.stream.write("\r" + line.ljust(self.width) + ("\n" if final else ""))
+            self.width = 0 if final else len(line)
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+
+def fetch(
+    url: str,
+    md5: str,
+    dest_dir: Path,
+    *,
+    retries: int = 5,
+    backoff_s: float = 1.0,
+    progress: Progress | None = None,
+    timeout_s: float = TIMEOUT_S,
+) -> Path:
+    """Download `url` into `dest_dir/<basename>` and return that path once its md5 is `md5`.
+
+    Up to `retries` further attempts follow a transient failure, waiting
+    `backoff_s`, then twice that, and so on. Raises DownloadError otherwise.
+    """
+    md5 = md5.lower()
+    name = _file_name(url)
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    final, part = dest_dir / name, dest_dir / f"{name}.part"
+    # dvc.yaml keeps data/raw across runs (persist) so a .part can be resumed;
+    # anything else in it is left over from an earlier data.url.
+    for stale in dest_dir.iterdir():
+        if stale not in (final, part) and stale.is_file():
+            print(f"download: removing {stale}, left over from an earlier data.url", flush=True)
+            stale.unlink()
+    progress = progress if progress is not None else Progress()
+
+    if final.exists():
+        found = _hash_file(final, hashlib.md5()).hexdigest()
+        if found == md5:
+            print(f"download: reusing {final} (md5 {md5} matches)", flush=True)
+            return final
+        print(f"download: {final} has md5 {found}, expected {md5}; downloading again", flush=True)
+        final.unlink()
+
+    for attempt in range(retries + 1):
+        try:
+            if url.startswith("file://"):
+                digest = _copy_local(url, part, name, progress)
+            else:
+                digest = _download_http(url, part, name, progress, timeout_s)
+            break
+        except _Transient as failure:
+            if attempt == retries:
+                raise DownloadError(
+                    f"could not download {url} (data.url) after {retries + 1} attempts: "
+                    f"{failure}. Check the network or proxy (HTTPS_PROXY), or " + _mirror_hint(name)
+                ) from None
+            delay_s = min(backoff_s * 2**attempt, MAX_BACKOFF_S)
+            print(
+                f"download: {failure}; retry {attempt + 1}/{retries} in {delay_s:.1f} s", flush=True
+            )
+            time.sleep(delay_s)
+
+    if digest != md5:
+        part.unlink()  # a resumed run must not build on bytes of the wrong file
+        raise DownloadError(
+            f"downloaded {url} but its md5 is {digest}, expected {md5} (data.md5). "
+            f"If you use a mirror, set data.url to it and data.md5 to its checksum: {FIX_HINT}"
+        )
+    os.replace(part, final)  # atomic: the final name appears only with verified content
+    with contextlib.suppress(OSError):  # make the rename itself durable (not on Windows)
+        fd = os.open(dest_dir, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    print(f"download: saved {final} (md5 {md5})", flush=True)
+    return final
+
+
+def _download_http(url: str, part: Path, name: str, progress: Progress, timeout_s: float) -> str:
+    """One attempt: stream `url` into `part`, resuming it if it exists; return the md5."""
+    offset = part.stat().st_size if part.exists() else 0
+    request = urllib.request.Request(url, headers={"User-Agent": "pipeline.download"})
+    if offset:
+        request.add_header("Range", f"bytes={offset}-")
+    try:
+        response = urllib.request.urlopen(request, timeout=timeout_s)
+    except urllib.error.HTTPError as error:
+        error.close()
+        if error.code == 416 and offset:  # the .part is not a prefix the server knows
+            part.unlink()
+            raise _Transient("server refused to resume (HTTP 416); starting over") from None
+        if error.code >= 500 or error.code in (408, 429):  # server trouble, timeout, rate limit
+            raise _Transient(f"HTTP {error.code} {error.reason}") from None
+        what = "the file is not at that address" if error.code in (404, 410) else "refused"
+        raise DownloadError(
+            f"{url}: HTTP {error.code} {error.reason} (data.url): {what}; " + _mirror_hint(name)
+        ) from None
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as error:  # refused, DNS
+        host = urllib.parse.urlsplit(url).netloc
+        raise _Transient(f"{host} is unreachable: {getattr(error, 'reason', error)}") from None
+
+    with response:
+        hasher = hashlib.md5()
+        length = response.headers.get("Content-Length")
+        if response.status == 206:
+            match = re.match(r"bytes (\d+)-", response.headers.get("Content-Range", ""))
+            if not match or int(match.group(1)) != offset:
+                part.unlink()
+                raise _Transient("server resumed at the wrong byte; starting over")
+            _hash_file(part, hasher)  # the md5 covers the whole file, resumed bytes first
+            mode = "ab"
+        else:
+            if offset:
+                print(f"download: server cannot resume; restarting {name}", flush=True)
+            offset, mode = 0, "wb"
+        total = offset + int(length) if length is not None else None
+        with part.open(mode) as out:
+            done = _stream(response, out, hasher, progress, offset, total)
+    # http.client returns a short body without error when the peer closes early.
+    if total is not None and done < total:
+        raise _Transient(f"connection closed after {done} of {total} bytes")
+    return hasher.hexdigest()
+
+
+def _copy_local(url: str, part: Path, name: str, progress: Progress) -> str:
+    """Copy a file:// URL into `part` the same way, in chunks; return the md5."""
+    split = urllib.parse.urlsplit(url)
+    source = Path(urllib.request.url2pathname(split.path))
+    if split.netloc not in ("", "localhost") or not source.is_file():
+        raise DownloadError(
+            f"{url} (data.url): no such file {source}. A local copy needs an absolute path with "
+            f"three slashes, e.g. file:///path/to/{name}; fix data.url: {FIX_HINT}"
+        )
+    hasher = hashlib.md5()
+    with source.open("rb") as stream, part.open("wb") as out:
+        _stream(stream, out, hasher, progress, 0, source.stat().st_size)
+    return hasher.hexdigest()
+
+
+def _stream(
+    source: BinaryIO | http.client.HTTPResponse,
+    out: BinaryIO,
+    hasher: hashlib._Hash,
+    progress: Progress,
+    done: int,
+    total: int | None,
+) -> int:
+    """Copy `source` to `out` from byte `done`, hashing as it goes; return bytes in `out`."""
+    progress.start(done, total)
+    try:
+        while True:
+            try:
+                chunk = source.read(CHUNK_BYTES)
+            except (OSError, http.client.HTTPException) as error:  # reset, timeout, bad chunk
+                raise _Transient(f"connection lost after {done} bytes: {error!r}") from None
+            if not chunk:
+                break
+            out.write(chunk)
+            hasher.update(chunk)
+            done += len(chunk)
+            progress.update(done)
+        out.flush()
+        os.fsync(out.fileno())  # on disk before any rename can make it look complete
+    finally:
+        progress.finish()
+    return done
+
+
+def _hash_file(path: Path, hasher: hashlib._Hash) -> hashlib._Hash:
+    with path.open("rb") as stream:
+        while chunk := stream.read(CHUNK_BYTES):
+            hasher.update(chunk)
+    return hasher
+
+
+def _file_name(url: str) -> str:
+    name = urllib.parse.unquote(PurePosixPath(urllib.parse.urlsplit(url).path).name)
+    if not name:
+        raise DownloadError(f"data.url {url} does not end with a file name; {FIX_HINT}")
+    return name
+
+
+@cli
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.download",
+        description=f"Fetch data.url into {paths.RAW_DIR}, verified against data.md5.",
+    )
+    parser.parse_args(argv)
+    params = load_params(paths.PARAMS)
+    fetch(params.data.url, params.data.md5, paths.RAW_DIR)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

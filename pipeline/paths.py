@@ -1,0 +1,31 @@
+"""Every file the pipeline reads or writes, declared once.
+
+Paths are relative to the repository root (where `dvc.yaml` lives); the stages
+run from there. `dvc.yaml` names the same paths as deps and outs, and
+`tests/test_dvc_yaml.py` fails if the two ever disagree.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+PARAMS = Path("params.yaml")
+
+RAW_DIR = Path("data/raw")  # download's out: the archive as served
+PREPARED_DIR = Path("data/prepared")  # prepare's out: uint8 arrays + stats
+
+# Inside PREPARED_DIR: one uncompressed .npz per split holding `images`
+# (N, 32, 32, 3) uint8 and `labels` (N,) int32, plus meta.json with the class
+# names, split sizes and the training split's per-channel mean/std (0-255 units).
+SPLITS = ("train", "val", "test")
+META_FILE = "meta.json"
+
+
+def split_file(prepared_dir: Path, split: str) -> Path:
+    return prepared_dir / f"{split}.npz"
+
+
+MODELS_DIR = Path("models")
+MODEL_FILE = MODELS_DIR / "model.keras"
+
+METRICS_DIR = Path("metrics")

@@ -1,0 +1,331 @@
+"""prepare: the downloaded CIFAR-10 archive -> train/val/test uint8 arrays + statistics.
+
+Reads the canonical python layout (`cifar-10-batches-py/data_batch_1..5`,
+`test_batch`, `batches.meta`) straight out of the .tar.gz, without extracting
+to disk and without trusting it:
+
+- every archive member is checked: no absolute paths, no `..`, no links or
+  devices (a crafted archive is refused before anything is read);
+- batches are unpickled by `SafeUnpickler`, which admits only the numpy
+  globals an array needs, so a pickle asking for `os.system` is refused and
+  nothing runs;
+- shapes, dtypes, label range and counts are validated.
+
+Writes to data/prepared/: `train.npz`, `val.npz`, `test.npz` (`images`
+(N, 32, 32, 3) uint8, `labels` (N,) int32) and `meta.json` (class names,
+split sizes, per-channel mean and std of the training split only, in 0-255
+pixel units). The validation split is stratified by class and seeded; the
+test split is copied through untouched and used for nothing but evaluation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import pickle
+import sys
+import tarfile
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+
+from pipeline import paths
+from pipeline.config import load_params
+from pipeline.errors import PipelineError, cli
+
+BATCH_DIR = "cifar-10-batches-py"
+TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
+TEST_BATCH = "test_batch"
+META_BATCH = "batches.meta"
+IMAGE_SHAPE = (32, 32, 3)
+PIXELS = 32 * 32 * 3  # values per flattened CIFAR row (channels first)
+
+
+class ArchiveError(PipelineError):
+    """The archive is corrupt, truncated, unsafe or not in the CIFAR-10 layout."""
+
+
+@dataclass(frozen=True)
+class Split:
+    images: np.ndarray  # (N, 32, 32, 3) uint8
+    labels: np.ndarray  # (N,) int32
+
+
+@dataclass(frozen=True)
+class Dataset:
+    train: Split
+    test: Split
+    class_names: tuple[str, ...]
+
+
+# --- reading the archive safely --------------------------------------------------------------
+
+
+class SafeUnpickler(pickle.Unpickler):
+    """Unpickles only plain containers and numpy arrays.
+
+    CIFAR-10's batches were written by Python 2's cPickle; their numpy arrays
+    reference `numpy.core.multiarray._reconstruct`, `numpy.ndarray` and
+    `numpy.dtype`. Those (under either numpy 1 or 2 module names) are the only
+    globals admitted; anything else is refused before it can be called.
+    """
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+    }
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(
+                f"refused to load global {module}.{name}: CIFAR-10 batches contain only "
+                "numpy arrays and lists"
+            )
+        if name == "_reconstruct":
+            return np._core.multiarray._reconstruct
+        if name == "scalar":
+            return np._core.multiarray.scalar
+        return getattr(np, name)
+
+
+def safe_unpickle(payload: bytes, member: str) -> dict:
+    try:
+        # encoding="bytes": Python 2 str objects (keys, dtype codes) stay bytes.
+        obj = SafeUnpickler(io.BytesIO(payload), encoding="bytes").load()
+    except pickle.UnpicklingError as error:
+        raise ArchiveError(f"{member}: unsafe or invalid pickle: {error}") from None
+    except Exception as error:  # a malformed pickle can raise nearly anything
+        raise ArchiveError(f"{member}: not a valid CIFAR-10 pickle ({error})") from None
+    if not isinstance(obj, dict):
+        raise ArchiveError(f"{member}: expected a dict, found {type(obj).__name__}")
+    # Keys are bytes in the canonical files; accept str too.
+    return {k.decode() if isinstance(k, bytes) else k: v for k, v in obj.items()}
+
+
+def check_member(member: tarfile.TarInfo) -> None:
+    """Refuse members that could escape an extraction directory or point elsewhere."""
+    name = PurePosixPath(member.name)
+    if name.is_absolute() or ".." in name.parts:
+        raise ArchiveError(f"unsafe archive member {member.name!r}: path escapes the archive")
+    if not (member.isfile() or member.isdir()):
+        kind = "link" if (member.issym() or member.islnk()) else "special file"
+        raise ArchiveError(f"unsafe archive member {member.name!r}: a {kind}, refused")
+
+
+def read_members(archive: Path, wanted: set[str]) -> dict[str, bytes]:
+    """Return {basename: bytes} of the wanted files under cifar-10-batches-py/."""
+    found: dict[str, bytes] = {}
+    try:
+        with tarfile.open(archive, "r:*") as tar:
+            for member in tar:
+                check_member(member)
+                path = PurePosixPath(member.name)
+                if member.isfile() and path.parent.name == BATCH_DIR and path.name in wanted:
+                    found[path.name] = tar.extractfile(member).read()
+    except ArchiveError:
+        raise
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as error:
+        raise ArchiveError(
+            f"{archive}: truncated or corrupt archive ({error or type(error).__name__}); "
+            f"delete it and run `dvc repro download` to fetch it again"
+        ) from None
+    missing = sorted(wanted - set(found))
+    if missing:
+        raise ArchiveError(
+            f"{archive}: not the CIFAR-10 python layout, missing "
+            + ", ".join(f"{BATCH_DIR}/{m}" for m in missing)
+        )
+    return found
+
+
+def parse_batch(payload: bytes, member: str, num_classes: int) -> Split:
+    batch = safe_unpickle(payload, member)
+    data, labels = batch.get("data"), batch.get("labels")
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2:
+        raise ArchiveError(f"{member}: 'data' must be a uint8 array of shape (N, {PIXELS})")
+    if data.shape[1] != PIXELS:
+        raise ArchiveError(f"{member}: 'data' rows hold {data.shape[1]} values, not {PIXELS}")
+    labels = np.asarray(labels if labels is not None else [], dtype=np.int64)
+    if labels.shape != (len(data),):
+        raise ArchiveError(f"{member}: {len(labels)} labels for {len(data)} images")
+    if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ArchiveError(
+            f"{member}: labels must lie in 0..{num_classes - 1}, found "
+            f"{labels.min()}..{labels.max()}"
+        )
+    # Rows are channels-first (3, 32, 32); models want (32, 32, 3).
+    images = np.ascontiguousarray(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+    return Split(images, labels.astype(np.int32))
+
+
+def read_cifar10(archive: Path) -> Dataset:
+    """Read and validate a cifar-10-python.tar.gz archive."""
+    payloads = read_members(archive, {*TRAIN_BATCHES, TEST_BATCH, META_BATCH})
+    meta = safe_unpickle(payloads[META_BATCH], META_BATCH)
+    names = meta.get("label_names")
+    if not isinstance(names, list) or len(names) < 2:
+        raise ArchiveError(f"{META_BATCH}: 'label_names' must list at least two classes")
+    class_names = tuple(n.decode() if isinstance(n, bytes) else str(n) for n in names)
+    batches = [parse_batch(payloads[m], m, len(class_names)) for m in TRAIN_BATCHES]
+    train = Split(
+        np.concatenate([b.images for b in batches]), np.concatenate([b.labels for b in batches])
+    )
+    test = parse_batch(payloads[TEST_BATCH], TEST_BATCH, len(class_names))
+    for split_name, split in (("training", train), ("test", test)):
+        counts = np.bincount(split.labels, minlength=len(class_names))
+        if counts.min() == 0:
+            empty = class_names[int(counts.argmin())]
+            raise ArchiveError(f"{archive}: the {split_name} batches hold no {empty!r} images")
+    return Dataset(train, test, class_names)
+
+
+# --- the pure core -----------------------------------------------------------------------------
+
+
+def stratified_split(labels: np.ndarray, val_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (train, val) with `val_size` validation items drawn per class in proportion.
+
+    Each class gives round-down of its share, and the leftover items go to the
+    classes with the largest remainders, so the total is exactly `val_size`.
+    """
+    n = len(labels)
+    if not 0 <= val_size < n:
+        raise PipelineError(
+            f"data.val_size: must be an integer between 0 and {n - 1} for this archive's "
+            f"{n} training images, got {val_size}"
+        )
+    classes, counts = np.unique(labels, return_counts=True)
+    share = counts * val_size / n
+    take = np.floor(share).astype(int)
+    leftover = val_size - take.sum()
+    take[np.argsort(-(share - take), kind="stable")[:leftover]] += 1
+    rng = np.random.default_rng(seed)
+    val = [
+        rng.permutation(np.flatnonzero(labels == c))[:k] for c, k in zip(classes, take, strict=True)
+    ]
+    val_idx = np.sort(np.concatenate(val)) if val else np.empty(0, dtype=int)
+    train_idx = np.setdiff1d(np.arange(n), val_idx, assume_unique=True)
+    return train_idx, val_idx
+
+
+def channel_stats(images: np.ndarray, chunk: int = 4096) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std (population) of uint8 images, in 0-255 units.
+
+    Accumulates float64 sums chunk by chunk so memory stays at one chunk's
+    float copy rather than the whole split's (45,000 images would be 1.1 GB).
+    """
+    total = np.zeros(images.shape[-1])
+    squares = np.zeros(images.shape[-1])
+    for start in range(0, len(images), chunk):
+        block = images[start : start + chunk].reshape(-1, images.shape[-1]).astype(np.float64)
+        total += block.sum(axis=0)
+        squares += np.square(block).sum(axis=0)
+    count = images.size // images.shape[-1]
+    mean = total / count
+    std = np.sqrt(np.maximum(squares / count - mean**2, 0.0))
+    return mean.tolist(), std.tolist()
+
+
+def prepare(dataset: Dataset, val_size: int, seed: int) -> tuple[dict[str, Split], dict]:
+    """Split off validation, compute training statistics; return splits and metadata."""
+    train_idx, val_idx = stratified_split(dataset.train.labels, val_size, seed)
+    splits = {
+        "train": Split(dataset.train.images[train_idx], dataset.train.labels[train_idx]),
+        "val": Split(dataset.train.images[val_idx], dataset.train.labels[val_idx]),
+        "test": dataset.test,
+    }
+    mean, std = channel_stats(splits["train"].images)
+    meta = {
+        "class_names": list(dataset.class_names),
+        "image_size": IMAGE_SHAPE[0],
+        "sizes": {name: len(split.labels) for name, split in splits.items()},
+        "mean": mean,  # per channel (R, G, B), 0-255 pixel units, training split only
+        "std": std,
+    }
+    return splits, meta
+
+
+# --- files ---------------------------------------------------------------------------------------
+
+
+def find_archive(raw_dir: Path) -> Path:
+    candidates = sorted(p for p in raw_dir.glob("*") if p.is_file() and p.suffix != ".part")
+    if len(candidates) != 1:
+        found = ", ".join(p.name for p in candidates) or "nothing"
+        raise PipelineError(
+            f"{raw_dir}: expected exactly one downloaded archive, found {found}; "
+            "run `dvc repro download` first"
+        )
+    return candidates[0]
+
+
+def write_prepared(out_dir: Path, splits: dict[str, Split], meta: dict) -> None:
+    """Write each file under a temporary name, then rename, so none is ever half-written."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, split in splits.items():
+        target = paths.split_file(out_dir, name)
+        partial = target.with_name(target.name + ".part")
+        with open(partial, "wb") as f:
+            np.savez(f, images=split.images, labels=split.labels)
+        os.replace(partial, target)
+    partial = out_dir / (paths.META_FILE + ".part")
+    partial.write_text(json.dumps(meta, indent=2) + "\n")
+    os.replace(partial, out_dir / paths.META_FILE)
+
+
+def load_split(prepared_dir: Path, split: str) -> Split:
+    """Load one prepared split; a clear error says to run prepare if it is missing."""
+    path = paths.split_file(prepared_dir, split)
+    try:
+        with np.load(path) as data:
+            return Split(data["images"], data["labels"])
+    except FileNotFoundError:
+        raise PipelineError(f"{path}: not found; run `dvc repro prepare` first") from None
+    except (KeyError, ValueError, OSError) as error:
+        raise PipelineError(
+            f"{path}: unreadable prepared data ({error}); run `dvc repro prepare` again"
+        ) from None
+
+
+def load_meta(prepared_dir: Path) -> dict:
+    path = prepared_dir / paths.META_FILE
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise PipelineError(f"{path}: not found; run `dvc repro prepare` first") from None
+    except json.JSONDecodeError as error:
+        raise PipelineError(f"{path}: not valid JSON ({error}); run `dvc repro prepare`") from None
+
+
+@cli
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.parse_args(argv)
+    params = load_params(paths.PARAMS).data
+    start = time.perf_counter()
+    archive = find_archive(paths.RAW_DIR)
+    print(f"prepare: reading {archive}", flush=True)
+    splits, meta = prepare(read_cifar10(archive), params.val_size, params.seed)
+    write_prepared(paths.PREPARED_DIR, splits, meta)
+    sizes = ", ".join(f"{n} {name}" for name, n in meta["sizes"].items())
+    mean = ", ".join(f"{v:.2f}" for v in meta["mean"])
+    std = ", ".join(f"{v:.2f}" for v in meta["std"])
+    print(
+        f"prepare: {sizes} images, {len(meta['class_names'])} classes; training mean "
+        f"[{mean}], std [{std}]; wrote {paths.PREPARED_DIR} in "
+        f"{time.perf_counter() - start:.1f} s",
+        flush=True,
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

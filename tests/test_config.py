@@ -1,0 +1,131 @@
+"""params.yaml validation: every kind of error names the key, the value and what is allowed."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from pipeline.config import ParamsError, flatten, load_params, parse_params
+from tests.conftest import ROOT
+
+
+def test_shipped_params_are_valid_and_typed(raw_params):
+    params = parse_params(raw_params)
+    assert params.data.val_size == 5000
+    assert params.data.md5 == "c58f30108f718f92721af3b95e74349a"
+    assert params.model.filters == (32, 64, 128, 256)
+    assert params.train.augment.shift == pytest.approx(5 / 32)
+    assert isinstance(params.train.learning_rate, float)
+
+
+def with_value(raw: dict, dotted: str, value) -> dict:
+    raw = copy.deepcopy(raw)
+    *parents, last = dotted.split(".")
+    node = raw
+    for key in parents:
+        node = node[key]
+    node[last] = value
+    return raw
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("data.val_size", -5, "data.val_size: must be an integer between 0 and 49999, got -5"),
+        (
+            "data.val_size",
+            50000,
+            "data.val_size: must be an integer between 0 and 49999, got 50000",
+        ),
+        (
+            "data.val_size",
+            "5000",
+            "data.val_size: must be an integer between 0 and 49999, got '5000'",
+        ),
+        (
+            "data.val_size",
+            5000.0,
+            "data.val_size: must be an integer between 0 and 49999, got 5000.0",
+        ),
+        ("train.epochs", -3, "train.epochs: must be a positive integer, got -3"),
+        ("train.epochs", True, "train.epochs: must be a positive integer, got True"),
+        ("train.learning_rate", 0, "train.learning_rate: must be a number in (0, 10], got 0"),
+        (
+            "train.lr_schedule",
+            "step",
+            "train.lr_schedule: must be one of constant, cosine, onecycle",
+        ),
+        ("train.augment.flip", "yes", "train.augment.flip: must be true or false, got 'yes'"),
+        ("model.filters", [32, 0], "model.filters: must be a list of at least 1 integers"),
+        ("model.dropout", 1.0, "model.dropout: must be a number in [0, 1), got 1.0"),
+        ("data.url", "ftp://x/y.tar.gz", "data.url: must be a URL starting with https://"),
+        ("data.md5", "abc", "data.md5: must be an md5 checksum of 32 hex digits, got 'abc'"),
+        ("train.augment", 3, "train.augment: must be a mapping of keys to values, got 3"),
+    ],
+)
+def test_bad_value_names_key_value_and_allowed(raw_params, key, value, message):
+    with pytest.raises(ParamsError) as error:
+        parse_params(with_value(raw_params, key, value))
+    assert str(error.value).startswith(message)
+
+
+def test_unknown_key_is_named_with_its_full_path(raw_params):
+    raw_params["train"]["augment"]["zoom"] = 0.1
+    with pytest.raises(ParamsError, match=r"^train\.augment\.zoom: unknown key; allowed keys"):
+        parse_params(raw_params)
+
+
+def test_missing_key_is_named(raw_params):
+    del raw_params["data"]["seed"]
+    with pytest.raises(ParamsError, match=r"^data\.seed: missing"):
+        parse_params(raw_params)
+
+
+def test_unknown_section_is_named(raw_params):
+    raw_params["optimizer"] = {"name": "sgd"}
+    with pytest.raises(ParamsError, match=r"^optimizer: unknown key"):
+        parse_params(raw_params)
+
+
+def test_params_are_frozen(raw_params):
+    params = parse_params(raw_params)
+    with pytest.raises(AttributeError):
+        params.train.epochs = 1  # type: ignore[misc]
+
+
+def test_flatten_uses_dotted_names(raw_params):
+    flat = flatten(parse_params(raw_params))
+    assert flat["train.learning_rate"] == 0.001
+    assert flat["train.augment.flip"] is True
+    assert flat["model.filters"] == [32, 64, 128, 256]
+    assert len(flat) == 21
+
+
+def test_invalid_yaml_is_reported(tmp_path):
+    (tmp_path / "params.yaml").write_text("data: [unclosed\n")
+    with pytest.raises(ParamsError, match="not valid YAML"):
+        load_params(tmp_path / "params.yaml")
+
+
+def test_stage_stops_with_one_line_and_no_traceback(tmp_path, raw_params):
+    """What a user sees from `dvc repro` when params.yaml is wrong."""
+    (tmp_path / "params.yaml").write_text(
+        yaml.safe_dump(with_value(raw_params, "data.val_size", -5))
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline.prepare"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip() == (
+        "error: data.val_size: must be an integer between 0 and 49999, got -5"
+    )
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "data").exists()

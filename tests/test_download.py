@@ -1,0 +1,276 @@
+"""The download stage against a local HTTP server that misbehaves on purpose."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline import download
+from pipeline.download import DownloadError, Progress, fetch
+from tests.http_server import PayloadServer
+
+NAME = "cifar-10-python.tar.gz"
+PAYLOAD = os.urandom(300_000)  # a few hundred KB: several reads, still instant
+MD5 = hashlib.md5(PAYLOAD).hexdigest()
+HALF = len(PAYLOAD) // 2
+FAST = {"backoff_s": 0.001, "timeout_s": 5.0}  # retries without real waiting
+
+
+class FakeClock:
+    """A monotonic clock the test moves by hand, in seconds."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class TTYStringIO(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.fixture(autouse=True)
+def no_proxy(monkeypatch):
+    """A proxy from the environment must not intercept requests to 127.0.0.1."""
+    for var in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+
+
+@pytest.fixture
+def serve():
+    """Start PayloadServer(PAYLOAD, f"/{NAME}", **options); stopped after the test."""
+    servers: list[PayloadServer] = []
+
+    def start(**options) -> PayloadServer:
+        servers.append(PayloadServer(PAYLOAD, f"/{NAME}", **options).start())
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+def quiet() -> Progress:
+    return Progress(io.StringIO())
+
+
+def test_full_download(serve, tmp_path):
+    server = serve()
+    path = fetch(server.url, MD5, tmp_path / "raw", progress=quiet(), **FAST)
+    assert path == tmp_path / "raw" / NAME
+    assert path.read_bytes() == PAYLOAD
+    assert os.listdir(tmp_path / "raw") == [NAME]  # no .part left behind
+    assert [r.range for r in server.requests] == [None]
+
+
+def test_md5_mismatch_leaves_nothing_and_names_the_param(serve, tmp_path):
+    server = serve()
+    wrong = "0" * 32
+    with pytest.raises(DownloadError) as caught:
+        fetch(server.url, wrong, tmp_path, progress=quiet(), **FAST)
+    message = str(caught.value)
+    assert f"md5 is {MD5}, expected {wrong} (data.md5)" in message
+    assert "dvc exp run -S data.url=" in message
+    assert os.listdir(tmp_path) == []  # neither the final file nor a .part
+
+
+def test_resumes_an_existing_part_with_range(serve, tmp_path):
+    server = serve()
+    (tmp_path / f"{NAME}.part").write_bytes(PAYLOAD[:HALF])
+    path = fetch(server.url, MD5, tmp_path, progress=quiet(), **FAST)
+    assert path.read_bytes() == PAYLOAD
+    [request] = server.requests
+    assert request.range == f"bytes={HALF}-"
+    assert (request.status, request.body_bytes) == (206, len(PAYLOAD) - HALF)
+
+
+def test_connection_closed_mid_body_resumes_in_the_same_call(serve, tmp_path):
+    server = serve(cut_after=100_000)
+    path = fetch(server.url, MD5, tmp_path, progress=quiet(), **FAST)
+    assert path.read_bytes() == PAYLOAD
+    assert [(r.range, r.body_bytes) for r in server.requests] == [
+        (None, 100_000),
+        ("bytes=100000-", len(PAYLOAD) - 100_000),
+    ]
+
+
+def test_interrupted_download_leaves_only_a_part_that_the_next_run_resumes(serve, tmp_path):
+    server = serve(cut_after=1_000)
+    with pytest.raises(
+        DownloadError, match=f"connection closed after 1000 of {len(PAYLOAD)} bytes"
+    ):
+        fetch(server.url, MD5, tmp_path, retries=0, progress=quiet(), **FAST)
+    assert os.listdir(tmp_path) == [f"{NAME}.part"]  # nothing under the final name
+    assert (tmp_path / f"{NAME}.part").read_bytes() == PAYLOAD[:1_000]
+    assert fetch(server.url, MD5, tmp_path, progress=quiet(), **FAST).read_bytes() == PAYLOAD
+    assert server.requests[-1].range == "bytes=1000-"
+
+
+def test_part_longer_than_the_file_starts_over(serve, tmp_path):
+    server = serve()
+    (tmp_path / f"{NAME}.part").write_bytes(PAYLOAD + b"junk")  # server answers 416
+    path = fetch(server.url, MD5, tmp_path, progress=quiet(), **FAST)
+    assert path.read_bytes() == PAYLOAD
+    assert [(r.range, r.status) for r in server.requests] == [
+        (f"bytes={len(PAYLOAD) + 4}-", 416),
+        (None, 200),
+    ]
+
+
+def test_server_error_is_retried(serve, tmp_path, capsys):
+    server = serve(fail_first=1, fail_status=500)
+    path = fetch(server.url, MD5, tmp_path, progress=quiet(), **FAST)
+    assert path.read_bytes() == PAYLOAD
+    assert [r.status for r in server.requests] == [500, 200]
+    assert "HTTP 500" in capsys.readouterr().out  # the user sees why it waited
+
+
+def test_persistent_server_error_gives_up_after_all_retries(serve, tmp_path):
+    server = serve(fail_first=100, fail_status=503)
+    with pytest.raises(DownloadError, match="after 3 attempts: HTTP 503"):
+        fetch(server.url, MD5, tmp_path, retries=2, progress=quiet(), **FAST)
+    assert len(server.requests) == 3
+
+
+def test_404_fails_at_once(serve, tmp_path):
+    server = serve()
+    missing = f"{server.base_url}/nowhere/{NAME}"
+    with pytest.raises(DownloadError) as caught:
+        fetch(missing, MD5, tmp_path, progress=quiet(), **FAST)
+    message = str(caught.value)
+    assert message.startswith(f"{missing}: HTTP 404 Not Found (data.url)")
+    assert "point data.url at a mirror or a local copy (file:///" in message
+    assert len(server.requests) == 1  # no retry of a client error
+
+
+def test_403_fails_at_once(serve, tmp_path):
+    server = serve(fail_first=1, fail_status=403)
+    with pytest.raises(DownloadError, match="HTTP 403 Forbidden"):
+        fetch(server.url, MD5, tmp_path, progress=quiet(), **FAST)
+    assert len(server.requests) == 1
+
+
+def test_refused_connection_says_unreachable(tmp_path):
+    with socket.socket() as probe:  # a port that was free a moment ago: nothing listens
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/{NAME}"
+    with pytest.raises(DownloadError) as caught:
+        fetch(url, MD5, tmp_path, retries=1, progress=quiet(), **FAST)
+    message = str(caught.value)
+    assert f"could not download {url} (data.url) after 2 attempts" in message
+    assert f"127.0.0.1:{port} is unreachable" in message and "refused" in message
+    assert os.listdir(tmp_path) == []
+
+
+def test_reuses_a_good_file_without_any_request(serve, tmp_path, capsys):
+    server = serve()
+    (tmp_path / NAME).write_bytes(PAYLOAD)
+    path = fetch(server.url, MD5, tmp_path, progress=quiet(), **FAST)
+    assert path.read_bytes() == PAYLOAD
+    assert server.requests == []
+    assert "reusing" in capsys.readouterr().out
+
+
+def test_replaces_an_existing_file_with_the_wrong_md5(serve, tmp_path):
+    server = serve()
+    (tmp_path / NAME).write_bytes(b"truncated")
+    path = fetch(server.url, MD5, tmp_path, progress=quiet(), **FAST)
+    assert path.read_bytes() == PAYLOAD
+    assert len(server.requests) == 1
+
+
+def test_file_url(tmp_path):
+    source = tmp_path / "mirror" / NAME
+    source.parent.mkdir()
+    source.write_bytes(PAYLOAD)
+    path = fetch(source.as_uri(), MD5, tmp_path / "raw", progress=quiet(), **FAST)
+    assert path.read_bytes() == PAYLOAD
+    assert os.listdir(tmp_path / "raw") == [NAME]
+
+
+def test_missing_file_url(tmp_path):
+    url = (tmp_path / NAME).as_uri()
+    with pytest.raises(DownloadError, match=f"no such file {tmp_path / NAME}.*file:///"):
+        fetch(url, MD5, tmp_path / "raw", progress=quiet(), **FAST)
+
+
+def test_server_without_range_support_restarts_from_zero(serve, tmp_path, capsys):
+    server = serve(ranges=False)
+    # Junk in the .part: appending to it instead of starting over would break the md5.
+    (tmp_path / f"{NAME}.part").write_bytes(b"x" * HALF)
+    path = fetch(server.url, MD5, tmp_path, progress=quiet(), **FAST)
+    assert path.read_bytes() == PAYLOAD
+    [request] = server.requests
+    assert request.range == f"bytes={HALF}-"
+    assert (request.status, request.body_bytes) == (200, len(PAYLOAD))
+    assert "server cannot resume" in capsys.readouterr().out
+
+
+def test_progress_off_a_terminal_prints_plain_lines_every_5_s():
+    stream, clock = io.StringIO(), FakeClock()
+    progress = Progress(stream, clock=clock)
+    progress.start(0, 20_000_000)
+    for second in range(1, 13):  # 12 s at 1 MB/s, one update per second
+        clock.now = float(second)
+        progress.update(second * 1_000_000)
+    progress.finish()
+    lines = stream.getvalue().splitlines()
+    assert "\r" not in stream.getvalue()
+    assert lines == [
+        "download: 5.0/20.0 MB  1.0 MB/s  ETA 0:15",
+        "download: 10.0/20.0 MB  1.0 MB/s  ETA 0:10",
+        "download: 12.0/20.0 MB  1.0 MB/s",
+    ]
+
+
+def test_progress_on_a_terminal_redraws_one_line():
+    stream, clock = TTYStringIO(), FakeClock()
+    progress = Progress(stream, clock=clock)
+    progress.start(0, 4_000_000)
+    for second in range(1, 4):
+        clock.now = float(second)
+        progress.update(second * 1_000_000)
+    progress.finish()
+    output = stream.getvalue()
+    assert output.count("\n") == 1 and output.endswith("\n")  # one line, ended once
+    assert output.count("\r") == 4  # three updates and the final state
+    assert "\rdownload: 2.0/4.0 MB  1.0 MB/s  ETA 0:02" in output
+
+
+def test_fetch_progress_goes_to_stdout_as_plain_lines(serve, tmp_path, capsys):
+    server = serve()
+    fetch(server.url, MD5, tmp_path, **FAST)  # default Progress: stdout, not a terminal here
+    out = capsys.readouterr().out
+    assert "\r" not in out
+    assert "download: 0.3/0.3 MB" in out
+    assert f"saved {tmp_path / NAME}" in out
+
+
+def test_main_reports_a_404_as_one_line(serve, tmp_path, monkeypatch, capsys, raw_params):
+    server = serve()
+    raw_params["data"].update(url=f"{server.base_url}/gone/{NAME}", md5=MD5)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw_params))
+    monkeypatch.chdir(tmp_path)
+    assert download.main([]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1  # one line, no traceback
+    assert "HTTP 404" in err and "data.url" in err
+    assert not Path("data/raw", NAME).exists()
+
+
+def test_main_downloads_into_data_raw(serve, tmp_path, monkeypatch, raw_params):
+    server = serve()
+    raw_params["data"].update(url=server.url, md5=MD5)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw_params))
+    monkeypatch.chdir(tmp_path)
+    assert download.main([]) == 0
+    assert (tmp_path / "data" / "raw" / NAME).read_bytes() == PAYLOAD

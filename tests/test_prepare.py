@@ -1,0 +1,188 @@
+"""prepare: splits, statistics, and refusal of unsafe or broken archives."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from pipeline import paths
+from pipeline.errors import PipelineError
+from pipeline.prepare import (
+    ArchiveError,
+    load_split,
+    prepare,
+    read_cifar10,
+    stratified_split,
+    write_prepared,
+)
+from tests.cifar_archive import CLASSES, py2_dumps, write_archive
+
+
+@pytest.fixture
+def archive(tmp_path):
+    path = tmp_path / "raw" / "cifar-10-python.tar.gz"
+    write_archive(path, train_per_class=30, test_per_class=7)
+    return path
+
+
+def test_reads_canonical_layout(archive):
+    dataset = read_cifar10(archive)
+    assert dataset.class_names == CLASSES
+    assert dataset.train.images.shape == (300, 32, 32, 3)
+    assert dataset.train.images.dtype == np.uint8
+    assert dataset.test.images.shape == (70, 32, 32, 3)
+    assert np.bincount(dataset.train.labels).tolist() == [30] * 10
+
+
+def test_pixels_keep_their_channel_order(tmp_path):
+    """Channels-first rows become (32, 32, 3) with red, green, blue in place."""
+    from tests.cifar_archive import batch_payload
+
+    image = np.zeros((1, 32, 32, 3), np.uint8)
+    image[0, 1, 2] = (10, 20, 30)
+    payload = batch_payload(np.repeat(image, 10, 0), np.arange(10), "b")
+    path = tmp_path / "a.tar.gz"
+    write_archive(path, train_per_class=1, test_per_class=1, replace={"data_batch_1": payload})
+    dataset = read_cifar10(path)
+    assert dataset.train.images[0, 1, 2].tolist() == [10, 20, 30]
+
+
+def test_split_sizes_balance_and_statistics(archive, tmp_path):
+    dataset = read_cifar10(archive)
+    splits, meta = prepare(dataset, val_size=50, seed=1)
+    assert meta["sizes"] == {"train": 250, "val": 50, "test": 70}
+    # Stratified: 50 of 300 evenly spread over 10 classes is 5 each.
+    assert np.bincount(splits["val"].labels, minlength=10).tolist() == [5] * 10
+    # Statistics come from the training split only, equal to numpy's own.
+    train = splits["train"].images.astype(np.float64)
+    np.testing.assert_allclose(meta["mean"], train.mean(axis=(0, 1, 2)), rtol=1e-10)
+    np.testing.assert_allclose(meta["std"], train.std(axis=(0, 1, 2)), rtol=1e-10)
+    everything = dataset.train.images.astype(np.float64).mean(axis=(0, 1, 2))
+    assert not np.allclose(meta["mean"], everything, rtol=1e-6)
+    # No image is in both train and val; together they are the original training set.
+    together = np.concatenate([splits["train"].images, splits["val"].images])
+    assert len(np.unique(together.reshape(len(together), -1), axis=0)) == len(
+        np.unique(dataset.train.images.reshape(300, -1), axis=0)
+    )
+    # The test split is passed through untouched.
+    np.testing.assert_array_equal(splits["test"].images, dataset.test.images)
+
+
+def test_split_is_seeded_and_exact_for_uneven_classes():
+    labels = np.repeat(np.arange(3), [50, 30, 20])
+    train_a, val_a = stratified_split(labels, 17, seed=3)
+    train_b, val_b = stratified_split(labels, 17, seed=3)
+    _, val_c = stratified_split(labels, 17, seed=4)
+    assert len(val_a) == 17 and len(train_a) == 83
+    np.testing.assert_array_equal(val_a, val_b)
+    assert not np.array_equal(val_a, val_c)
+    assert np.bincount(labels[val_a]).tolist() == [9, 5, 3]  # 8.5, 5.1, 3.4 -> largest remainders
+    assert len(np.intersect1d(train_a, val_a)) == 0
+
+
+def test_zero_validation_and_too_large_validation(archive):
+    dataset = read_cifar10(archive)
+    splits, meta = prepare(dataset, val_size=0, seed=0)
+    assert meta["sizes"]["val"] == 0 and splits["val"].images.shape == (0, 32, 32, 3)
+    with pytest.raises(PipelineError, match="data.val_size: must be an integer between 0 and 299"):
+        prepare(dataset, val_size=300, seed=0)
+
+
+def test_written_files_round_trip(archive, tmp_path):
+    splits, meta = prepare(read_cifar10(archive), val_size=20, seed=0)
+    out = tmp_path / "prepared"
+    write_prepared(out, splits, meta)
+    assert sorted(os.listdir(out)) == ["meta.json", "test.npz", "train.npz", "val.npz"]
+    loaded = load_split(out, "val")
+    np.testing.assert_array_equal(loaded.images, splits["val"].images)
+    assert loaded.labels.dtype == np.int32
+    assert json.loads((out / paths.META_FILE).read_text())["class_names"] == list(CLASSES)
+
+
+def test_missing_prepared_data_says_which_stage_to_run(tmp_path):
+    with pytest.raises(PipelineError, match="run `dvc repro prepare` first"):
+        load_split(tmp_path, "train")
+
+
+class Boom:
+    """Unpickling this calls os.system; a safe reader must never get that far."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_malicious_pickle_is_refused_without_side_effects(tmp_path):
+    marker = tmp_path / "pwned"
+    evil = py2_dumps({b"data": Boom(marker), b"labels": []})
+    path = tmp_path / "evil.tar.gz"
+    write_archive(path, replace={"data_batch_3": evil})
+    with pytest.raises(
+        ArchiveError,
+        match=r"data_batch_3: unsafe or invalid pickle: refused to load global (posix|os)\.system",
+    ):
+        read_cifar10(path)
+    assert not marker.exists()
+
+
+def test_path_traversal_member_is_refused(tmp_path):
+    path = tmp_path / "evil.tar.gz"
+    write_archive(path, extra={"../../etc/evil": b"x"})
+    with pytest.raises(ArchiveError, match=r"unsafe archive member '../../etc/evil'"):
+        read_cifar10(path)
+
+
+def test_link_member_is_refused(tmp_path):
+    import tarfile
+
+    path = tmp_path / "link.tar.gz"
+    write_archive(path)
+    with tarfile.open(path, "r:gz") as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar]
+    with tarfile.open(path, "w:gz") as tar:
+        for member, data in members:
+            import io
+
+            tar.addfile(member, io.BytesIO(data))
+        link = tarfile.TarInfo("cifar-10-batches-py/shadow")
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        tar.addfile(link)
+    with pytest.raises(ArchiveError, match="a link, refused"):
+        read_cifar10(path)
+
+
+def test_truncated_archive_is_reported_clearly(archive):
+    data = archive.read_bytes()
+    archive.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ArchiveError, match=r"truncated or corrupt archive .*dvc repro download"):
+        read_cifar10(archive)
+
+
+def test_wrong_layout_names_missing_members(tmp_path):
+    import tarfile
+
+    path = tmp_path / "other.tar.gz"
+    with tarfile.open(path, "w:gz"):
+        pass
+    with pytest.raises(
+        ArchiveError,
+        match="missing cifar-10-batches-py/batches.meta, cifar-10-batches-py/data_batch_1",
+    ):
+        read_cifar10(path)
+
+
+def test_bad_labels_and_shapes_are_refused(tmp_path):
+    bad_labels = py2_dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 12]})
+    path = tmp_path / "labels.tar.gz"
+    write_archive(path, replace={"data_batch_2": bad_labels})
+    with pytest.raises(ArchiveError, match=r"data_batch_2: labels must lie in 0..9, found 0..12"):
+        read_cifar10(path)
+    bad_shape = py2_dumps({b"data": np.zeros((2, 100), np.uint8), b"labels": [0, 1]})
+    write_archive(path, replace={"test_batch": bad_shape})
+    with pytest.raises(ArchiveError, match="test_batch: 'data' rows hold 100 values, not 3072"):
+        read_cifar10(path)
