@@ -26,6 +26,12 @@ def split_file(prepared_dir: Path, split: str) -> Path:
 
 
 MODELS_DIR = Path("models")
-MODEL_FILE = MODELS_DIR / "model.keras"
+MODEL_FILE = MODELS_DIR / "model.keras"  # takes raw uint8 pixels, outputs probabilities
+RUN_FILE = MODELS_DIR / "mlflow_run.json"  # the training's MLflow run, for evaluate
 
 METRICS_DIR = Path("metrics")
+TRAIN_METRICS = METRICS_DIR / "train.json"  # final train/val figures, wall time, img/s
+HISTORY_FILE = METRICS_DIR / "history.csv"  # one row per epoch, drawn by `dvc plots`
+
+# Training's crash-recovery state: not a DVC out, so `dvc repro` keeps it.
+TRAIN_STATE_DIR = Path(".train-state")

@@ -1,0 +1,132 @@
+"""The input pipeline: prepared uint8 arrays -> batched, augmented tf.data datasets.
+
+Images stay uint8 all the way to the model (a quarter of float32's bytes to
+copy); the model casts and normalises them itself. Training batches are
+augmented on the fly with one projective-transform op per batch (rotation,
+shift and horizontal flip folded into one matrix per image), the transform of
+the tutorial's `ImageDataGenerator`, vectorised.
+
+Every random choice is stateless and derived from (seed, epoch, step): the
+shuffle order of epoch `e` and the augmentation of its batch `s` depend on
+nothing else, so a run resumed at epoch `e` sees exactly the batches an
+uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import tensorflow as tf
+
+from pipeline.config import AugmentParams
+from pipeline.prepare import Split
+
+
+def augment_transforms(
+    batch: int, image_size: int, augment: AugmentParams, seed: tf.Tensor
+) -> tf.Tensor:
+    """Per-image projective transforms (batch, 8) mapping output pixels to input pixels.
+
+    Each image gets a rotation in [-rotation, rotation] degrees about its
+    centre, a shift in [-shift, shift] * image_size pixels on each axis and,
+    with probability 1/2, a horizontal flip.
+    """
+    seeds = tf.random.experimental.stateless_split(seed, num=4)
+    angle = tf.random.stateless_uniform([batch], seeds[0], -augment.rotation, augment.rotation) * (
+        math.pi / 180.0
+    )
+    max_shift = augment.shift * image_size  # pixels
+    shift_x = tf.random.stateless_uniform([batch], seeds[1], -max_shift, max_shift)
+    shift_y = tf.random.stateless_uniform([batch], seeds[2], -max_shift, max_shift)
+    if augment.flip:
+        flip = tf.where(tf.random.stateless_uniform([batch], seeds[3]) < 0.5, -1.0, 1.0)
+    else:
+        flip = tf.ones([batch])
+    cos, sin = tf.cos(angle), tf.sin(angle)
+    centre = (image_size - 1) / 2.0
+    # Output pixel (x, y) -> undo the shift, rotate back about the centre, mirror:
+    #   x_in = flip * ( cos*(x - cx - dx) + sin*(y - cy - dy)) + cx
+    #   y_in =        (-sin*(x - cx - dx) + cos*(y - cy - dy)) + cy
+    u0, v0 = centre + shift_x, centre + shift_y
+    zeros = tf.zeros([batch])
+    return tf.stack(
+        [
+            flip * cos,
+            flip * sin,
+            flip * (-cos * u0 - sin * v0) + centre,
+            -sin,
+            cos,
+            sin * u0 - cos * v0 + centre,
+            zeros,
+            zeros,
+        ],
+        axis=1,
+    )
+
+
+def augment_batch(images: tf.Tensor, augment: AugmentParams, seed: tf.Tensor) -> tf.Tensor:
+    """Augment a (batch, H, W, 3) uint8 batch; edges are filled with the nearest pixel."""
+    if augment.rotation == 0 and augment.shift == 0 and not augment.flip:
+        return images
+    batch, image_size = tf.shape(images)[0], images.shape[1]
+    transforms = augment_transforms(batch, image_size, augment, seed)
+    return tf.raw_ops.ImageProjectiveTransformV3(
+        images=images,
+        transforms=transforms,
+        output_shape=tf.shape(images)[1:3],
+        fill_value=0.0,
+        interpolation="BILINEAR",
+        fill_mode="NEAREST",  # as ImageDataGenerator's default fill_mode
+    )
+
+
+def steps_per_epoch(num_images: int, batch_size: int) -> int:
+    """Training steps per epoch: full batches only, so every step has the same shape."""
+    return num_images // batch_size
+
+
+def make_dataset(
+    split: Split,
+    batch_size: int,
+    *,
+    training: bool = False,
+    augment: AugmentParams | None = None,
+    seed: int = 0,
+    first_epoch: int = 0,
+    epochs: int = 1,
+) -> tf.data.Dataset:
+    """Batches of (images (batch, H, W, 3) uint8, labels (batch,) int32).
+
+    training=False: the split once, in order, last batch partial.
+    training=True: epochs `first_epoch` .. `epochs - 1` back to back, each
+    in a fresh seeded order, full batches only, augmented if `augment` is set;
+    feed it to `fit(..., initial_epoch=first_epoch, steps_per_epoch=...)`.
+    """
+    images = tf.constant(split.images)  # (N, H, W, 3) uint8, shared by all epochs
+    labels = tf.constant(split.labels)
+    if not training:
+        dataset = tf.data.Dataset.from_tensor_slices((images, labels)).batch(batch_size)
+        return dataset.prefetch(tf.data.AUTOTUNE)
+
+    count = len(split.labels)
+    seed = np.int64(seed)
+
+    def epoch_batches(epoch: tf.Tensor) -> tf.data.Dataset:
+        order = tf.random.experimental.stateless_shuffle(
+            tf.range(count), seed=tf.stack([seed, epoch])
+        )
+        batches = tf.data.Dataset.from_tensor_slices(order).batch(batch_size, drop_remainder=True)
+        return batches.enumerate().map(lambda step, index: (epoch, step, index))
+
+    def load(epoch: tf.Tensor, step: tf.Tensor, index: tf.Tensor):
+        batch_images = tf.gather(images, index)
+        if augment is not None:
+            # A seed per (epoch, step): the same batch is augmented the same way on resume.
+            batch_seed = tf.stack([seed * 1_000_003 + epoch, step])
+            batch_images = augment_batch(batch_images, augment, batch_seed)
+        return batch_images, tf.gather(labels, index)
+
+    dataset = tf.data.Dataset.range(first_epoch, epochs).flat_map(epoch_batches)
+    dataset = dataset.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return dataset.prefetch(tf.data.AUTOTUNE)

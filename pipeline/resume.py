@@ -1,0 +1,93 @@
+"""Crash recovery for training: a checkpoint after every epoch, kept outside DVC's outs.
+
+`dvc repro` deletes a stage's outs before re-running it, so the recovery state
+lives in `.train-state/` (ignored by git, unknown to DVC): the model with its
+optimizer after the last completed epoch, the history so far and the MLflow
+run id. A training killed at any moment, even by SIGKILL, restarts from the
+last completed epoch in the same MLflow run. The state carries a fingerprint
+of the params and data it belongs to; a state from other params is discarded.
+
+Writes are ordered so that the state on disk is always consistent: the new
+checkpoint is written under its own name, then `state.json` is atomically
+replaced to point at it, then the old checkpoint is removed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import keras
+
+STATE_FILE = "state.json"
+
+
+@dataclass
+class TrainState:
+    fingerprint: str  # hash of the params and data this state belongs to
+    run_id: str | None = None  # MLflow run that the resumed training continues
+    epochs_done: int = 0
+    history: list[dict] = field(default_factory=list)  # one row per completed epoch
+    checkpoint: str | None = None  # file name in the state dir
+    wall_time_s: float = 0.0  # training time of the completed epochs
+
+
+def fingerprint(*parts: object) -> str:
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    partial = path.with_name(path.name + ".part")
+    with open(partial, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(partial, path)
+
+
+class StateStore:
+    def __init__(self, directory: Path):
+        self.directory = directory
+
+    def load(self, expected_fingerprint: str) -> TrainState | None:
+        """The saved state if it belongs to these params and data, else None (and discard it)."""
+        try:
+            state = TrainState(**json.loads((self.directory / STATE_FILE).read_text()))
+        except (OSError, ValueError, TypeError):
+            return None
+        checkpoint_ok = state.checkpoint and (self.directory / state.checkpoint).is_file()
+        if state.fingerprint != expected_fingerprint or not checkpoint_ok:
+            print(
+                f"train: discarding recovery state in {self.directory} "
+                "(it belongs to other params or data)",
+                flush=True,
+            )
+            self.clear()
+            return None
+        return state
+
+    def start(self, state: TrainState) -> None:
+        """Record the run before the first epoch, so even epoch 1's crash resumes its run."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        _write_atomic(self.directory / STATE_FILE, json.dumps(asdict(state), indent=1))
+
+    def save(self, state: TrainState, model: keras.Model) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        old = state.checkpoint
+        # Keras insists on the .keras suffix; the epoch in the name keeps the old one intact.
+        state.checkpoint = f"epoch-{state.epochs_done:05d}.keras"
+        model.save(self.directory / state.checkpoint)
+        _write_atomic(self.directory / STATE_FILE, json.dumps(asdict(state), indent=1))
+        if old and old != state.checkpoint:
+            (self.directory / old).unlink(missing_ok=True)
+
+    def checkpoint_path(self, state: TrainState) -> Path:
+        return self.directory / state.checkpoint
+
+    def clear(self) -> None:
+        shutil.rmtree(self.directory, ignore_errors=True)

@@ -1,0 +1,282 @@
+"""MLflow: where runs go, what they are tagged with, and failing fast when it is unreachable.
+
+By default every run, from `dvc repro`, `dvc exp run`, `dvc exp run --temp` or
+a queued experiment, lands in one local store at the repository root:
+`mlflow.db` (SQLite) with artifacts in `mlartifacts/`, which `mlflow ui`
+started there shows. Temporary experiment copies live under
+`<repo>/.dvc/tmp/exps/...`; the store is anchored on the repository that holds
+them, so their runs are not lost with the copy. `MLFLOW_TRACKING_URI`
+overrides all of this (e.g. a shared tracking server).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+import yaml
+
+from pipeline import paths
+from pipeline.errors import PipelineError
+
+EXPERIMENT = "cifar10-resnet"
+DB_FILE = "mlflow.db"
+ARTIFACTS_DIR = "mlartifacts"
+_EXPERIMENT_COPY = (".dvc", "tmp", "exps")  # where DVC puts temporary experiment copies
+
+T = TypeVar("T")
+
+
+class TrackingError(PipelineError):
+    """The MLflow tracking store cannot be reached or used."""
+
+
+def repository_root(cwd: Path | None = None) -> Path:
+    """The user's repository: DVC_ROOT (or cwd), lifted out of a temporary experiment copy."""
+    root = Path(os.environ.get("DVC_ROOT") or cwd or Path.cwd()).resolve()
+    parts = root.parts
+    for i in range(len(parts) - len(_EXPERIMENT_COPY) + 1):
+        if parts[i : i + len(_EXPERIMENT_COPY)] == _EXPERIMENT_COPY:
+            return Path(*parts[:i])
+    return root
+
+
+def tracking_uri(root: Path) -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root / DB_FILE}"
+
+
+def retry_locked(function: Callable[..., T]) -> Callable[..., T]:
+    """Retry a store call while SQLite says "database is locked".
+
+    Several experiments (`dvc queue start -j 2`) write to one mlflow.db; SQLite
+    allows one writer at a time and MLflow surfaces a busy database as an
+    error instead of waiting. Waiting and retrying loses nothing.
+    """
+
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        delay_s = 0.05
+        deadline = time.monotonic() + 120.0  # seconds of contention before giving up
+        while True:
+            try:
+                return function(*args, **kwargs)
+            except Exception as error:
+                locked = "database is locked" in str(error) or "database is busy" in str(error)
+                if not locked or time.monotonic() > deadline:
+                    raise
+                time.sleep(delay_s)
+                delay_s = min(delay_s * 2, 2.0)
+
+    return wrapper
+
+
+def quiet_mlflow_logs() -> None:
+    """Keep alembic's schema-migration chatter out of the stage's output."""
+    for name in ("alembic", "mlflow.store.db.utils", "mlflow.store.db", "mlflow.tracking"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def connect(root: Path) -> str:
+    """Point MLflow at the store and make sure the experiment exists; return its id.
+
+    Raises TrackingError at once (before any training) when the store is
+    unreachable or refuses us, naming the URI and how to fix it.
+    """
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    uri = tracking_uri(root)
+    quiet_mlflow_logs()
+    mlflow.set_tracking_uri(uri)
+    # Fail in seconds, not after MLflow's default minutes of HTTP retries.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+    # Artifact transfers draw tqdm bars that flood non-terminal logs.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    try:
+        return retry_locked(_get_or_create_experiment)(mlflow, root, uri)
+    except MlflowException as error:
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise TrackingError(_unreachable(uri, message)) from None
+    except Exception as error:  # network and driver errors come in many types
+        raise TrackingError(_unreachable(uri, f"{type(error).__name__}: {error}")) from None
+
+
+def _unreachable(uri: str, reason: str) -> str:
+    return (
+        f"MLflow tracking store {uri} is not usable: {reason}. Start the server or fix "
+        "MLFLOW_TRACKING_URI (unset it to use the local mlflow.db), and for a server that "
+        "needs a login set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
+    )
+
+
+def _get_or_create_experiment(mlflow, root: Path, uri: str) -> str:
+    from mlflow.exceptions import MlflowException
+
+    experiment = mlflow.get_experiment_by_name(EXPERIMENT)
+    if experiment is None:
+        # The local store keeps artifacts beside mlflow.db; a server decides for itself.
+        location = (
+            None if os.environ.get("MLFLOW_TRACKING_URI") else (root / ARTIFACTS_DIR).as_uri()
+        )
+        try:
+            mlflow.create_experiment(EXPERIMENT, artifact_location=location)
+        except MlflowException as error:
+            if "RESOURCE_ALREADY_EXISTS" not in str(error.error_code):
+                raise  # else another run created it first
+        experiment = mlflow.get_experiment_by_name(EXPERIMENT)
+    if experiment.lifecycle_stage == "deleted":
+        mlflow.tracking.MlflowClient().restore_experiment(experiment.experiment_id)
+    mlflow.set_experiment(experiment_id=experiment.experiment_id)
+    return experiment.experiment_id
+
+
+def _git(*args: str) -> str | None:
+    try:
+        result = subprocess.run(["git", *args], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return result.stdout.strip() if result.returncode == 0 else None
+
+
+def prepared_data_hash(lock_file: Path = Path("dvc.lock")) -> str | None:
+    """md5 of data/prepared as dvc.lock records it (the exact data a run trained on)."""
+    try:
+        lock = yaml.safe_load(lock_file.read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return None
+    for out in lock.get("stages", {}).get("prepare", {}).get("outs", []):
+        if out.get("path") == paths.PREPARED_DIR.as_posix():
+            return out.get("md5")
+    return None
+
+
+def run_tags() -> dict[str, str]:
+    """Tags that lead from a run back to its exact code and data."""
+    tags = {}
+    commit = _git("rev-parse", "HEAD")
+    if commit:
+        tags["git.commit"] = commit
+        status = _git("status", "--porcelain", "--untracked-files=no")
+        tags["git.dirty"] = str(bool(status)).lower()
+    for variable, tag in (
+        ("DVC_EXP_NAME", "dvc.exp_name"),
+        ("DVC_EXP_BASELINE_REV", "dvc.baseline_rev"),
+    ):
+        if os.environ.get(variable):
+            tags[tag] = os.environ[variable]
+    data_hash = prepared_data_hash()
+    if data_hash:
+        tags["data.prepared_md5"] = data_hash
+    return tags
+
+
+# --- the training run ----------------------------------------------------------------------------
+# Every call that writes to the store goes through retry_locked.
+
+
+@retry_locked
+def start_run(run_id: str | None):
+    """Start a new run, or continue `run_id` (a resumed training), as the active run."""
+    import mlflow
+
+    return mlflow.start_run(run_id=run_id)
+
+
+@retry_locked
+def log_params(params: dict) -> None:
+    import mlflow
+
+    mlflow.log_params(params)
+
+
+@retry_locked
+def set_tags(tags: dict[str, str]) -> None:
+    import mlflow
+
+    mlflow.set_tags(tags)
+
+
+@retry_locked
+def log_epoch(row: dict, step: int) -> None:
+    import mlflow
+
+    mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=step)
+
+
+@retry_locked
+def backfill_metrics(run_id: str, history: list[dict]) -> None:
+    """Log the epochs a killed run checkpointed but did not get to log; never twice."""
+    import mlflow
+
+    logged = {m.step for m in mlflow.MlflowClient().get_metric_history(run_id, "loss")}
+    for row in history:
+        if row["epoch"] not in logged:
+            log_epoch(row, step=row["epoch"])
+
+
+@retry_locked
+def log_final(summary: dict, files: list[Path]) -> None:
+    import mlflow
+
+    mlflow.log_metrics({f"final_{k}": v for k, v in summary.items() if isinstance(v, int | float)})
+    for file in files:
+        mlflow.log_artifact(str(file), artifact_path="train")
+
+
+@retry_locked
+def log_model(model, examples, class_names: list[str]) -> str:
+    """Log `model` with the keras flavor as `model`; returns its model URI.
+
+    The signature says what a caller sends: a batch of raw uint8 images
+    (batch, H, W, 3), and gets back class probabilities (batch, classes).
+    """
+    import mlflow
+    from mlflow.models import infer_signature
+
+    sample = examples.images[:4]  # (4, H, W, 3) uint8
+    signature = infer_signature(sample, model.predict(sample, verbose=0))
+    with _input_example_fix():
+        info = mlflow.keras.log_model(
+            model,
+            name="model",
+            signature=signature,
+            input_example=sample,
+            # Known, so MLflow need not infer them (slow, and it imports half the env).
+            pip_requirements=_pip_requirements(),
+            metadata={"class_names": list(class_names)},
+        )
+    return info.model_uri
+
+
+@contextlib.contextmanager
+def _input_example_fix():
+    """Work around MLflow 3.17's keras flavor writing the input example before it
+    creates the model directory (FileNotFoundError on input_example.json): make
+    the directory first. Scoped to one log_model call; harmless once fixed upstream."""
+    import mlflow.keras.save as keras_save
+
+    original = keras_save._save_example
+
+    def save_example(mlflow_model, example, path, *args, **kwargs):
+        os.makedirs(path, exist_ok=True)
+        return original(mlflow_model, example, path, *args, **kwargs)
+
+    keras_save._save_example = save_example
+    try:
+        yield
+    finally:
+        keras_save._save_example = original
+
+
+def _pip_requirements() -> list[str]:
+    from importlib.metadata import version
+
+    return [f"{name}=={version(name)}" for name in ("tensorflow", "keras", "mlflow", "numpy")]

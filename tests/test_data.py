@@ -1,0 +1,97 @@
+"""The input pipeline: augmentation geometry, seeded order, exact resume."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from pipeline.config import AugmentParams
+from pipeline.data import augment_batch, make_dataset, steps_per_epoch
+from pipeline.prepare import Split
+
+SEED = tf.constant([7, 11], tf.int64)
+
+
+def stripe_images(count: int = 16) -> np.ndarray:
+    images = np.zeros((count, 32, 32, 3), np.uint8)
+    images[:, 8:24, 4:10] = 255  # a bright bar left of centre
+    return images
+
+
+def test_no_augmentation_is_identity():
+    images = stripe_images()
+    out = augment_batch(tf.constant(images), AugmentParams(0.0, 0.0, False), SEED).numpy()
+    np.testing.assert_array_equal(out, images)
+
+
+def test_flip_mirrors_exactly_about_half_the_images():
+    images = stripe_images(64)
+    out = augment_batch(tf.constant(images), AugmentParams(0.0, 0.0, True), SEED).numpy()
+    flipped = [bool((o == images[0][:, ::-1]).all()) for o in out]
+    kept = [bool((o == images[0]).all()) for o in out]
+    assert all(f != k for f, k in zip(flipped, kept, strict=True))  # each one or the other
+    assert 16 < sum(flipped) < 48
+
+
+def test_shift_stays_within_bound_and_keeps_uint8():
+    images = stripe_images(64)
+    out = augment_batch(tf.constant(images), AugmentParams(0.0, 5 / 32, False), SEED).numpy()
+    assert out.dtype == np.uint8 and out.shape == images.shape
+    # The bar's left edge (column 4) moves by at most 5 pixels either way.
+    left_edges = [np.flatnonzero(o[16, :, 0] > 127)[0] for o in out]
+    assert min(left_edges) >= 4 - 5 and max(left_edges) <= 4 + 5
+    assert len(set(left_edges)) > 3  # and it does move
+
+
+def test_rotation_keeps_centre_pixel():
+    images = np.zeros((8, 33, 33, 3), np.uint8)
+    images[:, 16, 16] = 200
+    out = augment_batch(tf.constant(images), AugmentParams(10.0, 0.0, False), SEED).numpy()
+    assert (out[:, 16, 16] > 100).all()  # rotation is about the centre
+
+
+def split(count: int = 100) -> Split:
+    rng = np.random.default_rng(0)
+    return Split(
+        rng.integers(0, 256, (count, 32, 32, 3), dtype=np.uint8),
+        np.arange(count, dtype=np.int32),  # label = index: shows the order
+    )
+
+
+def labels_per_epoch(dataset, steps):
+    labels = [y for _, y in dataset.as_numpy_iterator()]
+    return [np.concatenate(labels[i : i + steps]) for i in range(0, len(labels), steps)]
+
+
+def test_training_order_is_seeded_per_epoch_and_full_batches():
+    data = split(100)
+    steps = steps_per_epoch(100, 32)
+    assert steps == 3
+    epochs = labels_per_epoch(make_dataset(data, 32, training=True, seed=1, epochs=2), steps)
+    again = labels_per_epoch(make_dataset(data, 32, training=True, seed=1, epochs=2), steps)
+    other = labels_per_epoch(make_dataset(data, 32, training=True, seed=2, epochs=2), steps)
+    assert len(epochs) == 2 and all(len(e) == 96 for e in epochs)
+    assert len(set(epochs[0])) == 96  # no image twice in an epoch
+    np.testing.assert_array_equal(epochs[0], again[0])
+    assert not np.array_equal(epochs[0], epochs[1])  # reshuffled each epoch
+    assert not np.array_equal(epochs[0], other[0])
+
+
+def test_resumed_epochs_see_exactly_the_same_batches():
+    data, augment = split(64), AugmentParams(10.0, 0.15625, True)
+    full = list(make_dataset(data, 16, training=True, augment=augment, seed=3, epochs=3))
+    resumed = list(
+        make_dataset(data, 16, training=True, augment=augment, seed=3, first_epoch=2, epochs=3)
+    )
+    assert len(resumed) == 4
+    for (x_full, y_full), (x_res, y_res) in zip(full[8:], resumed, strict=True):
+        np.testing.assert_array_equal(x_full.numpy(), x_res.numpy())
+        np.testing.assert_array_equal(y_full.numpy(), y_res.numpy())
+
+
+@pytest.mark.parametrize("count", [10, 64])
+def test_evaluation_dataset_is_ordered_and_complete(count):
+    data = split(count)
+    labels = np.concatenate([y for _, y in make_dataset(data, 32).as_numpy_iterator()])
+    np.testing.assert_array_equal(labels, np.arange(count))

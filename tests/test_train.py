@@ -1,0 +1,235 @@
+"""The train stage as users run it: MLflow run, resume after SIGKILL, determinism, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import keras
+import mlflow
+import numpy as np
+import pytest
+import yaml
+
+from pipeline.config import parse_params
+from pipeline.train import check_fits, epoch_line, make_schedule
+from tests.cifar_archive import write_archive
+from tests.repo import dvc, make_repo, run, set_params, stage_env
+
+TINY = {
+    "model.stem_filters": 8,
+    "model.filters": [8, 16],
+    "model.units_per_stage": 1,
+    "train.epochs": 2,
+    "train.batch_size": 64,
+    "data.val_size": 200,
+}
+
+
+# --- pure parts --------------------------------------------------------------------------------
+
+
+def test_schedules_follow_their_shape(raw_params):
+    params = parse_params(raw_params).train
+    assert make_schedule(params, 100) == 0.001
+    cosine = make_schedule(params.__class__(**{**params.__dict__, "lr_schedule": "cosine"}), 100)
+    assert float(cosine(0)) == pytest.approx(0.001)
+    assert float(cosine(50)) == pytest.approx(0.0005, rel=1e-3)
+    assert float(cosine(100)) == pytest.approx(0.0, abs=1e-9)
+    onecycle = make_schedule(
+        params.__class__(**{**params.__dict__, "lr_schedule": "onecycle"}), 100
+    )
+    assert float(onecycle(0)) == pytest.approx(0.001 / 25)
+    assert float(onecycle(30)) == pytest.approx(0.001)  # peak after 30% warm-up
+    assert float(onecycle(100)) == pytest.approx(1e-6, rel=1e-3)
+
+
+def test_batch_larger_than_training_set_is_a_params_error(raw_params):
+    from pipeline.prepare import Split
+
+    params = parse_params(raw_params).train
+    tiny = Split(np.zeros((100, 32, 32, 3), np.uint8), np.zeros(100, np.int32))
+    with pytest.raises(
+        Exception, match=r"^train.batch_size: must be at most the 100 training images, got 128"
+    ):
+        check_fits(params, tiny)
+
+
+def test_epoch_line_is_one_readable_line():
+    row = {
+        "epoch": 3, "loss": 1.23456, "accuracy": 0.5, "val_loss": 1.5, "val_accuracy": 0.45,
+        "learning_rate": 0.001, "images_per_second": 812.4,
+    }  # fmt: skip
+    line = epoch_line(row, 50, eta_s=2530)
+    assert line == (
+        "train: epoch 3/50  loss 1.2346  acc 0.5000  val_loss 1.5000  val_acc 0.4500  "
+        "lr 1.00e-03  812 img/s  ETA 42m10s"
+    )
+
+
+# --- the stage, in a repository copy ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def prepared_repo(tmp_path_factory):
+    """A repository copy whose download and prepare stages have run on a small archive."""
+    base = tmp_path_factory.mktemp("train")
+    archive = base / "cifar-10-python.tar.gz"
+    md5 = write_archive(archive, train_per_class=200, test_per_class=10)
+    repo = make_repo(base / "repo", {**TINY, "data.url": archive.as_uri(), "data.md5": md5})
+    dvc(repo, "repro", "prepare")
+    return repo
+
+
+@pytest.fixture
+def repo(prepared_repo, tmp_path):
+    """A private copy of the prepared repository, with its own MLflow store."""
+    copy = tmp_path / "repo"
+    shutil.copytree(prepared_repo, copy, symlinks=True)
+    return copy
+
+
+def train(repo, env=None, check=True):
+    return run([sys.executable, "-m", "pipeline.train"], repo, stage_env(env), check)
+
+
+def runs_of(repo):
+    client = mlflow.MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("cifar10-resnet")
+    return client, client.search_runs([experiment.experiment_id]) if experiment else []
+
+
+@pytest.mark.slow
+def test_train_logs_a_complete_mlflow_run(repo):
+    result = train(repo)
+    epoch_lines = [line for line in result.stdout.splitlines() if line.startswith("train: epoch")]
+    assert len(epoch_lines) == 2 and "\r" not in result.stdout
+
+    summary = json.loads((repo / "metrics/train.json").read_text())
+    assert summary["epochs"] == 2 and summary["train_images"] == 1800
+    assert summary["val_images"] == 200 and 0 <= summary["val_accuracy"] <= 1
+    history = (repo / "metrics/history.csv").read_text().splitlines()
+    assert history[0] == "epoch,loss,accuracy,val_loss,val_accuracy,learning_rate,images_per_second"
+    assert [row.split(",")[0] for row in history[1:]] == ["1", "2"]
+    run_file = json.loads((repo / "models/mlflow_run.json").read_text())
+
+    client, runs = runs_of(repo)
+    assert len(runs) == 1
+    logged = runs[0]
+    assert logged.info.run_id == run_file["run_id"]
+    assert logged.data.params["train.learning_rate"] == "0.001"
+    assert logged.data.params["model.filters"] == "[8, 16]"
+    assert logged.data.params["train.augment.flip"] == "True"
+    assert logged.data.params["data.val_size"] == "200"
+    for metric in (
+        "loss",
+        "accuracy",
+        "val_loss",
+        "val_accuracy",
+        "learning_rate",
+        "images_per_second",
+    ):
+        assert [m.step for m in client.get_metric_history(logged.info.run_id, metric)] == [1, 2]
+    tags = logged.data.tags
+    assert len(tags["git.commit"]) == 40 and tags["git.dirty"] in ("true", "false")
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    assert tags["data.prepared_md5"] == lock["stages"]["prepare"]["outs"][0]["md5"]
+    assert "dvc.exp_name" not in tags  # plain run, not an experiment
+    assert not (repo / ".train-state").exists()  # recovery state cleared once done
+
+    # The logged model predicts exactly what models/model.keras predicts, from raw pixels.
+    images = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
+    local = keras.saving.load_model(repo / "models/model.keras").predict(images, verbose=0)
+    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
+    logged_model = mlflow.keras.load_model(run_file["model_uri"])
+    np.testing.assert_array_equal(logged_model.predict(images, verbose=0), local)
+    pyfunc = mlflow.pyfunc.load_model(run_file["model_uri"]).predict(images)
+    np.testing.assert_allclose(pyfunc, local, rtol=1e-6)
+    assert np.allclose(local.sum(axis=1), 1, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_sigkill_resumes_in_the_same_run_without_gaps(repo):
+    set_params(repo, {"train.epochs": 6})
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.train"], cwd=repo, env=stage_env(),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    state_file = repo / ".train-state/state.json"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            if json.loads(state_file.read_text())["epochs_done"] >= 2:
+                break
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.02)
+    assert process.poll() is None, "training ended before it could be killed"
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    killed_at = json.loads(state_file.read_text())["epochs_done"]
+    assert 2 <= killed_at < 6
+    assert not (repo / "models/model.keras").exists()
+
+    result = dvc(repo, "repro", "train")
+    assert f"resuming after epoch {killed_at}" in result.stdout
+    assert result.stdout.count("train: epoch") == 6 - killed_at
+
+    client, runs = runs_of(repo)
+    assert len(runs) == 1  # the same MLflow run, continued
+    run_id = runs[0].info.run_id
+    for metric in ("loss", "val_accuracy", "learning_rate"):
+        steps = [m.step for m in client.get_metric_history(run_id, metric)]
+        assert sorted(steps) == [1, 2, 3, 4, 5, 6], metric  # no gap, no duplicate
+    history = (repo / "metrics/history.csv").read_text().splitlines()[1:]
+    assert [row.split(",")[0] for row in history] == ["1", "2", "3", "4", "5", "6"]
+    assert not (repo / ".train-state").exists()
+
+
+@pytest.mark.slow
+def test_deterministic_training_repeats_exactly(repo):
+    set_params(repo, {"train.deterministic": True})
+    histories = []
+    for _ in range(2):
+        train(repo)
+        histories.append((repo / "metrics/history.csv").read_text().splitlines()[1:])
+    first = [row.split(",")[1:5] for row in histories[0]]  # loss, acc, val_loss, val_acc
+    second = [row.split(",")[1:5] for row in histories[1]]
+    assert len(first) == 2
+    assert first == second
+
+
+@pytest.mark.slow
+def test_unreachable_tracking_server_fails_before_training(repo):
+    import socket
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    started = time.monotonic()
+    result = train(repo, {"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}"}, check=False)
+    assert result.returncode == 1
+    assert "train: epoch" not in result.stdout
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: MLflow tracking store http://127.0.0.1:{port} is not usable")
+    assert "Traceback" not in result.stderr
+    assert time.monotonic() - started < 60
+
+
+@pytest.mark.slow
+def test_batch_size_and_missing_data_errors_name_the_fix(repo, tmp_path):
+    set_params(repo, {"train.batch_size": 5000})
+    result = train(repo, check=False)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: train.batch_size: must be at most the 1800 training images, got 5000"
+    )
+    empty = make_repo(tmp_path / "empty", TINY)
+    result = train(empty, check=False)
+    assert result.returncode == 1
+    assert "run `dvc repro prepare` first" in result.stderr
