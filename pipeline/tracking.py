@@ -52,34 +52,55 @@ def tracking_uri(root: Path) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root / DB_FILE}"
 
 
+def _is_locked(error: Exception) -> bool:
+    text = str(error)
+    code = getattr(error, "error_code", "")
+    return "database is locked" in text or code == "TEMPORARILY_UNAVAILABLE"
+
+
 def retry_locked(function: Callable[..., T]) -> Callable[..., T]:
-    """Retry a store call while SQLite says "database is locked".
+    """Retry a store call while SQLite is busy with another writer.
 
     Several experiments (`dvc queue start -j 2`) write to one mlflow.db; SQLite
-    allows one writer at a time and MLflow surfaces a busy database as an
-    error instead of waiting. Waiting and retrying loses nothing.
+    allows one writer at a time, and MLflow gives up after its 20 s busy
+    timeout ("database is locked", TEMPORARILY_UNAVAILABLE). Waiting and
+    retrying loses nothing.
     """
 
     @functools.wraps(function)
     def wrapper(*args, **kwargs):
-        delay_s = 0.05
-        deadline = time.monotonic() + 120.0  # seconds of contention before giving up
+        delay_s = 0.5
+        deadline = time.monotonic() + 600.0  # seconds of contention before giving up
         while True:
             try:
                 return function(*args, **kwargs)
             except Exception as error:
-                locked = "database is locked" in str(error) or "database is busy" in str(error)
-                if not locked or time.monotonic() > deadline:
+                if not _is_locked(error) or time.monotonic() > deadline:
                     raise
                 time.sleep(delay_s)
-                delay_s = min(delay_s * 2, 2.0)
+                delay_s = min(delay_s * 2, 10.0)
 
     return wrapper
 
 
+@contextlib.contextmanager
+def _environment(**values: str):
+    """Set environment variables for the duration of a block (MLflow reads them per call)."""
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def quiet_mlflow_logs() -> None:
     """Keep alembic's schema-migration chatter out of the stage's output."""
-    for name in ("alembic", "mlflow.store.db.utils", "mlflow.store.db", "mlflow.tracking"):
+    for name in ("alembic", "mlflow.store.db.utils", "mlflow.tracking.fluent"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
@@ -94,19 +115,42 @@ def connect(root: Path) -> str:
 
     uri = tracking_uri(root)
     quiet_mlflow_logs()
-    mlflow.set_tracking_uri(uri)
-    # Fail in seconds, not after MLflow's default minutes of HTTP retries.
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
     # Artifact transfers draw tqdm bars that flood non-terminal logs.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    mlflow.set_tracking_uri(uri)
     try:
-        return retry_locked(_get_or_create_experiment)(mlflow, root, uri)
+        # Fail in seconds, not after MLflow's default 4 minutes of HTTP retries.
+        with _environment(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="10"):
+            if uri.startswith("sqlite:///"):
+                _create_schema_once(uri)
+            return retry_locked(_get_or_create_experiment)(mlflow, root)
     except MlflowException as error:
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise TrackingError(_unreachable(uri, message)) from None
     except Exception as error:  # network and driver errors come in many types
         raise TrackingError(_unreachable(uri, f"{type(error).__name__}: {error}")) from None
+
+
+def _create_schema_once(uri: str) -> None:
+    """Create or migrate a SQLite store's schema in one process at a time.
+
+    Two processes creating a new mlflow.db at once (two queued experiments
+    starting together) race in MLflow's migrations and corrupt it for good;
+    a file lock beside the database serialises that first use.
+    """
+    import fcntl
+
+    from mlflow import MlflowClient
+
+    database = Path(uri.removeprefix("sqlite:///"))
+    if not database.parent.is_dir():
+        raise TrackingError(f"{uri}: the folder {database.parent} does not exist")
+    with open(database.with_name(database.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            retry_locked(MlflowClient(uri).search_experiments)(max_results=1)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _unreachable(uri: str, reason: str) -> str:
@@ -117,7 +161,7 @@ def _unreachable(uri: str, reason: str) -> str:
     )
 
 
-def _get_or_create_experiment(mlflow, root: Path, uri: str) -> str:
+def _get_or_create_experiment(mlflow, root: Path) -> str:
     from mlflow.exceptions import MlflowException
 
     experiment = mlflow.get_experiment_by_name(EXPERIMENT)
