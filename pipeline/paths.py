@@ -27,11 +27,17 @@ def split_file(prepared_dir: Path, split: str) -> Path:
 
 MODELS_DIR = Path("models")
 MODEL_FILE = MODELS_DIR / "model.keras"  # takes raw uint8 pixels, outputs probabilities
-RUN_FILE = MODELS_DIR / "mlflow_run.json"  # the training's MLflow run, for evaluate
+# The model's MLflow run and model URI (for evaluate), its class names and input size.
+MODEL_INFO = MODELS_DIR / "model_info.json"
 
 METRICS_DIR = Path("metrics")
 TRAIN_METRICS = METRICS_DIR / "train.json"  # final train/val figures, wall time, img/s
 HISTORY_FILE = METRICS_DIR / "history.csv"  # one row per epoch, drawn by `dvc plots`
+TEST_METRICS = METRICS_DIR / "test.json"  # accuracy, loss, macro P/R/F1, per-class figures
+CONFUSION_FILE = METRICS_DIR / "confusion.csv"  # (actual, predicted) per test image
+MISCLASSIFIED_PNG = METRICS_DIR / "misclassified.png"
+PER_CLASS_PNG = METRICS_DIR / "per_class_accuracy.png"
+CONFUSION_PNG = METRICS_DIR / "confusion_matrix.png"
 
 # Training's crash-recovery state: not a DVC out, so `dvc repro` keeps it.
 TRAIN_STATE_DIR = Path(".train-state")

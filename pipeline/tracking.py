@@ -131,26 +131,39 @@ def connect(root: Path) -> str:
         raise TrackingError(_unreachable(uri, f"{type(error).__name__}: {error}")) from None
 
 
-def _create_schema_once(uri: str) -> None:
-    """Create or migrate a SQLite store's schema in one process at a time.
+@contextlib.contextmanager
+def store_lock():
+    """Exclusive access to a local SQLite store across processes (a no-op for servers).
 
-    Two processes creating a new mlflow.db at once (two queued experiments
-    starting together) race in MLflow's migrations and corrupt it for good;
-    a file lock beside the database serialises that first use.
+    Used where MLflow itself does not serialise: creating the schema (two
+    processes creating a new mlflow.db at once corrupt it for good in MLflow's
+    migrations) and read-then-move decisions such as the champion alias.
     """
     import fcntl
 
+    import mlflow
+
+    uri = mlflow.get_tracking_uri()
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    database = Path(uri.removeprefix("sqlite:///"))
+    with open(database.with_name(database.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _create_schema_once(uri: str) -> None:
     from mlflow import MlflowClient
 
     database = Path(uri.removeprefix("sqlite:///"))
     if not database.parent.is_dir():
         raise TrackingError(f"{uri}: the folder {database.parent} does not exist")
-    with open(database.with_name(database.name + ".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            retry_locked(MlflowClient(uri).search_experiments)(max_results=1)
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    with store_lock():
+        retry_locked(MlflowClient(uri).search_experiments)(max_results=1)
 
 
 def _unreachable(uri: str, reason: str) -> str:
@@ -324,3 +337,41 @@ def _pip_requirements() -> list[str]:
     from importlib.metadata import version
 
     return [f"{name}=={version(name)}" for name in ("tensorflow", "keras", "mlflow", "numpy")]
+
+
+# --- evaluations of a trained model ------------------------------------------------------------
+
+
+@retry_locked
+def log_evaluation(run_id: str, metrics: dict[str, float], files: list[Path], params: dict) -> int:
+    """Record evaluation k of training run `run_id`: metrics at step k, files under evaluation-k/.
+
+    Returns k. See pipeline/evaluate.py for why evaluations are kept this way.
+    """
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    with store_lock():  # two evaluations of one run must not take the same number
+        number = len(client.get_metric_history(run_id, "test_accuracy")) + 1
+        client.log_batch(
+            run_id,
+            metrics=[
+                mlflow.entities.Metric(key, float(value), int(time.time() * 1000), number)
+                for key, value in metrics.items()
+            ],
+        )
+    folder = f"evaluation-{number}"
+    for file in files:
+        client.log_artifact(run_id, str(file), artifact_path=folder)
+    client.log_dict(run_id, params, f"{folder}/params.json")
+    client.set_tag(run_id, "evaluation.count", str(number))
+    return number
+
+
+@retry_locked
+def set_run_tags(run_id: str, tags: dict[str, str]) -> None:
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    for key, value in tags.items():
+        client.set_tag(run_id, key, value)

@@ -299,9 +299,13 @@ def run_training(params: Params, meta: dict, train: Split, val: Split, root: Pat
     write_history(paths.HISTORY_FILE, state.history)
     model_uri = tracking.log_model(export, val if len(val.labels) else train, meta["class_names"])
     tracking.log_final(summary, [paths.HISTORY_FILE, paths.TRAIN_METRICS])
-    paths.RUN_FILE.write_text(
-        json.dumps({"run_id": state.run_id, "model_uri": model_uri}, indent=2) + "\n"
-    )
+    info = {
+        "run_id": state.run_id,
+        "model_uri": model_uri,
+        "class_names": meta["class_names"],
+        "image_size": meta["image_size"],
+    }
+    paths.MODEL_INFO.write_text(json.dumps(info, indent=2) + "\n")
     mlflow.end_run()
     store.clear()
     print(

@@ -116,7 +116,7 @@ def test_train_logs_a_complete_mlflow_run(repo):
     history = (repo / "metrics/history.csv").read_text().splitlines()
     assert history[0] == "epoch,loss,accuracy,val_loss,val_accuracy,learning_rate,images_per_second"
     assert [row.split(",")[0] for row in history[1:]] == ["1", "2"]
-    run_file = json.loads((repo / "models/mlflow_run.json").read_text())
+    run_file = json.loads((repo / "models/model_info.json").read_text())
 
     client, runs = runs_of(repo)
     assert len(runs) == 1

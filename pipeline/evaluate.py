@@ -1,0 +1,162 @@
+"""evaluate: score models/model.keras on the test split, log to the training's MLflow run.
+
+    python -m pipeline.evaluate     # reads evaluate from params.yaml
+
+Writes metrics/test.json (accuracy, loss, macro precision/recall/F1 and
+per-class figures), metrics/confusion.csv for `dvc plots`, and PNGs of the
+misclassified images, per-class accuracy and the confusion matrix.
+
+How evaluations are recorded in MLflow: a trained model may be evaluated
+several times (re-running only this stage after an `evaluate.*` change).
+Evaluation k of a training run logs its metrics to that run at step k
+(`test_accuracy`, `test_loss`, `test_f1_macro`, `test_accuracy_<class>`: the
+metric's history keeps every evaluation, its latest value is the newest) and
+its files, with the `evaluate` params it used, under the artifact folder
+`evaluation-k/`. Nothing is overwritten and MLflow's immutable params are
+never touched: `evaluate.*` values are not run params.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+
+import numpy as np
+
+from pipeline import paths
+from pipeline.config import flatten, load_params
+from pipeline.errors import PipelineError, cli
+from pipeline.prepare import load_split
+
+EPSILON = 1e-7  # probabilities are clipped as Keras's cross-entropy clips them
+
+
+def score(probabilities: np.ndarray, labels: np.ndarray, class_names: list[str]) -> dict:
+    """Test figures from (N, classes) probabilities and (N,) labels; pure numpy."""
+    classes = len(class_names)
+    predictions = probabilities.argmax(axis=1)
+    picked = probabilities[np.arange(len(labels)), labels]
+    loss = float(-np.log(np.clip(picked, EPSILON, 1.0)).mean())
+    matrix = confusion_matrix(labels, predictions, classes)
+    hits = np.diag(matrix).astype(float)
+    support, predicted = matrix.sum(axis=1), matrix.sum(axis=0)
+    recall = np.divide(hits, support, out=np.zeros(classes), where=support > 0)
+    precision = np.divide(hits, predicted, out=np.zeros(classes), where=predicted > 0)
+    both = precision + recall
+    f1 = np.divide(2 * precision * recall, both, out=np.zeros(classes), where=both > 0)
+    return {
+        "accuracy": float(hits.sum() / len(labels)),
+        "loss": loss,
+        "precision_macro": float(precision.mean()),
+        "recall_macro": float(recall.mean()),
+        "f1_macro": float(f1.mean()),
+        "images": int(len(labels)),
+        # Of the test images of each class, the share classified right (= per-class recall).
+        "per_class_accuracy": {name: float(recall[i]) for i, name in enumerate(class_names)},
+    }
+
+
+def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, classes: int) -> np.ndarray:
+    """(classes, classes) counts; rows are true classes, columns predicted ones."""
+    flat = labels.astype(np.int64) * classes + predictions
+    return np.bincount(flat, minlength=classes * classes).reshape(classes, classes)
+
+
+def mlflow_metrics(figures: dict) -> dict[str, float]:
+    metrics = {
+        "test_accuracy": figures["accuracy"],
+        "test_loss": figures["loss"],
+        "test_precision_macro": figures["precision_macro"],
+        "test_recall_macro": figures["recall_macro"],
+        "test_f1_macro": figures["f1_macro"],
+    }
+    for name, accuracy in figures["per_class_accuracy"].items():
+        # MLflow metric names allow letters, digits and _-./ and spaces; keep them plain.
+        metrics[f"test_accuracy_{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}"] = accuracy
+    return metrics
+
+
+def write_outputs(figures: dict, matrix_labels, probabilities, test, class_names, cfg) -> int:
+    """Write metrics/test.json, confusion.csv and the PNGs; return misclassified images drawn."""
+    from pipeline import reports
+
+    paths.METRICS_DIR.mkdir(parents=True, exist_ok=True)
+    paths.TEST_METRICS.write_text(json.dumps(figures, indent=2) + "\n")
+    predictions = probabilities.argmax(axis=1)
+    # One row per test image, as DVC's confusion template wants: actual,predicted.
+    rows = [
+        f"{class_names[a]},{class_names[p]}" for a, p in zip(test.labels, predictions, strict=True)
+    ]
+    paths.CONFUSION_FILE.write_text("actual,predicted\n" + "\n".join(rows) + "\n")
+    drawn = reports.misclassified_grid(
+        test.images, test.labels, predictions, probabilities.max(axis=1), class_names,
+        paths.MISCLASSIFIED_PNG, cfg.misclassified,
+    )  # fmt: skip
+    reports.per_class_chart(figures["per_class_accuracy"], figures["accuracy"], paths.PER_CLASS_PNG)
+    reports.confusion_chart(matrix_labels, class_names, paths.CONFUSION_PNG)
+    return drawn
+
+
+def load_model_info() -> dict:
+    try:
+        return json.loads(paths.MODEL_INFO.read_text())
+    except FileNotFoundError:
+        raise PipelineError(f"{paths.MODEL_INFO}: not found; run `dvc repro train` first") from None
+
+
+@cli
+def main(argv: list[str] | None = None) -> None:
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args(argv)
+    params = load_params(paths.PARAMS)
+    cfg = params.evaluate
+    info = load_model_info()
+    test = load_split(paths.PREPARED_DIR, "test")
+    class_names = info["class_names"]
+
+    from pipeline import tracking
+
+    root = tracking.repository_root()
+    tracking.connect(root)  # fail before the work if the store is unreachable
+
+    import keras
+
+    started = time.perf_counter()
+    if not paths.MODEL_FILE.exists():
+        raise PipelineError(f"{paths.MODEL_FILE}: not found; run `dvc repro train` first")
+    model = keras.saving.load_model(paths.MODEL_FILE)
+    probabilities = model.predict(test.images, batch_size=cfg.batch_size, verbose=0)
+    figures = score(probabilities, test.labels, class_names)
+    matrix = confusion_matrix(test.labels, probabilities.argmax(axis=1), len(class_names))
+    drawn = write_outputs(figures, matrix, probabilities, test, class_names, cfg)
+    print(
+        f"evaluate: {figures['images']} test images: accuracy {figures['accuracy']:.4f}, "
+        f"loss {figures['loss']:.4f}, macro F1 {figures['f1_macro']:.4f} "
+        f"({time.perf_counter() - started:.1f} s)",
+        flush=True,
+    )
+    worst = sorted(figures["per_class_accuracy"].items(), key=lambda item: item[1])[:3]
+    print(
+        "evaluate: weakest classes: "
+        + ", ".join(f"{name} {accuracy:.3f}" for name, accuracy in worst),
+        flush=True,
+    )
+
+    files = [
+        paths.TEST_METRICS, paths.CONFUSION_FILE, paths.PER_CLASS_PNG, paths.CONFUSION_PNG,
+    ] + ([paths.MISCLASSIFIED_PNG] if drawn else [])  # fmt: skip
+    used = {key: value for key, value in flatten(params).items() if key.startswith("evaluate.")}
+    number = tracking.log_evaluation(info["run_id"], mlflow_metrics(figures), files, used)
+    print(f"evaluate: logged as evaluation {number} of MLflow run {info['run_id']}", flush=True)
+    if cfg.register:
+        from pipeline import registry
+
+        decision = registry.register(info["model_uri"], info["run_id"], figures["accuracy"])
+        print(f"evaluate: registry: {decision.describe()}", flush=True)
+        tracking.set_run_tags(info["run_id"], decision.tags())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

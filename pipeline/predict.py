@@ -1,0 +1,165 @@
+"""predict: classify image files with the trained model or any MLflow model.
+
+    python -m pipeline.predict cat.png dog.jpg
+    python -m pipeline.predict --model models:/cifar10-resnet@champion --json photos/*.jpg
+
+Images of any size and colour mode (greyscale, palette, RGBA, CMYK) are
+converted to RGB, centre-cropped to a square and resized to the model's input
+size. A file that cannot be read is reported by name and the others still
+classified; the exit status is 1 if any failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline import paths
+from pipeline.errors import PipelineError, cli
+
+
+@dataclass(frozen=True)
+class Predictor:
+    predict: Callable[[np.ndarray], np.ndarray]  # (N, S, S, 3) uint8 -> (N, classes) probabilities
+    class_names: list[str]
+    image_size: int
+
+
+def load_image(path: Path, size: int) -> np.ndarray:
+    """(size, size, 3) uint8 RGB from any image file Pillow reads; raises ValueError if it can't."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            image.load()
+            if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
+                # Transparent areas become white, not the black a plain convert gives.
+                rgba = image.convert("RGBA")
+                background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+                image = Image.alpha_composite(background, rgba)
+            image = ImageOps.fit(image.convert("RGB"), (size, size), Image.Resampling.LANCZOS)
+            return np.asarray(image, dtype=np.uint8)
+    except FileNotFoundError:
+        raise ValueError("no such file") from None
+    except IsADirectoryError:
+        raise ValueError("is a directory, not an image") from None
+    except UnidentifiedImageError:
+        raise ValueError("not an image Pillow can read (PNG, JPEG, ...)") from None
+    except (OSError, SyntaxError) as error:  # truncated or corrupt data
+        raise ValueError(f"corrupt image ({error})") from None
+
+
+def load_predictor(model: str) -> Predictor:
+    """A local .keras file (class names from models/model_info.json) or any MLflow model URI."""
+    import keras
+
+    keras.config.disable_interactive_logging()  # no progress bars between results
+    if "://" not in model and not model.startswith(("models:/", "runs:/")):
+        return _keras_predictor(Path(model))
+    return _mlflow_predictor(model)
+
+
+def _keras_predictor(path: Path) -> Predictor:
+    import keras
+
+    if not path.exists():
+        raise PipelineError(f"{path}: no such model; train one with `dvc repro train`")
+    info_file = path.parent / paths.MODEL_INFO.name
+    try:
+        info = json.loads(info_file.read_text())
+    except FileNotFoundError:
+        raise PipelineError(
+            f"{info_file}: not found beside {path}; run `dvc repro train`"
+        ) from None
+    model = keras.saving.load_model(path)
+    return Predictor(
+        lambda images: model.predict(images, verbose=0), info["class_names"], info["image_size"]
+    )
+
+
+def _mlflow_predictor(uri: str) -> Predictor:
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from pipeline import tracking
+
+    tracking.connect(tracking.repository_root())
+    try:
+        model = mlflow.pyfunc.load_model(uri)
+    except MlflowException as error:
+        raise PipelineError(f"cannot load model {uri}: {str(error).splitlines()[0]}") from None
+    class_names = (model.metadata.metadata or {}).get("class_names")
+    if not class_names:
+        raise PipelineError(f"{uri}: the model has no class_names metadata; log it with train")
+    shape = model.metadata.get_input_schema().inputs[0].shape  # (-1, S, S, 3)
+    return Predictor(lambda images: np.asarray(model.predict(images)), class_names, shape[1])
+
+
+def classify(predictor: Predictor, files: list[Path], top: int) -> list[dict]:
+    """One result per file, in order: its top classes, or the error that stopped it."""
+    results: list[dict] = [{"image": str(f)} for f in files]
+    images, readable = [], []
+    for i, file in enumerate(files):
+        try:
+            images.append(load_image(file, predictor.image_size))
+            readable.append(i)
+        except ValueError as error:
+            results[i]["error"] = str(error)
+    if images:
+        probabilities = predictor.predict(np.stack(images))
+        for i, row in zip(readable, probabilities, strict=True):
+            best = np.argsort(-row)[:top]
+            results[i]["predictions"] = [
+                {"class": predictor.class_names[c], "probability": float(row[c])} for c in best
+            ]
+    return results
+
+
+def format_table(results: list[dict]) -> str:
+    width = max([len("image")] + [len(r["image"]) for r in results])
+    lines = []
+    for result in results:
+        if "error" in result:
+            lines.append(f"{result['image']:<{width}}  error: {result['error']}")
+        else:
+            guesses = "  ".join(
+                f"{p['class']} {p['probability']:.3f}" for p in result["predictions"]
+            )
+            lines.append(f"{result['image']:<{width}}  {guesses}")
+    return "\n".join(lines)
+
+
+@cli
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("images", nargs="+", type=Path, help="PNG, JPEG, ... files")
+    parser.add_argument(
+        "--model",
+        default=str(paths.MODEL_FILE),
+        help="a .keras file or an MLflow model URI such as models:/cifar10-resnet@champion "
+        "(default: %(default)s)",
+    )
+    parser.add_argument("--top", type=int, default=3, help="classes shown per image")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    args = parser.parse_args(argv)
+    if args.top < 1:
+        parser.error("--top must be at least 1")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up chatter
+    predictor = load_predictor(args.model)
+    results = classify(predictor, args.images, args.top)
+    print(json.dumps(results, indent=2) if args.json else format_table(results))
+    failed = [r for r in results if "error" in r]
+    for result in failed:
+        print(f"error: {result['image']}: {result['error']}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""The MLflow model registry: every evaluated model a version, the best one `@champion`.
+
+A trained model is registered once as a version of `cifar10-resnet` (a
+re-evaluation of the same model reuses its version); the version carries its
+latest test accuracy as the tag `test_accuracy`. The alias `champion` moves
+to it only when that accuracy beats the current champion's: a tie keeps the
+old one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pipeline.tracking import retry_locked, store_lock
+
+MODEL_NAME = "cifar10-resnet"
+CHAMPION = "champion"
+
+
+@dataclass(frozen=True)
+class Decision:
+    version: str
+    accuracy: float
+    champion_version: str | None  # the champion before this decision
+    champion_accuracy: float | None
+    promoted: bool
+
+    def describe(self) -> str:
+        name = f"{MODEL_NAME} version {self.version} (test accuracy {self.accuracy:.4f})"
+        if self.champion_version is None:
+            return f"{name} is the first champion: @{CHAMPION} -> version {self.version}"
+        if self.champion_version == self.version:
+            return f"{name} is already @{CHAMPION}"
+        before = f"champion version {self.champion_version} ({self.champion_accuracy:.4f})"
+        if self.promoted:
+            return f"{name} beats {before}: @{CHAMPION} -> version {self.version}"
+        return (
+            f"{name} does not beat {before}: @{CHAMPION} stays on version {self.champion_version}"
+        )
+
+    def tags(self) -> dict[str, str]:
+        return {
+            "registry.model": MODEL_NAME,
+            "registry.version": self.version,
+            "registry.champion_before": str(self.champion_version),
+            "registry.promoted": str(self.promoted).lower(),
+            "registry.decision": self.describe(),
+        }
+
+
+def should_promote(accuracy: float, champion_accuracy: float | None) -> bool:
+    """Strictly better, or no champion yet; a tie keeps the current champion."""
+    return champion_accuracy is None or accuracy > champion_accuracy
+
+
+@retry_locked
+def register(model_uri: str, run_id: str, accuracy: float) -> Decision:
+    """Register (or find) the version of `model_uri` and decide on the champion alias."""
+    from mlflow import MlflowClient, register_model
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient()
+    with store_lock():  # two experiments finishing together must not both become champion
+        existing = client.search_model_versions(f"name = '{MODEL_NAME}' and run_id = '{run_id}'")
+        if existing:
+            version = str(existing[0].version)
+        else:
+            version = str(register_model(model_uri, MODEL_NAME).version)
+        client.set_model_version_tag(MODEL_NAME, version, "test_accuracy", f"{accuracy:.6f}")
+        try:
+            champion = client.get_model_version_by_alias(MODEL_NAME, CHAMPION)
+        except MlflowException:
+            champion = None  # no alias yet
+        champion_version = str(champion.version) if champion else None
+        champion_accuracy = None
+        if champion and champion_version != version:
+            champion_accuracy = float(champion.tags.get("test_accuracy", "nan"))
+        if champion_version == version:
+            promoted = False
+        else:
+            promoted = should_promote(accuracy, champion_accuracy)
+        if promoted:
+            client.set_registered_model_alias(MODEL_NAME, CHAMPION, version)
+    return Decision(version, accuracy, champion_version, champion_accuracy, promoted)

@@ -1,0 +1,101 @@
+"""Pictures of an evaluation: misclassified images and per-class accuracy, as PNG files.
+
+matplotlib with the non-interactive Agg backend, so it works on servers and CI.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; no display needed
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def misclassified_grid(
+    images: np.ndarray,
+    labels: np.ndarray,
+    predictions: np.ndarray,
+    confidences: np.ndarray,
+    class_names: Sequence[str],
+    path: Path,
+    count: int,
+) -> int:
+    """Draw up to `count` misclassified images, most confident mistakes first; return how many.
+
+    images (N, H, W, 3) uint8; labels and predictions (N,) class indices;
+    confidences (N,) the predicted class's probability.
+    """
+    plt = _pyplot()
+    wrong = np.flatnonzero(predictions != labels)
+    wrong = wrong[np.argsort(-confidences[wrong], kind="stable")][:count]
+    columns = max(1, min(6, len(wrong)))
+    rows = max(1, -(-len(wrong) // columns))
+    figure, axes = plt.subplots(rows, columns, figsize=(2.0 * columns, 2.3 * rows), squeeze=False)
+    for axis in axes.flat:
+        axis.axis("off")
+    for axis, index in zip(axes.flat, wrong, strict=False):
+        axis.imshow(images[index], interpolation="nearest")
+        axis.set_title(
+            f"true: {class_names[labels[index]]}\npred: {class_names[predictions[index]]} "
+            f"({confidences[index]:.0%})",
+            fontsize=8,
+            color="firebrick",
+        )
+    if not len(wrong):
+        axes[0, 0].text(0.5, 0.5, "no misclassified images", ha="center", va="center")
+    figure.suptitle(f"Misclassified test images ({len(wrong)} most confident)", fontsize=10)
+    figure.tight_layout(rect=(0, 0, 1, 0.97))  # leave the title its own band
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return len(wrong)
+
+
+def per_class_chart(accuracies: dict[str, float], overall: float, path: Path) -> None:
+    """Horizontal bars of per-class test accuracy, with the overall accuracy as a line."""
+    plt = _pyplot()
+    names = list(accuracies)
+    values = [accuracies[n] for n in names]
+    figure, axis = plt.subplots(figsize=(6, 0.35 * len(names) + 1.2))
+    bars = axis.barh(names, values, color="steelblue")
+    axis.invert_yaxis()  # first class on top
+    axis.axvline(
+        overall, color="black", linestyle="--", linewidth=1, label=f"overall {overall:.1%}"
+    )
+    axis.bar_label(bars, labels=[f"{v:.1%}" for v in values], padding=3, fontsize=8)
+    axis.set_xlim(0, 1.1)
+    axis.set_xlabel("test accuracy")
+    axis.set_title("Per-class test accuracy")
+    axis.legend(loc="lower right", fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def confusion_chart(matrix: np.ndarray, class_names: Sequence[str], path: Path) -> None:
+    """The confusion matrix as a heat map with counts (rows: true class, columns: predicted)."""
+    plt = _pyplot()
+    size = 0.55 * len(class_names) + 2
+    figure, axis = plt.subplots(figsize=(size, size))
+    axis.imshow(matrix, cmap="Blues")
+    ticks = range(len(class_names))
+    axis.set_xticks(ticks, class_names, rotation=45, ha="right", fontsize=8)
+    axis.set_yticks(ticks, class_names, fontsize=8)
+    threshold = matrix.max() / 2 if matrix.size else 0
+    for (row, column), value in np.ndenumerate(matrix):
+        color = "white" if value > threshold else "black"
+        axis.text(column, row, str(value), ha="center", va="center", fontsize=7, color=color)
+    axis.set_xlabel("predicted")
+    axis.set_ylabel("true")
+    axis.set_title("Confusion matrix (test)")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)

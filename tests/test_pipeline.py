@@ -1,0 +1,231 @@
+"""The whole DAG as a user runs it: `dvc repro`, re-runs, experiments, registry, predict.
+
+One small archive served over HTTP and a tiny model; the tests run in order
+on one repository copy, each building on the state the previous one left.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import mlflow
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from tests.cifar_archive import write_archive
+from tests.http_server import PayloadServer
+from tests.repo import dvc, make_repo, run, set_params, stage_env
+
+pytestmark = pytest.mark.slow
+
+TINY = {
+    "model.stem_filters": 8,
+    "model.filters": [8, 16],
+    "model.units_per_stage": 1,
+    "train.epochs": 2,
+    "train.batch_size": 32,
+    "data.val_size": 100,
+    "evaluate.misclassified": 12,
+}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    archive = tmp_path_factory.mktemp("served") / "cifar-10-python.tar.gz"
+    md5 = write_archive(archive, train_per_class=40, test_per_class=10)
+    with PayloadServer(archive.read_bytes(), "/cifar-10-python.tar.gz") as served:
+        served.md5 = md5
+        yield served
+
+
+@pytest.fixture(scope="module")
+def repo(server, tmp_path_factory):
+    path = make_repo(
+        tmp_path_factory.mktemp("pipeline") / "repo",
+        {**TINY, "data.url": server.url, "data.md5": server.md5},
+    )
+    return path
+
+
+@pytest.fixture
+def client(repo):
+    """The repository's MLflow store; created by the stages, only read here."""
+    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
+    return mlflow.MlflowClient()
+
+
+def ran(output: str) -> list[str]:
+    return [
+        s for s in ("download", "prepare", "train", "evaluate") if f"Running stage '{s}'" in output
+    ]
+
+
+def commit(repo, message: str) -> None:
+    run(["git", "add", "-A"], repo, stage_env())
+    run(["git", "commit", "-q", "-m", message], repo, stage_env())
+
+
+def test_repro_runs_all_four_stages(repo, request):
+    result = dvc(repo, "repro")
+    client = request.getfixturevalue("client")  # after the stages created the store
+    assert ran(result.stdout) == ["download", "prepare", "train", "evaluate"]
+    assert "registry: cifar10-resnet version 1 (test accuracy" in result.stdout
+    assert "is the first champion" in result.stdout
+
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+    assert set(lock) == {"download", "prepare", "train", "evaluate"}
+    assert lock["evaluate"]["params"]["params.yaml"]["evaluate"]["misclassified"] == 12
+    test = json.loads((repo / "metrics/test.json").read_text())
+    assert test["images"] == 100 and 0 <= test["accuracy"] <= 1 and test["loss"] > 0
+    assert set(test["per_class_accuracy"]) == {
+        "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
+    }  # fmt: skip
+    confusion = (repo / "metrics/confusion.csv").read_text().splitlines()
+    assert confusion[0] == "actual,predicted" and len(confusion) == 101
+    for png in ("misclassified.png", "per_class_accuracy.png", "confusion_matrix.png"):
+        assert (repo / "metrics" / png).read_bytes()[:4] == b"\x89PNG"
+
+    # dvc metrics and plots read what the stages wrote.
+    metrics = json.loads(dvc(repo, "metrics", "show", "--json").stdout)
+    shown = metrics[""]["data"]  # "" is the workspace
+    assert shown["metrics/test.json"]["data"]["accuracy"] == test["accuracy"]
+    assert shown["metrics/train.json"]["data"]["epochs"] == 2
+    dvc(repo, "plots", "show", "-o", str(repo / "plots_html"))
+    page = (repo / "plots_html/index.html").read_text()
+    for title in ("Loss per epoch", "Accuracy per epoch", "Confusion matrix (test)"):
+        assert title in page
+    assert "misclassified.png" in page
+
+    # The MLflow run holds params, per-epoch and test metrics, artifacts and the model.
+    experiment = client.get_experiment_by_name("cifar10-resnet")
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 1
+    logged = runs[0]
+    assert logged.data.params["train.batch_size"] == "32"
+    assert [m.step for m in client.get_metric_history(logged.info.run_id, "val_loss")] == [1, 2]
+    assert logged.data.metrics["test_accuracy"] == pytest.approx(test["accuracy"])
+    assert logged.data.metrics["test_f1_macro"] == pytest.approx(test["f1_macro"])
+    assert logged.data.metrics["test_accuracy_cat"] == pytest.approx(
+        test["per_class_accuracy"]["cat"]
+    )
+    artifacts = {a.path for a in client.list_artifacts(logged.info.run_id, "evaluation-1")}
+    assert {
+        "evaluation-1/test.json", "evaluation-1/confusion.csv", "evaluation-1/misclassified.png",
+        "evaluation-1/confusion_matrix.png", "evaluation-1/per_class_accuracy.png",
+        "evaluation-1/params.json",
+    } <= artifacts  # fmt: skip
+    champion = client.get_model_version_by_alias("cifar10-resnet", "champion")
+    assert str(champion.version) == "1" and champion.run_id == logged.info.run_id
+    assert logged.data.tags["registry.promoted"] == "true"
+    commit(repo, "first model")
+
+
+def test_second_repro_does_nothing(repo):
+    result = dvc(repo, "repro")
+    assert ran(result.stdout) == []
+
+
+def test_evaluate_change_reruns_only_evaluate_and_keeps_both_evaluations(repo, client):
+    set_params(repo, {"evaluate.misclassified": 6})
+    result = dvc(repo, "repro")
+    assert ran(result.stdout) == ["evaluate"]
+    assert "logged as evaluation 2 of MLflow run" in result.stdout
+    assert "version 1 (test accuracy" in result.stdout and "is already @champion" in result.stdout
+    (logged,) = client.search_runs([client.get_experiment_by_name("cifar10-resnet").experiment_id])
+    history = client.get_metric_history(logged.info.run_id, "test_accuracy")
+    assert sorted(m.step for m in history) == [1, 2]  # both evaluations, neither overwritten
+    params = json.loads(
+        mlflow.artifacts.load_text(f"runs:/{logged.info.run_id}/evaluation-2/params.json")
+    )
+    assert params["evaluate.misclassified"] == 6
+    assert len(client.search_model_versions("name = 'cifar10-resnet'")) == 1  # same model
+    commit(repo, "evaluate change")
+
+
+def test_train_change_reruns_train_and_evaluate_only(repo, client):
+    set_params(repo, {"train.learning_rate": 0.003})
+    result = dvc(repo, "repro")
+    assert ran(result.stdout) == ["train", "evaluate"]
+    assert "registry: cifar10-resnet version 2 (test accuracy" in result.stdout
+    runs = client.search_runs([client.get_experiment_by_name("cifar10-resnet").experiment_id])
+    assert len(runs) == 2
+    newest = json.loads((repo / "models/model_info.json").read_text())["run_id"]
+    decision = client.get_run(newest).data.tags["registry.decision"]
+    first = [r for r in runs if r.info.run_id != newest][0].data.metrics["test_accuracy"]
+    second = client.get_run(newest).data.metrics["test_accuracy"]
+    champion = str(client.get_model_version_by_alias("cifar10-resnet", "champion").version)
+    assert champion == ("2" if second > first else "1"), decision
+    commit(repo, "train change")
+
+
+def test_queued_experiments_land_in_the_same_store(repo, client):
+    dvc(repo, "exp", "run", "--queue", "-S", "train.learning_rate=0.002,0.0005")
+    dvc(repo, "queue", "start", "-j", "2")
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        status = dvc(repo, "queue", "status").stdout
+        if "Queued" not in status and "Running" not in status:
+            break
+        time.sleep(2)
+    assert status.count("Success") == 2, status
+
+    experiment = client.get_experiment_by_name("cifar10-resnet").experiment_id
+    runs = client.search_runs([experiment], "tags.`dvc.exp_name` != ''")
+    assert len(runs) == 2
+    assert sorted(r.data.params["train.learning_rate"] for r in runs) == ["0.0005", "0.002"]
+    names = {r.data.tags["dvc.exp_name"] for r in runs}
+    shown = dvc(repo, "exp", "show", "--json").stdout
+    assert all(name in shown for name in names)
+    head = run(["git", "rev-parse", "HEAD"], repo).stdout.strip()
+    assert {r.data.tags["dvc.baseline_rev"] for r in runs} == {head}
+    for logged in runs:  # each trained, evaluated and registered
+        assert "test_accuracy" in logged.data.metrics
+        assert logged.data.tags["registry.version"] in {"3", "4"}
+    assert not (repo / ".dvc/tmp/exps/mlflow.db").exists()
+
+
+def test_predict_and_pyfunc_agree_with_the_keras_model(repo, tmp_path):
+    import keras
+
+    rng = np.random.default_rng(1)
+    files = []
+    for i, (mode, size) in enumerate([("RGB", (32, 32)), ("L", (64, 48)), ("RGBA", (32, 32))]):
+        path = tmp_path / f"image{i}.png"
+        pixels = rng.integers(0, 256, (*size[::-1], len(mode)), dtype=np.uint8)
+        Image.fromarray(pixels.squeeze(), mode).save(path)
+        files.append(path)
+    corrupt = tmp_path / "corrupt.jpg"
+    corrupt.write_bytes(b"\xff\xd8\xff\xe0 this is not really a jpeg")
+    files.insert(1, corrupt)
+
+    def predict(*args):
+        command = [sys.executable, "-m", "pipeline.predict", "--json", "--top", "10", *args]
+        return run(command, repo, stage_env(), check=False)
+
+    local = predict(*map(str, files))
+    assert local.returncode == 1  # one file failed
+    results = json.loads(local.stdout)
+    assert [r["image"] for r in results] == [str(f) for f in files]
+    assert "error" in results[1] and "corrupt.jpg" in local.stderr
+    assert all("predictions" in r for r in results[:1] + results[2:])
+
+    from pipeline.predict import load_image
+
+    images = np.stack([load_image(f, 32) for f in files if f != corrupt])
+    expected = keras.saving.load_model(repo / "models/model.keras").predict(images, verbose=0)
+    for result, row in zip(results[:1] + results[2:], expected, strict=True):
+        got = {p["class"]: p["probability"] for p in result["predictions"]}
+        names = json.loads((repo / "models/model_info.json").read_text())["class_names"]
+        np.testing.assert_allclose([got[n] for n in names], row, rtol=1e-5, atol=1e-7)
+
+    champion = predict("--model", "models:/cifar10-resnet@champion", str(files[0]))
+    assert champion.returncode == 0, champion.stderr
+    assert len(json.loads(champion.stdout)[0]["predictions"]) == 10
+
+    info = json.loads((repo / "models/model_info.json").read_text())
+    pyfunc = mlflow.pyfunc.load_model(info["model_uri"]).predict(images)
+    np.testing.assert_allclose(pyfunc, expected, rtol=1e-5, atol=1e-7)
