@@ -84,6 +84,30 @@ def make_schedule(params: TrainParams, total_steps: int):
     )
 
 
+def check_single_worker() -> None:
+    """Refuse a multi-worker TF_CONFIG before any work, rather than fail mid-run.
+
+    Keras 3's `fit` does not run under tf.distribute.MultiWorkerMirroredStrategy
+    (keras-team/keras#20585, open; reproduced here with Keras 3.15 / TF 2.21:
+    a ValueError on PerReplica values in fit's first step, with any dataset).
+    """
+    raw = os.environ.get("TF_CONFIG")
+    if not raw:
+        return
+    try:
+        cluster = json.loads(raw).get("cluster", {})
+        workers = sum(len(cluster.get(kind, [])) for kind in ("chief", "worker"))
+    except (ValueError, AttributeError, TypeError):
+        raise PipelineError("TF_CONFIG is set but is not a JSON cluster description") from None
+    if workers > 1:
+        raise PipelineError(
+            f"TF_CONFIG describes {workers} workers, but multi-worker training is not "
+            "available: Keras 3's fit fails under MultiWorkerMirroredStrategy "
+            "(keras-team/keras#20585). Train on one machine (all its GPUs are used through "
+            "MirroredStrategy) and unset TF_CONFIG"
+        )
+
+
 def check_fits(params: TrainParams, train: Split) -> None:
     if params.batch_size > len(train.labels):
         raise ParamsError(
@@ -197,6 +221,7 @@ def main(argv: list[str] | None = None) -> None:
     meta = load_meta(paths.PREPARED_DIR)
     train, val = load_split(paths.PREPARED_DIR, "train"), load_split(paths.PREPARED_DIR, "val")
     check_fits(params.train, train)
+    check_single_worker()
 
     from pipeline import tracking
 

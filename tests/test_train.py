@@ -233,3 +233,18 @@ def test_batch_size_and_missing_data_errors_name_the_fix(repo, tmp_path):
     result = train(empty, check=False)
     assert result.returncode == 1
     assert "run `dvc repro prepare` first" in result.stderr
+
+
+@pytest.mark.slow
+def test_multi_worker_cluster_is_refused_with_the_reason(repo):
+    """TF_CONFIG naming several workers stops before any work, saying why and what works."""
+    config = {
+        "cluster": {"worker": ["127.0.0.1:1", "127.0.0.1:2"]},
+        "task": {"type": "worker", "index": 0},
+    }
+    result = train(repo, {"TF_CONFIG": json.dumps(config)}, check=False)
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: TF_CONFIG describes 2 workers, but multi-worker training")
+    assert "keras-team/keras#20585" in last
+    assert not (repo / "models").exists() and not (repo / "mlflow.db").exists()
