@@ -2,7 +2,10 @@
 #   make repro          run the whole DVC pipeline (dvc repro)
 #   make test           run the test suite
 #   make lint           ruff check + format check
+#   make bench          training throughput benchmark (BENCHMARKS.md)
+#   make ui             mlflow ui on the local store (http://127.0.0.1:5000)
 #   make repro GPU=1    the same, with the CUDA build of TensorFlow installed
+#   make tracking-server  a team's MLflow server: PostgreSQL, proxied artifacts, logins
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
@@ -12,7 +15,7 @@ comma := ,
 # Reinstall when the dependencies change; the stamp records which extras are in.
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 
-.PHONY: repro test test-fast lint venv clean-venv
+.PHONY: repro test test-fast lint bench ui tracking-server venv clean-venv
 
 venv: $(STAMP)
 
@@ -33,9 +36,24 @@ test: venv
 test-fast: venv
 	$(BIN)/python -m pytest -m 'not slow'
 
+# The local MLflow store at the repository root: every run, experiment and model version.
+ui: venv
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --port $(or $(PORT),5000)
+
+# A team's MLflow tracking server (README, "Scaling out"). Settings from the environment or
+# the command line, e.g. make tracking-server MLFLOW_BACKEND_STORE_URI=postgresql://... \
+#   MLFLOW_ARTIFACTS_DESTINATION=s3://... MLFLOW_SERVER_HOST=0.0.0.0 MLFLOW_SERVER_PORT=5000;
+# MLFLOW_AUTH_ADMIN_PASSWORD on the first start; ARGS='...' for any other option.
+tracking-server: venv
+	$(BIN)/python -m pipeline.server $(ARGS)
+
+# Training throughput: bare Keras vs this pipeline vs the tutorial's recipe (BENCHMARKS.md).
+bench: venv
+	$(BIN)/python -m benchmarks.throughput $(ARGS)
+
 lint: venv
-	$(BIN)/ruff check pipeline tests
-	$(BIN)/ruff format --check pipeline tests
+	$(BIN)/ruff check pipeline tests benchmarks
+	$(BIN)/ruff format --check pipeline tests benchmarks
 
 clean-venv:
 	rm -rf $(VENV)

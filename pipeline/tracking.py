@@ -125,6 +125,9 @@ def connect(root: Path) -> str:
                 _create_schema_once(uri)
             return retry_locked(_get_or_create_experiment)(mlflow, root)
     except MlflowException as error:
+        refused = _refused(uri, error.get_http_status_code())
+        if refused:
+            raise TrackingError(refused) from None
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise TrackingError(_unreachable(uri, message)) from None
     except Exception as error:  # network and driver errors come in many types
@@ -172,6 +175,30 @@ def _unreachable(uri: str, reason: str) -> str:
         "MLFLOW_TRACKING_URI (unset it to use the local mlflow.db), and for a server that "
         "needs a login set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
     )
+
+
+def _refused(uri: str, status: int) -> str | None:
+    """The message for a server that refused our login (401) or our user (403), else None."""
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    who = f" for user '{user}'" if user else ""
+    if status == 401 and not (user or os.environ.get("MLFLOW_TRACKING_TOKEN")):
+        return (
+            f"MLflow tracking store {uri} is not usable: login refused (HTTP 401), no "
+            "credentials were sent. The server needs a login: set MLFLOW_TRACKING_USERNAME "
+            "and MLFLOW_TRACKING_PASSWORD"
+        )
+    if status == 401:
+        return (
+            f"MLflow tracking store {uri} is not usable: login refused (HTTP 401){who}: wrong "
+            "user name or password. Check MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD "
+            "(the server's admin creates users and resets passwords)"
+        )
+    if status == 403:
+        return (
+            f"MLflow tracking store {uri} is not usable: permission denied (HTTP 403){who} on "
+            f"experiment '{EXPERIMENT}'. Ask the server's admin for EDIT permission on it"
+        )
+    return None
 
 
 def _get_or_create_experiment(mlflow, root: Path) -> str:

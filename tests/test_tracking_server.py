@@ -1,0 +1,459 @@
+"""A team's tracking server, for real: PostgreSQL, `python -m pipeline.server`, logins.
+
+One PostgreSQL (initdb into a temporary folder, on a free loopback port) and one
+MLflow server started the documented way, with its backend store and its users
+in PostgreSQL and artifacts proxied into a temporary folder. The pipeline's
+stages run in a repository copy against it through MLFLOW_TRACKING_URI and
+MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD, with no other change.
+
+PostgreSQL refuses to run as root: as root (CI), the database runs as `nobody`.
+Without the PostgreSQL server binaries these tests skip.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import os
+import pwd
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from pipeline import server as launcher
+from pipeline.errors import PipelineError
+from tests.cifar_archive import write_archive
+from tests.http_server import PayloadServer
+from tests.repo import ROOT, dvc, make_repo, run, set_params, stage_env
+
+# MLflow's server module imports a deprecated Starlette module; not ours to fix.
+pytestmark = pytest.mark.filterwarnings("ignore:starlette.middleware.wsgi is deprecated")
+
+TINY = {
+    "model.stem_filters": 8,
+    "model.filters": [8, 16],
+    "model.units_per_stage": 1,
+    "train.epochs": 2,
+    "train.batch_size": 32,
+    "data.val_size": 100,
+    "evaluate.misclassified": 12,
+}
+ADMIN, ADMIN_PASSWORD = "admin", "admin-" + secrets.token_hex(8)
+USERS = {"alice": "alice-password-1", "bob": "bob-password-22"}  # MLflow wants 12+ characters
+MLFLOW_LOGIN = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
+
+
+# --- the launcher's options, without a server ------------------------------------------------
+
+
+def test_launcher_takes_its_options_from_the_environment_and_passes_extra_ones_on(
+    monkeypatch, tmp_path
+):
+    monkeypatch.setenv("MLFLOW_BACKEND_STORE_URI", "postgresql://mlflow:pw@db:5432/mlflow")
+    monkeypatch.setenv("MLFLOW_ARTIFACTS_DESTINATION", "s3://team-bucket/mlflow")
+    monkeypatch.setenv("MLFLOW_SERVER_PORT", "5050")
+    monkeypatch.delenv("MLFLOW_AUTH_DATABASE_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_AUTH_DEFAULT_PERMISSION", raising=False)
+    cfg = launcher.parse_args(
+        ["--host", "0.0.0.0", "--state-dir", str(tmp_path), "--", "--allowed-hosts", "mlflow.x"]
+    )
+    assert launcher.mlflow_server_args(cfg) == [
+        "--app-name", "basic-auth",
+        "--backend-store-uri", "postgresql://mlflow:pw@db:5432/mlflow",
+        "--serve-artifacts", "--artifacts-destination", "s3://team-bucket/mlflow",
+        "--host", "0.0.0.0", "--port", "5050", "--workers", "4",
+        "--allowed-hosts", "mlflow.x",
+    ]  # fmt: skip
+    assert cfg.auth_database_uri == f"sqlite:///{tmp_path / 'basic_auth.db'}"
+    assert cfg.default_permission == "EDIT"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        ([], "--backend-store-uri: required"),
+        (["--backend-store-uri", "sqlite:///x.db"], "--artifacts-destination: required"),
+        (["--backend-store-uri", "sqlite:///x.db", "--artifacts-destination", "a", "--port", "0"],
+         "--port: must be an integer from 1 to 65535, got '0'"),
+        (["--backend-store-uri", "sqlite:///x.db", "--artifacts-destination", "a",
+          "--default-permission", "ALL"], "--default-permission: must be one of READ, USE, EDIT"),
+    ],
+)  # fmt: skip
+def test_launcher_names_a_missing_or_bad_option(monkeypatch, argv, message):
+    for name in ("MLFLOW_BACKEND_STORE_URI", "MLFLOW_ARTIFACTS_DESTINATION", "MLFLOW_SERVER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(PipelineError, match="^" + message.replace("(", r"\(")):
+        launcher.parse_args(argv)
+
+
+def test_auth_config_is_private_and_readable_by_mlflow(tmp_path):
+    import configparser
+
+    auth_uri = "postgresql://mlflow:p%40ss@db:5432/mlflow_auth"  # '%' must survive the ini
+    cfg = launcher.parse_args([
+        "--backend-store-uri", "sqlite:///x.db", "--artifacts-destination", str(tmp_path / "a"),
+        "--auth-database-uri", auth_uri, "--default-permission", "read",
+        "--state-dir", str(tmp_path / "state"),
+    ])  # fmt: skip
+    path = launcher.write_auth_config(cfg)
+    assert path.stat().st_mode & 0o777 == 0o600
+    config = configparser.ConfigParser()  # as MLflow reads it, with % interpolation
+    config.read(path)
+    assert config["mlflow"]["database_uri"] == auth_uri
+    assert config["mlflow"]["default_permission"] == "READ"
+    assert config["mlflow"]["admin_username"] == "admin"
+    key = launcher.secret_key(cfg.state_dir)
+    assert key == launcher.secret_key(cfg.state_dir)  # kept across restarts
+    assert (cfg.state_dir / "flask_secret_key").stat().st_mode & 0o777 == 0o600
+
+
+def test_an_unreachable_database_fails_in_one_line_without_its_password():
+    uri = f"postgresql://mlflow:hunter2-secret@127.0.0.1:{free_port()}/mlflow"
+    with pytest.raises(PipelineError) as error:
+        launcher.check_database(uri, "--backend-store-uri")
+    message = str(error.value)
+    assert (
+        message.startswith("--backend-store-uri postgresql://mlflow:***@127.0.0.1:")
+        and "Connection refused" in message
+    )
+    assert "hunter2" not in message and "\n" not in message
+
+
+# --- PostgreSQL and the server, for real -----------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def postgres_bin() -> Path | None:
+    """The folder of initdb and pg_ctl: from PATH, else Debian's /usr/lib/postgresql/<v>/bin."""
+    on_path = shutil.which("initdb")
+    if on_path and (Path(on_path).resolve().parent / "pg_ctl").exists():
+        return Path(on_path).resolve().parent
+    found = sorted(
+        Path("/usr/lib/postgresql").glob("*/bin/initdb"),
+        key=lambda initdb: int(initdb.parts[-3]) if initdb.parts[-3].isdigit() else 0,
+    )
+    return found[-1].parent if found else None
+
+
+class Postgres:
+    """A throwaway PostgreSQL cluster on 127.0.0.1, owned by an unprivileged user."""
+
+    def __init__(self, bin_dir: Path) -> None:
+        self.bin_dir = bin_dir
+        self.port = free_port()
+        self.user, self.password = "mlflow", secrets.token_hex(8)
+        # Not under pytest's tmp_path: as root that is a 0700 folder `nobody` cannot enter.
+        self.folder = Path(tempfile.mkdtemp(prefix="mlflow-postgres-"))
+        self.data = self.folder / "data"
+        self.run_as: dict = {}
+        if os.geteuid() == 0:  # postgres refuses root: run it as nobody, with no extra groups
+            nobody = pwd.getpwnam("nobody")
+            os.chown(self.folder, nobody.pw_uid, nobody.pw_gid)
+            self.run_as = {"user": nobody.pw_uid, "group": nobody.pw_gid, "extra_groups": []}
+
+    def uri(self, database: str) -> str:
+        return f"postgresql://{self.user}:{self.password}@127.0.0.1:{self.port}/{database}"
+
+    def _run(self, *args: str) -> None:
+        result = subprocess.run(
+            [str(self.bin_dir / args[0]), *args[1:]],
+            cwd=self.folder, capture_output=True, text=True, timeout=120, **self.run_as,
+        )  # fmt: skip
+        assert result.returncode == 0, f"{args[0]}: {result.stdout}{result.stderr}"
+
+    def start(self) -> Postgres:
+        password_file = self.folder / "password"
+        password_file.write_text(self.password + "\n")
+        if self.run_as:
+            os.chown(password_file, self.run_as["user"], self.run_as["group"])
+        self._run(
+            "initdb", "-D", str(self.data), "-U", self.user, f"--pwfile={password_file}",
+            "--auth-local=trust", "--auth-host=scram-sha-256", "-E", "UTF8", "--no-locale",
+            "--no-sync",
+        )  # fmt: skip
+        password_file.unlink()
+        # Loopback only, its unix socket in its own folder, no fsync: a test database.
+        options = f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.folder} -c fsync=off"
+        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.folder / "log"), "-w",
+                  "-t", "60", "-o", options, "start")  # fmt: skip
+        return self
+
+    def create_database(self, name: str) -> None:
+        import psycopg
+
+        with psycopg.connect(self.uri("postgres"), autocommit=True) as connection:
+            connection.execute(f'CREATE DATABASE "{name}"')
+
+    def stop(self) -> None:
+        with contextlib.suppress(AssertionError, subprocess.TimeoutExpired):
+            self._run("pg_ctl", "-D", str(self.data), "-m", "immediate", "stop")
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def postgres():
+    bin_dir = postgres_bin()
+    if bin_dir is None:
+        pytest.skip(
+            "PostgreSQL server binaries (initdb, pg_ctl) not found on PATH or under "
+            "/usr/lib/postgresql/*/bin; install them: apt-get install postgresql"
+        )
+    cluster = Postgres(bin_dir).start()
+    try:
+        for database in ("mlflow", "mlflow_auth"):
+            cluster.create_database(database)
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@contextlib.contextmanager
+def login(user: str, password: str):
+    """MLflow clients in this process send this login (they read it from the environment)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_USERNAME", user)
+        patch.setenv("MLFLOW_TRACKING_PASSWORD", password)
+        yield
+
+
+class TrackingServer:
+    def __init__(self, url: str, artifacts: Path, log: Path) -> None:
+        self.url, self.artifacts, self.log = url, artifacts, log
+
+    def client(self):
+        from mlflow import MlflowClient
+
+        return MlflowClient(tracking_uri=self.url, registry_uri=self.url)
+
+    def env(self, user: str | None = None, password: str | None = None) -> dict:
+        """The stages' environment: this server, and exactly this login (or none)."""
+        env = stage_env({"MLFLOW_TRACKING_URI": self.url})
+        for name in MLFLOW_LOGIN:
+            env.pop(name, None)
+        if user is not None:
+            env.update(MLFLOW_TRACKING_USERNAME=user, MLFLOW_TRACKING_PASSWORD=password)
+        return env
+
+
+@pytest.fixture(scope="module")
+def server(postgres, tmp_path_factory):
+    """`python -m pipeline.server` as the README starts it; users alice and bob created by admin."""
+    folder = tmp_path_factory.mktemp("tracking-server")
+    port = free_port()
+    command = [
+        sys.executable, "-m", "pipeline.server",
+        "--backend-store-uri", postgres.uri("mlflow"),
+        "--auth-database-uri", postgres.uri("mlflow_auth"),
+        "--artifacts-destination", str(folder / "artifacts"),
+        "--host", "127.0.0.1", "--port", str(port), "--workers", "2",
+        "--state-dir", str(folder / "state"),
+    ]  # fmt: skip
+    env = {**os.environ, "MLFLOW_AUTH_ADMIN_PASSWORD": ADMIN_PASSWORD}
+    log = folder / "server.log"
+    with open(log, "w") as output:
+        # Its own process group: the workers it spawns are stopped with it.
+        process = subprocess.Popen(
+            command, cwd=ROOT, env=env, stdout=output, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180  # seconds; workers import MLflow on a busy 2-core box
+        while not _healthy(url):
+            if process.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"the tracking server did not start:\n{log.read_text()[-4000:]}")
+            time.sleep(0.5)
+        from mlflow.server import get_app_client
+
+        with login(ADMIN, ADMIN_PASSWORD):
+            users = get_app_client("basic-auth", tracking_uri=url)
+            for user, password in USERS.items():
+                users.create_user(user, password)
+        yield TrackingServer(url, folder / "artifacts", log)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
+            return response.status == 200
+    except (OSError, urllib.error.URLError):
+        return False
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    archive = tmp_path_factory.mktemp("served") / "cifar-10-python.tar.gz"
+    md5 = write_archive(archive, train_per_class=40, test_per_class=10)
+    with PayloadServer(archive.read_bytes(), "/cifar-10-python.tar.gz") as payload:
+        payload.md5 = md5
+        yield payload
+
+
+@pytest.fixture(scope="module")
+def repo(served, tmp_path_factory):
+    """A repository copy with the data prepared (download and prepare do not use MLflow)."""
+    path = make_repo(
+        tmp_path_factory.mktemp("team") / "repo",
+        {**TINY, "data.url": served.url, "data.md5": served.md5},
+    )
+    dvc(path, "repro", "prepare")
+    return path
+
+
+def train(repo: Path, env: dict, check: bool = True):
+    return run([sys.executable, "-m", "pipeline.train"], repo, env, check=check)
+
+
+@pytest.mark.slow
+def test_server_refuses_a_client_without_a_valid_login_and_it_logs_nothing(server, repo):
+    search = f"{server.url}/api/2.0/mlflow/experiments/search?max_results=10"
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(search, timeout=30)
+    assert refused.value.code == 401
+
+    anonymous = train(repo, server.env(), check=False)
+    assert anonymous.returncode == 1
+    assert anonymous.stderr.strip().splitlines()[-1] == (
+        f"error: MLflow tracking store {server.url} is not usable: login refused (HTTP 401), "
+        "no credentials were sent. The server needs a login: set MLFLOW_TRACKING_USERNAME and "
+        "MLFLOW_TRACKING_PASSWORD"
+    )
+    wrong = train(repo, server.env("alice", "not-alices-password"), check=False)
+    assert wrong.returncode == 1
+    assert wrong.stderr.strip().splitlines()[-1] == (
+        f"error: MLflow tracking store {server.url} is not usable: login refused (HTTP 401) for "
+        "user 'alice': wrong user name or password. Check MLFLOW_TRACKING_USERNAME and "
+        "MLFLOW_TRACKING_PASSWORD (the server's admin creates users and resets passwords)"
+    )
+    for result in (anonymous, wrong):  # refused before any training
+        assert "train: epoch" not in result.stdout
+    assert not (repo / "models" / "model.keras").exists()
+
+    with login(ADMIN, ADMIN_PASSWORD):
+        client = server.client()
+        assert [e.name for e in client.search_experiments()] == ["Default"]
+        assert client.search_runs(["0"]) == []
+        assert client.search_registered_models() == []
+    assert not (repo / "mlflow.db").exists()  # and nothing fell back to the local store
+
+
+@pytest.mark.slow
+def test_pipeline_logs_everything_to_the_server(server, repo, tmp_path):
+    result = dvc(repo, "repro", env=server.env("alice", USERS["alice"]))
+    assert "Running stage 'train'" in result.stdout
+    assert "Running stage 'evaluate'" in result.stdout
+    assert "is the first champion" in result.stdout
+    assert not (repo / "mlflow.db").exists() and not (repo / "mlartifacts").exists()
+
+    import mlflow
+
+    info = json.loads((repo / "models/model_info.json").read_text())
+    test = json.loads((repo / "metrics/test.json").read_text())
+    with login("alice", USERS["alice"]):
+        client = server.client()
+        experiment = client.get_experiment_by_name("cifar10-resnet")
+        assert experiment.artifact_location.startswith("mlflow-artifacts:/")  # proxied
+        logged = client.get_run(info["run_id"])
+        assert logged.info.status == "FINISHED"
+        assert logged.info.experiment_id == experiment.experiment_id
+        assert logged.data.params["train.batch_size"] == "32"
+        assert logged.data.params["model.filters"] == "[8, 16]"
+        for metric in ("loss", "accuracy", "val_loss", "val_accuracy", "learning_rate"):
+            history = client.get_metric_history(info["run_id"], metric)
+            assert sorted(m.step for m in history) == [1, 2], metric
+        assert logged.data.metrics["test_accuracy"] == pytest.approx(test["accuracy"])
+        assert logged.data.metrics["test_f1_macro"] == pytest.approx(test["f1_macro"])
+        evaluation = {a.path for a in client.list_artifacts(info["run_id"], "evaluation-1")}
+        assert {
+            "evaluation-1/test.json", "evaluation-1/confusion.csv",
+            "evaluation-1/per_class_accuracy.png", "evaluation-1/confusion_matrix.png",
+            "evaluation-1/misclassified.png", "evaluation-1/params.json",
+        } <= evaluation  # fmt: skip
+
+        model = client.get_logged_model(info["model_uri"].removeprefix("models:/"))
+        assert model.artifact_location.startswith("mlflow-artifacts:/")
+        mlmodel = mlflow.artifacts.download_artifacts(
+            f"{model.artifact_location}/MLmodel", dst_path=str(tmp_path), tracking_uri=server.url
+        )
+        assert "keras" in Path(mlmodel).read_text() and "signature" in Path(mlmodel).read_text()
+        champion = client.get_model_version_by_alias("cifar10-resnet", "champion")
+        assert str(champion.version) == "1" and champion.run_id == info["run_id"]
+
+    # The artifacts went through the server into its --artifacts-destination, byte for byte.
+    run_folder = server.artifacts / experiment.experiment_id / info["run_id"] / "artifacts"
+    stored = run_folder / "evaluation-1" / "test.json"
+    assert stored.read_bytes() == (repo / "metrics/test.json").read_bytes()
+    assert list(server.artifacts.glob(f"{experiment.experiment_id}/models/*/artifacts/MLmodel"))
+
+
+@pytest.mark.slow
+def test_two_trainings_at_once_lose_nothing(server, repo, served, tmp_path):
+    """alice and bob train at the same time into the one experiment; both runs are whole."""
+    epochs = 3
+    other = make_repo(
+        tmp_path / "bob",
+        {**TINY, "data.url": served.url, "data.md5": served.md5, "train.seed": 7},
+    )
+    dvc(other, "repro", "prepare")
+    set_params(repo, {"train.seed": 8})
+    for copy in (repo, other):
+        set_params(copy, {"train.epochs": epochs})
+    trainings = [
+        subprocess.Popen(
+            [sys.executable, "-m", "pipeline.train"],
+            cwd=copy,
+            env=server.env(user, USERS[user]),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )  # fmt: skip
+        for copy, user in ((repo, "alice"), (other, "bob"))
+    ]
+    outputs = [training.communicate(timeout=600)[0] for training in trainings]
+    assert [training.returncode for training in trainings] == [0, 0], outputs
+
+    with login(ADMIN, ADMIN_PASSWORD):
+        client = server.client()
+        run_ids = []
+        for copy, seed in ((repo, "8"), (other, "7")):
+            run_id = json.loads((copy / "models/model_info.json").read_text())["run_id"]
+            run_ids.append(run_id)
+            logged = client.get_run(run_id)
+            assert logged.info.status == "FINISHED"
+            assert logged.data.params["train.seed"] == seed
+            with open(copy / "metrics/history.csv") as file:
+                rows = list(csv.DictReader(file))
+            assert len(rows) == epochs
+            for metric in ("loss", "accuracy", "val_loss", "val_accuracy", "learning_rate"):
+                history = sorted(client.get_metric_history(run_id, metric), key=lambda m: m.step)
+                assert [m.step for m in history] == list(range(1, epochs + 1)), metric
+                expected = [float(row[metric]) for row in rows]  # history.csv keeps 6 digits
+                assert [m.value for m in history] == pytest.approx(expected, rel=1e-5), metric
+            assert client.list_artifacts(run_id, "train")  # history.csv and train.json
+        experiment = client.get_experiment_by_name("cifar10-resnet").experiment_id
+        assert len(client.search_runs([experiment])) == 3  # the pipeline's run and these two
+        assert len(set(run_ids)) == 2
