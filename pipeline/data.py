@@ -95,6 +95,7 @@ def make_dataset(
     seed: int = 0,
     first_epoch: int = 0,
     epochs: int = 1,
+    shard: tuple[int, int] = (1, 0),
 ) -> tf.data.Dataset:
     """Batches of (images (batch, H, W, 3) uint8, labels (batch,) int32).
 
@@ -102,6 +103,12 @@ def make_dataset(
     training=True: epochs `first_epoch` .. `epochs - 1` back to back, each
     in a fresh seeded order, full batches only, augmented if `augment` is set;
     feed it to `fit(..., initial_epoch=first_epoch, steps_per_epoch=...)`.
+
+    shard=(count, index): this input pipeline is one of `count` (one per
+    worker) that together make each global step. Every pipeline computes the
+    same epoch order and takes every count-th image of it, so the workers see
+    disjoint images and the same number of steps; `batch_size` is then this
+    pipeline's share of the global batch.
     """
     images = tf.constant(split.images)  # (N, H, W, 3) uint8, shared by all epochs
     labels = tf.constant(split.labels)
@@ -109,21 +116,24 @@ def make_dataset(
         dataset = tf.data.Dataset.from_tensor_slices((images, labels)).batch(batch_size)
         return dataset.prefetch(tf.data.AUTOTUNE)
 
+    shards, shard_index = shard
     count = len(split.labels)
+    per_epoch = steps_per_epoch(count, batch_size * shards) * batch_size * shards
     seed = np.int64(seed)
 
     def epoch_batches(epoch: tf.Tensor) -> tf.data.Dataset:
         order = tf.random.experimental.stateless_shuffle(
             tf.range(count), seed=tf.stack([seed, epoch])
         )
-        batches = tf.data.Dataset.from_tensor_slices(order).batch(batch_size, drop_remainder=True)
+        mine = order[:per_epoch][shard_index::shards]
+        batches = tf.data.Dataset.from_tensor_slices(mine).batch(batch_size, drop_remainder=True)
         return batches.enumerate().map(lambda step, index: (epoch, step, index))
 
     def load(epoch: tf.Tensor, step: tf.Tensor, index: tf.Tensor):
         batch_images = tf.gather(images, index)
         if augment is not None:
-            # A seed per (epoch, step): the same batch is augmented the same way on resume.
-            batch_seed = tf.stack([seed * 1_000_003 + epoch, step])
+            # A seed per (epoch, step, shard): the same batch is augmented the same way on resume.
+            batch_seed = tf.stack([(seed * 1_000_003 + epoch) * 64 + shard_index, step])
             batch_images = augment_batch(batch_images, augment, batch_seed)
         return batch_images, tf.gather(labels, index)
 

@@ -51,8 +51,11 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 class StateStore:
-    def __init__(self, directory: Path):
+    """The recovery state on disk; read-only (`writable=False`) on all but the chief worker."""
+
+    def __init__(self, directory: Path, writable: bool = True):
         self.directory = directory
+        self.writable = writable
 
     def load(self, expected_fingerprint: str) -> TrainState | None:
         """The saved state if it belongs to these params and data, else None (and discard it)."""
@@ -73,10 +76,14 @@ class StateStore:
 
     def start(self, state: TrainState) -> None:
         """Record the run before the first epoch, so even epoch 1's crash resumes its run."""
+        if not self.writable:
+            return
         self.directory.mkdir(parents=True, exist_ok=True)
         _write_atomic(self.directory / STATE_FILE, json.dumps(asdict(state), indent=1))
 
     def save(self, state: TrainState, model: keras.Model) -> None:
+        if not self.writable:
+            return
         self.directory.mkdir(parents=True, exist_ok=True)
         old = state.checkpoint
         # Keras insists on the .keras suffix; the epoch in the name keeps the old one intact.
@@ -90,4 +97,6 @@ class StateStore:
         return self.directory / state.checkpoint
 
     def clear(self) -> None:
+        if not self.writable:
+            return
         shutil.rmtree(self.directory, ignore_errors=True)

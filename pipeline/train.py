@@ -21,6 +21,7 @@ import numpy as np
 
 from pipeline import paths
 from pipeline.config import Params, ParamsError, TrainParams, flatten, load_params
+from pipeline.distributed import Cluster
 from pipeline.errors import PipelineError, cli
 from pipeline.prepare import Split, load_meta, load_split
 
@@ -84,31 +85,12 @@ def make_schedule(params: TrainParams, total_steps: int):
     )
 
 
-def check_single_worker() -> None:
-    """Refuse a multi-worker TF_CONFIG before any work, rather than fail mid-run.
-
-    Keras 3's `fit` does not run under tf.distribute.MultiWorkerMirroredStrategy
-    (keras-team/keras#20585, open; reproduced here with Keras 3.15 / TF 2.21:
-    a ValueError on PerReplica values in fit's first step, with any dataset).
-    """
-    raw = os.environ.get("TF_CONFIG")
-    if not raw:
-        return
-    try:
-        cluster = json.loads(raw).get("cluster", {})
-        workers = sum(len(cluster.get(kind, [])) for kind in ("chief", "worker"))
-    except (ValueError, AttributeError, TypeError):
-        raise PipelineError("TF_CONFIG is set but is not a JSON cluster description") from None
-    if workers > 1:
-        raise PipelineError(
-            f"TF_CONFIG describes {workers} workers, but multi-worker training is not "
-            "available: Keras 3's fit fails under MultiWorkerMirroredStrategy "
-            "(keras-team/keras#20585). Train on one machine (all its GPUs are used through "
-            "MirroredStrategy) and unset TF_CONFIG"
+def check_fits(params: TrainParams, train: Split, replicas: int = 1) -> None:
+    if params.batch_size % replicas:
+        raise ParamsError(
+            f"train.batch_size: must be a multiple of the {replicas} training replicas "
+            f"(it is the global batch, split evenly among them), got {params.batch_size}"
         )
-
-
-def check_fits(params: TrainParams, train: Split) -> None:
     if params.batch_size > len(train.labels):
         raise ParamsError(
             f"train.batch_size: must be at most the {len(train.labels)} training images, "
@@ -142,8 +124,34 @@ def _duration(seconds: float) -> str:
     return f"{seconds // 60}m{seconds % 60:02d}s"
 
 
-def make_callback(state, store, epochs: int, images_per_epoch: int, log_metrics):
-    """A Keras callback: per epoch, checkpoint, then log to MLflow, then print one line."""
+class EpochRecorder:
+    """At each epoch's end: checkpoint, then log to MLflow, then print one line.
+
+    The checkpoint comes first: a crash after it resumes past the epoch, and
+    the MLflow metrics it did not log yet are back-filled on resume.
+    """
+
+    def __init__(self, state, store, epochs: int, images_per_epoch: int, log_metrics):
+        self.state, self.store, self.epochs = state, store, epochs
+        self.images_per_epoch, self.log_metrics = images_per_epoch, log_metrics
+
+    def end_epoch(self, model, epoch: int, logs: dict, train_s: float, total_s: float) -> None:
+        state = self.state
+        row = {"epoch": epoch + 1, **{k: float(v) for k, v in logs.items()}}
+        row["learning_rate"] = float(np.asarray(model.optimizer.learning_rate))
+        row["images_per_second"] = self.images_per_epoch / train_s
+        state.history.append({k: row[k] for k in HISTORY_COLUMNS if k in row})
+        state.epochs_done = epoch + 1
+        state.wall_time_s += total_s
+        self.store.save(state, model)
+        self.log_metrics(state.history[-1])
+        remaining = self.epochs - state.epochs_done
+        print(epoch_line(row, self.epochs, remaining * state.wall_time_s / len(state.history)))
+        sys.stdout.flush()
+
+
+def keras_callback(recorder: EpochRecorder):
+    """Times each epoch of `fit` (training part apart from validation) for the recorder."""
     import keras
 
     class EpochEnd(keras.callbacks.Callback):
@@ -155,19 +163,8 @@ def make_callback(state, store, epochs: int, images_per_epoch: int, log_metrics)
             self.train_s = time.perf_counter() - self.started
 
         def on_epoch_end(self, epoch, logs=None):
-            train_s = self.train_s or (time.perf_counter() - self.started)
-            learning_rate = self.model.optimizer.learning_rate
-            row = {"epoch": epoch + 1, **{k: float(v) for k, v in logs.items()}}
-            row["learning_rate"] = float(np.asarray(learning_rate))
-            row["images_per_second"] = images_per_epoch / train_s
-            state.history.append({k: row[k] for k in HISTORY_COLUMNS if k in row})
-            state.epochs_done = epoch + 1
-            state.wall_time_s += time.perf_counter() - self.started
-            store.save(state, self.model)  # first: a crash after this resumes past the epoch
-            log_metrics(state.history[-1])
-            remaining = epochs - state.epochs_done
-            print(epoch_line(row, epochs, remaining * state.wall_time_s / len(state.history)))
-            sys.stdout.flush()
+            total_s = time.perf_counter() - self.started
+            recorder.end_epoch(self.model, epoch, logs, self.train_s or total_s, total_s)
 
     return EpochEnd()
 
@@ -221,101 +218,129 @@ def main(argv: list[str] | None = None) -> None:
     meta = load_meta(paths.PREPARED_DIR)
     train, val = load_split(paths.PREPARED_DIR, "train"), load_split(paths.PREPARED_DIR, "val")
     check_fits(params.train, train)
-    check_single_worker()
+    cluster = Cluster.from_environment()
+    if cluster.chief:  # the only process that talks to MLflow; an unreachable store fails now
+        from pipeline import tracking
 
-    from pipeline import tracking
-
-    root = tracking.repository_root()
-    tracking.connect(root)  # before any training: an unreachable server fails now
-    run_training(params, meta, train, val, root)
+        tracking.connect(tracking.repository_root())
+    run_training(params, meta, train, val, cluster)
 
 
-def run_training(params: Params, meta: dict, train: Split, val: Split, root: Path) -> None:
+def compiled_model(params: Params, meta: dict, state, store, steps: int, device: Device):
+    """The network and its optimizer: fresh, or restored from the recovery checkpoint."""
     import keras
-    import mlflow
+
+    cfg = params.train
+    if state.checkpoint:
+        model = keras.models.load_model(store.checkpoint_path(state))
+        optimizer = model.optimizer  # restored with its state: moments and step count
+    else:
+        model = build_network(params, meta)
+        optimizer = keras.optimizers.Adam(make_schedule(cfg, steps * cfg.epochs))
+    model.compile(
+        optimizer=optimizer,
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+        jit_compile=device.jit_compile,
+    )
+    if not optimizer.built:  # the explicit multi-worker loop needs its slots up front
+        optimizer.build(model.trainable_variables)
+    return model
+
+
+def build_network(params: Params, meta: dict):
+    from pipeline.model import build_model
+
+    return build_model(
+        params.model, num_classes=len(meta["class_names"]), image_size=meta["image_size"],
+        mean=meta["mean"], std=meta["std"],
+    )  # fmt: skip
+
+
+def run_training(
+    params: Params, meta: dict, train: Split, val: Split, cluster: Cluster | None = None
+) -> None:
+    import keras
     import tensorflow as tf
 
     from pipeline import tracking
     from pipeline.data import make_dataset, steps_per_epoch
-    from pipeline.model import build_model
+    from pipeline.distributed import fit_workers, make_strategy
     from pipeline.resume import StateStore, TrainState, fingerprint
 
-    cfg = params.train
-    keras.config.disable_interactive_logging()  # our one line per epoch replaces the bars
+    cfg, cluster = params.train, cluster or Cluster()
     device = resolve_device(cfg)
+    strategy = make_strategy(device.count if device.kind == "GPU" else 1, cluster)
+    check_fits(cfg, train, strategy.num_replicas_in_sync)
+    keras.config.disable_interactive_logging()  # our one line per epoch replaces the bars
     keras.utils.set_random_seed(cfg.seed)  # weight init and dropout
     if cfg.deterministic:
         tf.config.experimental.enable_op_determinism()
     keras.mixed_precision.set_global_policy(device.precision)
-    strategy = (
-        tf.distribute.MirroredStrategy() if device.count > 1 else tf.distribute.get_strategy()
-    )
 
     steps = steps_per_epoch(len(train.labels), cfg.batch_size)
-    store = StateStore(paths.TRAIN_STATE_DIR)
-    expected = fingerprint(flatten(params), meta, device.precision)
+    # Only the chief writes the recovery state; the other workers read it to resume too.
+    store = StateStore(paths.TRAIN_STATE_DIR, writable=cluster.chief)
+    expected = fingerprint(flatten(params), meta, device.precision, cluster.workers)
     state = store.load(expected) or TrainState(fingerprint=expected)
-
     with strategy.scope():
-        if state.checkpoint:
-            model = keras.models.load_model(store.checkpoint_path(state))
-        else:
-            model = build_model(
-                params.model,
-                num_classes=len(meta["class_names"]),
-                image_size=meta["image_size"],
-                mean=meta["mean"],
-                std=meta["std"],
-            )
-        optimizer = (
-            model.optimizer  # restored with its state: moments and step count
-            if state.checkpoint
-            else keras.optimizers.Adam(make_schedule(cfg, steps * cfg.epochs))
-        )
-        model.compile(
-            optimizer=optimizer,
-            loss="sparse_categorical_crossentropy",
-            metrics=["accuracy"],
-            jit_compile=device.jit_compile,
-        )
+        model = compiled_model(params, meta, state, store, steps, device)
 
-    run = tracking.start_run(state.run_id)
-    state.run_id = run.info.run_id
-    if state.epochs_done:
-        print(f"train: resuming after epoch {state.epochs_done} in MLflow run {state.run_id}")
-        tracking.backfill_metrics(state.run_id, state.history)
-    else:
-        store.start(state)
-        tracking.log_params({**flatten(params), "train.precision_resolved": device.precision})
-    tracking.set_tags(tracking.run_tags())
+    def log_epoch(row: dict) -> None:
+        if cluster.chief:
+            tracking.log_epoch(row, step=row["epoch"])
+
+    if cluster.chief:
+        state.run_id = tracking.start_run(state.run_id).info.run_id
+        if state.epochs_done:
+            print(f"train: resuming after epoch {state.epochs_done} in MLflow run {state.run_id}")
+            tracking.backfill_metrics(state.run_id, state.history)
+        else:
+            store.start(state)
+            tracking.log_params({**flatten(params), "train.precision_resolved": device.precision})
+        tracking.set_tags(tracking.run_tags())
+    where = f"{device.count} {device.kind}"
+    if cluster.workers > 1:
+        where = f"worker {cluster.index} of {cluster.workers} ({where} each)"
     print(
         f"train: {len(train.labels)} train / {len(val.labels)} val images, {steps} steps of "
-        f"{cfg.batch_size} per epoch on {device.count} {device.kind} ({device.precision}, "
-        f"XLA {'on' if device.jit_compile else 'off'}); MLflow run {state.run_id}",
+        f"{cfg.batch_size} per epoch on {where} ({device.precision}, XLA "
+        f"{'on' if device.jit_compile else 'off'})"
+        + (f"; MLflow run {state.run_id}" if cluster.chief else ""),
         flush=True,
     )
 
-    if state.epochs_done < cfg.epochs:
+    recorder = EpochRecorder(state, store, cfg.epochs, steps * cfg.batch_size, log_epoch)
+    if state.epochs_done < cfg.epochs and cluster.workers > 1:
+        fit_workers(
+            model, strategy, train, val, cfg, steps, state.epochs_done,
+            lambda *args: recorder.end_epoch(model, *args),
+        )  # fmt: skip
+    elif state.epochs_done < cfg.epochs:
         dataset = make_dataset(
             train, cfg.batch_size, training=True, augment=cfg.augment, seed=cfg.seed,
             first_epoch=state.epochs_done, epochs=cfg.epochs,
         )  # fmt: skip
         validation = make_dataset(val, cfg.batch_size) if len(val.labels) else None
-        callback = make_callback(
-            state, store, cfg.epochs, steps * cfg.batch_size,
-            lambda row: tracking.log_epoch(row, step=row["epoch"]),
-        )  # fmt: skip
         model.fit(
             dataset, epochs=cfg.epochs, initial_epoch=state.epochs_done, steps_per_epoch=steps,
-            validation_data=validation, callbacks=[callback], verbose=0, shuffle=False,
+            validation_data=validation, callbacks=[keras_callback(recorder)], verbose=0,
+            shuffle=False,
         )  # fmt: skip
+    if cluster.chief:
+        finish(params, meta, train, val, model, state, store, device)
+
+
+def finish(params: Params, meta: dict, train: Split, val: Split, model, state, store, device):
+    """Chief only: save the model and metrics, log them to MLflow, clear the recovery state."""
+    import keras
+    import mlflow
+
+    from pipeline import tracking
 
     # The saved model computes in float32 whatever the training policy: portable to any device.
     keras.mixed_precision.set_global_policy("float32")
-    export = build_model(
-        params.model, num_classes=len(meta["class_names"]), image_size=meta["image_size"],
-        mean=meta["mean"], std=meta["std"],
-    )  # fmt: skip
+    export = build_network(params, meta)
     export.set_weights(model.get_weights())
     save_model(export, paths.MODEL_FILE)
     summary = train_summary(state, train, val, device)

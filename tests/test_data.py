@@ -95,3 +95,15 @@ def test_evaluation_dataset_is_ordered_and_complete(count):
     data = split(count)
     labels = np.concatenate([y for _, y in make_dataset(data, 32).as_numpy_iterator()])
     np.testing.assert_array_equal(labels, np.arange(count))
+
+
+def test_shards_split_each_epoch_into_disjoint_equal_parts():
+    data = split(100)
+    whole = labels_per_epoch(make_dataset(data, 20, training=True, seed=5), 5)[0]
+    parts = [
+        np.concatenate([y for _, y in make_dataset(data, 10, training=True, seed=5, shard=(2, i))])
+        for i in range(2)
+    ]
+    assert len(parts[0]) == len(parts[1]) == 50  # the same number of steps on both workers
+    assert not set(parts[0]) & set(parts[1])
+    assert sorted(np.concatenate(parts)) == sorted(whole)  # together: one global epoch

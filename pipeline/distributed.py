@@ -1,0 +1,161 @@
+"""Training on several machines: TF_CONFIG, the strategy, and a training loop that works there.
+
+When TF_CONFIG describes a cluster, training runs under
+tf.distribute.MultiWorkerMirroredStrategy: `train.batch_size` stays the global
+batch, each worker reads its own shard of every epoch (see
+`pipeline.data.make_dataset(shard=...)`), gradients are all-reduced, and only
+the chief (task `chief`, else worker 0) writes outputs, logs to MLflow and
+saves the model. Several local GPUs without TF_CONFIG use MirroredStrategy and
+Keras's `fit`.
+
+Keras 3's `fit` does not run under MultiWorkerMirroredStrategy
+(keras-team/keras#20585, open; reproduced here with Keras 3.15 / TF 2.21: a
+ValueError on PerReplica values in fit's first step), so multi-worker
+training uses the explicit loop below: `strategy.run` of one step per batch,
+sums reduced across workers. A worker that dies makes the others' collectives
+fail after COLLECTIVE_TIMEOUT_S instead of hanging.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+
+from pipeline.errors import PipelineError
+
+COLLECTIVE_TIMEOUT_S = 120  # a step waiting longer than this on a peer fails the run
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """Where this process stands among the training workers."""
+
+    workers: int = 1
+    index: int = 0  # this worker's position, 0 .. workers - 1
+    chief: bool = True  # the one process that writes outputs and talks to MLflow
+
+    @classmethod
+    def from_environment(cls) -> Cluster:
+        """From TF_CONFIG: {"cluster": {"worker": ["host:port", ...]}, "task": {...}}."""
+        raw = os.environ.get("TF_CONFIG")
+        if not raw:
+            return cls()
+        try:
+            config = json.loads(raw)
+            cluster, task = config["cluster"], config["task"]
+            chiefs, workers = cluster.get("chief", []), cluster.get("worker", [])
+            kind, index = task["type"], int(task["index"])
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
+            raise PipelineError(
+                f"TF_CONFIG is not a cluster description ({error}); expected e.g. "
+                '{"cluster": {"worker": ["host1:port", "host2:port"]}, '
+                '"task": {"type": "worker", "index": 0}}'
+            ) from None
+        if kind not in ("chief", "worker"):
+            raise PipelineError(f"TF_CONFIG task type must be chief or worker, got {kind!r}")
+        position = index + (len(chiefs) if kind == "worker" else 0)
+        chief = kind == "chief" or (not chiefs and index == 0)
+        return cls(len(chiefs) + len(workers), position, chief)
+
+
+def make_strategy(gpus: int, cluster: Cluster):
+    """The tf.distribute strategy; create it before any other TensorFlow op runs."""
+    import tensorflow as tf
+
+    if cluster.workers > 1:
+        options = tf.distribute.experimental.CommunicationOptions(
+            timeout_seconds=COLLECTIVE_TIMEOUT_S
+        )
+        return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+    if gpus > 1:
+        return tf.distribute.MirroredStrategy()
+    return tf.distribute.get_strategy()
+
+
+def check_same_start(strategy, epochs_done: int) -> None:
+    """All workers must resume from the same epoch, i.e. read the same recovery state."""
+    import tensorflow as tf
+
+    def values():
+        value = tf.constant(float(epochs_done))
+        return tf.stack([value, value * value, 1.0])
+
+    total, squares, count = strategy.reduce("SUM", strategy.run(values), axis=None).numpy()
+    if squares * count != total * total:  # not all equal
+        raise PipelineError(
+            "the workers found different recovery states in .train-state; keep it on "
+            "storage all workers share, or delete it on every worker to start over"
+        )
+
+
+def fit_workers(model, strategy, train, val, cfg, steps: int, first_epoch: int, end_epoch):
+    """Train epochs first_epoch .. cfg.epochs - 1 across the workers.
+
+    `end_epoch(epoch, logs, train_s, total_s)` is called on every worker after
+    each epoch with the global loss and accuracy (and validation figures).
+    """
+    import keras
+    import tensorflow as tf
+
+    from pipeline.data import make_dataset
+
+    batch = cfg.batch_size
+    optimizer = model.optimizer
+
+    def shard(context: tf.distribute.InputContext) -> tf.data.Dataset:
+        return make_dataset(
+            train, context.get_per_replica_batch_size(batch), training=True,
+            augment=cfg.augment, seed=cfg.seed, first_epoch=first_epoch, epochs=cfg.epochs,
+            shard=(context.num_input_pipelines, context.input_pipeline_id),
+        )  # fmt: skip
+
+    batches = iter(strategy.distribute_datasets_from_function(shard))
+
+    @tf.function
+    def train_step(iterator):
+        def step(images, labels):
+            with tf.GradientTape() as tape:
+                probabilities = model(images, training=True)
+                losses = keras.losses.sparse_categorical_crossentropy(labels, probabilities)
+                loss = tf.nn.compute_average_loss(losses, global_batch_size=batch)
+                scaled = optimizer.scale_loss(loss)  # loss scaling under mixed_float16
+            gradients = tape.gradient(scaled, model.trainable_variables)
+            optimizer.apply_gradients(zip(gradients, model.trainable_variables, strict=True))
+            predicted = tf.argmax(probabilities, axis=1, output_type=labels.dtype)
+            right = tf.reduce_sum(tf.cast(predicted == labels, tf.float32))
+            return tf.stack([tf.reduce_sum(tf.cast(losses, tf.float32)), right])
+
+        return strategy.reduce("SUM", strategy.run(step, args=next(iterator)), axis=None)
+
+    validation = make_dataset(val, batch) if len(val.labels) else None
+
+    @tf.function
+    def validation_step(images, labels):
+        probabilities = model(images, training=False)
+        losses = keras.losses.sparse_categorical_crossentropy(labels, probabilities)
+        predicted = tf.argmax(probabilities, axis=1, output_type=labels.dtype)
+        right = tf.reduce_sum(tf.cast(predicted == labels, tf.float32))
+        return tf.stack([tf.reduce_sum(tf.cast(losses, tf.float32)), right])
+
+    check_same_start(strategy, first_epoch)
+    for epoch in range(first_epoch, cfg.epochs):
+        started = time.perf_counter()
+        try:
+            totals = sum(train_step(batches).numpy() for _ in range(steps))
+        except (tf.errors.UnavailableError, tf.errors.DeadlineExceededError,
+                tf.errors.CancelledError, tf.errors.InternalError) as error:  # fmt: skip
+            raise PipelineError(
+                "a training worker stopped or became unreachable "
+                f"({type(error).__name__}: {str(error).splitlines()[0][:160]}); restart all "
+                "workers with `dvc repro`: training resumes from the last completed epoch"
+            ) from None
+        train_s = time.perf_counter() - started
+        logs = {"loss": totals[0] / (steps * batch), "accuracy": totals[1] / (steps * batch)}
+        if validation is not None:
+            # Each worker scores the whole validation split with the same weights: no
+            # collectives, so a slow validation never holds a peer's step.
+            sums = sum(validation_step(x, y).numpy() for x, y in validation)
+            logs.update(val_loss=sums[0] / len(val.labels), val_accuracy=sums[1] / len(val.labels))
+        end_epoch(epoch, logs, train_s, time.perf_counter() - started)
