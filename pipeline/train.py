@@ -45,11 +45,11 @@ def resolve_device(params: TrainParams) -> Device:
     """Pick the dtype policy and XLA from what is here; `auto` is what measured fastest.
 
     GPUs: bfloat16 where the chip has it (compute capability 8.0+: A100, H100),
-    float16 with loss scaling before that, and XLA. CPUs: float32 without XLA.
-    On a 2-core Xeon with AMX, batch 128, the default network trained at
-    94-105 img/s in float32, 75 in mixed_bfloat16 (oneDNN's bf16 convolutions
-    are ~2x faster, but the casts and element-wise ops around them cost more)
-    and 78 with XLA: so float32 is what auto picks on a CPU.
+    float16 with loss scaling before that, and XLA. CPUs: bfloat16 where the
+    CPU computes it natively (AMX or AVX512-BF16: oneDNN runs the convolutions
+    in bf16), else float32; no XLA. On a 2-core Xeon with AMX, batch 128,
+    interleaved runs of the default network gave 95-100 img/s in float32 and
+    133-137 in mixed_bfloat16 (BENCHMARKS.md); XLA was slower than oneDNN.
     """
     import tensorflow as tf
 
@@ -61,8 +61,18 @@ def resolve_device(params: TrainParams) -> Device:
             major = (details.get("compute_capability") or (0, 0))[0]
             precision = "mixed_bfloat16" if major >= 8 else "mixed_float16"
         return Device("GPU", len(gpus), precision, jit_compile=True)
-    precision = "float32" if params.precision == "auto" else params.precision
+    precision = params.precision
+    if precision == "auto":
+        precision = "mixed_bfloat16" if _cpu_has_bfloat16() else "float32"
     return Device("CPU", 1, precision, jit_compile=False)
+
+
+def _cpu_has_bfloat16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux: stay with float32
+        return False
+    return " amx_bf16" in flags or " avx512_bf16" in flags
 
 
 def make_schedule(params: TrainParams, total_steps: int):
