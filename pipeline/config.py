@@ -112,14 +112,18 @@ def url() -> Check:
     return check
 
 
-def md5() -> Check:
+def md5(allow_empty: bool = False) -> Check:
+    allowed = "an md5 checksum of 32 hex digits" + (' or ""' if allow_empty else "")
+
     def check(path: str, value: Any) -> str:
+        if allow_empty and value == "":
+            return value
         if (
             not isinstance(value, str)
             or len(value) != 32
             or any(c not in "0123456789abcdef" for c in value.lower())
         ):
-            raise _fail(path, "an md5 checksum of 32 hex digits", value)
+            raise _fail(path, allowed, value)
         return value.lower()
 
     return check
@@ -151,10 +155,41 @@ def _field(check: Check) -> Any:
 
 @dataclass(frozen=True)
 class DataParams:
+    format: str = _field(choice("cifar10-python", "imagefolder"))
     url: str = _field(url())
-    md5: str = _field(md5())
-    val_size: int = _field(integer(0, CIFAR10_TRAIN_IMAGES - 1))
+    md5: str = _field(md5(allow_empty=True))  # "": a local folder, which has no single md5
+    image_size: int = _field(integer(8, 1024))  # pixels per side
+    test_size: int = _field(integer(0))
+    val_size: int = _field(integer())  # its range depends on format: checked below
     seed: int = _field(integer(0, 2**32 - 1))
+    on_bad_image: str = _field(choice("fail", "skip"))
+
+    def __post_init__(self) -> None:
+        """Checks that depend on `format`, run once every field has passed its own."""
+        if self.format == "cifar10-python":
+            integer(0, CIFAR10_TRAIN_IMAGES - 1)("data.val_size", self.val_size)
+            if self.test_size != 0:
+                raise _fail(
+                    "data.test_size",
+                    "0 for data.format cifar10-python, whose archive has its "
+                    "own test batch (test_size splits one off an imagefolder without test/)",
+                    self.test_size,
+                )
+            if self.image_size != 32:
+                raise _fail(
+                    "data.image_size",
+                    "32 for data.format cifar10-python (its images are "
+                    "32x32; imagefolder resizes to any size)",
+                    self.image_size,
+                )
+        else:
+            # The real upper bound is the folder's image count: prepare checks it.
+            integer(0)("data.val_size", self.val_size)
+        if self.md5 == "" and not (self.format == "imagefolder" and self.url.startswith("file:")):
+            raise ParamsError(
+                'data.md5: may be "" only for a local folder (data.format imagefolder, '
+                "data.url file:///path/to/folder); give the md5 of the archive at data.url"
+            )
 
 
 @dataclass(frozen=True)

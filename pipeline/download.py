@@ -1,4 +1,4 @@
-"""Stage `download`: fetch the CIFAR-10 archive into data/raw, verified by md5.
+"""Stage `download`: fetch the dataset archive into data/raw, verified by md5 (or copy a folder).
 
     python -m pipeline.download      # reads data.url and data.md5 from params.yaml
 
@@ -8,6 +8,16 @@ always complete. Transient failures (reset, timeout, HTTP 5xx, short body) are
 retried with exponential backoff, resuming the `.part` with an HTTP Range
 request where the server allows it. A final file that already matches is reused
 without touching the network.
+
+A local folder (`file:///path/to/folder`, `data.md5: ""`) is copied into
+`data/raw/<folder>/` instead: every file but hidden ones, symbolic links
+followed. The copy is what prepare reads and what DVC hashes and caches, so
+dvc.lock pins the exact images a model was trained on, `dvc push` saves them
+and checking out an old experiment restores them. A dependency on the folder
+itself could do none of that, and a static dvc.yaml cannot even name it (the
+folder is a param). The price: DVC does not watch the folder. After changing
+it, `dvc repro --force download` copies it again; prepare and what follows
+re-run only if the copy's content changed.
 """
 
 from __future__ import annotations
@@ -18,6 +28,7 @@ import hashlib
 import http.client
 import os
 import re
+import shutil
 import sys
 import time
 import urllib.error
@@ -130,9 +141,24 @@ def fetch(
     # dvc.yaml keeps data/raw across runs (persist) so a .part can be resumed;
     # anything else in it is left over from an earlier data.url.
     for stale in dest_dir.iterdir():
-        if stale not in (final, part) and stale.is_file():
+        if stale not in (final, part):
             print(f"download: removing {stale}, left over from an earlier data.url", flush=True)
-            stale.unlink()
+            _remove(stale)
+    folder = _local_path(url) if url.startswith("file://") else None
+    if folder is not None and folder.is_dir():
+        if md5:
+            raise DownloadError(
+                f'{url} (data.url) is a folder, which has no single md5: set data.md5 to "" '
+                f"or point data.url at an archive of it: {FIX_HINT}"
+            )
+        return copy_folder(folder, final)
+    if not md5:
+        raise DownloadError(
+            f'data.md5 is "" but {url} (data.url) is a file, not a folder: set data.md5 to '
+            f"the file's md5 (md5sum prints it): {FIX_HINT}"
+        )
+    if final.is_dir():  # an earlier copy of a folder of the same name
+        _remove(final)
     progress = progress if progress is not None else Progress()
 
     if final.exists():
@@ -225,11 +251,17 @@ def _download_http(url: str, part: Path, name: str, progress: Progress, timeout_
     return hasher.hexdigest()
 
 
+def _local_path(url: str) -> Path | None:
+    """The path a file:// URL names on this machine; None if it names another host."""
+    split = urllib.parse.urlsplit(url)
+    local = split.netloc in ("", "localhost")
+    return Path(urllib.request.url2pathname(split.path)) if local else None
+
+
 def _copy_local(url: str, part: Path, name: str, progress: Progress) -> str:
     """Copy a file:// URL into `part` the same way, in chunks; return the md5."""
-    split = urllib.parse.urlsplit(url)
-    source = Path(urllib.request.url2pathname(split.path))
-    if split.netloc not in ("", "localhost") or not source.is_file():
+    source = _local_path(url)
+    if source is None or not source.is_file():
         raise DownloadError(
             f"{url} (data.url): no such file {source}. A local copy needs an absolute path with "
             f"three slashes, e.g. file:///path/to/{name}; fix data.url: {FIX_HINT}"
@@ -267,6 +299,51 @@ def _stream(
     finally:
         progress.finish()
     return done
+
+
+def copy_folder(source: Path, final: Path) -> Path:
+    """Copy the folder `source` to `final` (hidden entries left out) and return `final`.
+
+    Copied under `<name>.part` first and renamed, so a folder under the final
+    name is always a complete copy; a leftover `.part` is started over.
+    """
+    part = final.with_name(f"{final.name}.part")
+    hidden = 0
+
+    def skip_hidden(directory: str, names: list[str]) -> list[str]:
+        nonlocal hidden
+        skipped = [n for n in names if n.startswith(".")]  # .git, .DS_Store, ._x.jpg
+        hidden += len(skipped)
+        return skipped
+
+    _remove(part)
+    try:
+        shutil.copytree(source, part, ignore=skip_hidden)
+    except shutil.Error as error:  # one (source, target, reason) per file that failed
+        failed, _, reason = error.args[0][0]
+        raise DownloadError(
+            f"could not copy {failed} ({reason}) from the folder at data.url; "
+            "fix or remove it, then run `dvc repro download` again"
+        ) from None
+    _remove(final)
+    os.replace(part, final)
+    files = [p for p in final.rglob("*") if p.is_file()]
+    megabytes = sum(p.stat().st_size for p in files) / MB
+    print(
+        f"download: copied {len(files)} files ({megabytes:.1f} MB) from {source} to {final}"
+        + (f", leaving out {hidden} hidden" if hidden else "")
+        + "; DVC does not watch that folder: after changing it, run "
+        "`dvc repro --force download`, then `dvc repro`",
+        flush=True,
+    )
+    return final
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
 
 
 def _hash_file(path: Path, hasher: hashlib._Hash) -> hashlib._Hash:

@@ -1,6 +1,8 @@
-"""prepare: the downloaded CIFAR-10 archive -> train/val/test uint8 arrays + statistics.
+"""prepare: the downloaded dataset -> train/val/test uint8 arrays + statistics.
 
-Reads the canonical python layout (`cifar-10-batches-py/data_batch_1..5`,
+With `data.format: imagefolder` the dataset is a folder of class folders, read
+by `pipeline.imagefolder`. With `cifar10-python` (the default) this module reads
+the canonical python layout (`cifar-10-batches-py/data_batch_1..5`,
 `test_batch`, `batches.meta`) straight out of the .tar.gz, without extracting
 to disk and without trusting it:
 
@@ -12,10 +14,11 @@ to disk and without trusting it:
 - shapes, dtypes, label range and counts are validated.
 
 Writes to data/prepared/: `train.npz`, `val.npz`, `test.npz` (`images`
-(N, 32, 32, 3) uint8, `labels` (N,) int32) and `meta.json` (class names,
-split sizes, per-channel mean and std of the training split only, in 0-255
-pixel units). The validation split is stratified by class and seeded; the
-test split is copied through untouched and used for nothing but evaluation.
+(N, S, S, 3) uint8, S = 32 for CIFAR-10, `labels` (N,) int32) and `meta.json`
+(class names, image size S, split sizes, per-channel mean and std of the
+training split only, in 0-255 pixel units). The validation split is stratified
+by class and seeded; the test split is copied through untouched and used for
+nothing but evaluation.
 """
 
 from __future__ import annotations
@@ -42,7 +45,6 @@ BATCH_DIR = "cifar-10-batches-py"
 TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 TEST_BATCH = "test_batch"
 META_BATCH = "batches.meta"
-IMAGE_SHAPE = (32, 32, 3)
 PIXELS = 32 * 32 * 3  # values per flattened CIFAR row (channels first)
 
 
@@ -52,7 +54,7 @@ class ArchiveError(PipelineError):
 
 @dataclass(frozen=True)
 class Split:
-    images: np.ndarray  # (N, 32, 32, 3) uint8
+    images: np.ndarray  # (N, S, S, 3) uint8
     labels: np.ndarray  # (N,) int32
 
 
@@ -217,14 +219,18 @@ def stratified_split(labels: np.ndarray, val_size: int, seed: int) -> tuple[np.n
     return train_idx, val_idx
 
 
-def channel_stats(images: np.ndarray, chunk: int = 4096) -> tuple[list[float], list[float]]:
+def channel_stats(
+    images: np.ndarray, chunk_values: int = 1 << 22
+) -> tuple[list[float], list[float]]:
     """Per-channel mean and std (population) of uint8 images, in 0-255 units.
 
     Accumulates float64 sums chunk by chunk so memory stays at one chunk's
-    float copy rather than the whole split's (45,000 images would be 1.1 GB).
+    float copy (`chunk_values` values, 32 MB) rather than the whole split's
+    (45,000 32x32 images would be 1.1 GB), whatever the image size.
     """
     total = np.zeros(images.shape[-1])
     squares = np.zeros(images.shape[-1])
+    chunk = max(1, chunk_values // int(np.prod(images.shape[1:])))  # images per chunk
     for start in range(0, len(images), chunk):
         block = images[start : start + chunk].reshape(-1, images.shape[-1]).astype(np.float64)
         total += block.sum(axis=0)
@@ -246,7 +252,7 @@ def prepare(dataset: Dataset, val_size: int, seed: int) -> tuple[dict[str, Split
     mean, std = channel_stats(splits["train"].images)
     meta = {
         "class_names": list(dataset.class_names),
-        "image_size": IMAGE_SHAPE[0],
+        "image_size": int(dataset.train.images.shape[1]),
         "sizes": {name: len(split.labels) for name, split in splits.items()},
         "mean": mean,  # per channel (R, G, B), 0-255 pixel units, training split only
         "std": std,
@@ -257,12 +263,13 @@ def prepare(dataset: Dataset, val_size: int, seed: int) -> tuple[dict[str, Split
 # --- files ---------------------------------------------------------------------------------------
 
 
-def find_archive(raw_dir: Path) -> Path:
-    candidates = sorted(p for p in raw_dir.glob("*") if p.is_file() and p.suffix != ".part")
+def find_download(raw_dir: Path) -> Path:
+    """The one archive (or copied folder) the download stage left in `raw_dir`."""
+    candidates = sorted(p for p in raw_dir.glob("*") if p.suffix != ".part")
     if len(candidates) != 1:
         found = ", ".join(p.name for p in candidates) or "nothing"
         raise PipelineError(
-            f"{raw_dir}: expected exactly one downloaded archive, found {found}; "
+            f"{raw_dir}: expected exactly one downloaded archive or folder, found {found}; "
             "run `dvc repro download` first"
         )
     return candidates[0]
@@ -312,9 +319,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.parse_args(argv)
     params = load_params(paths.PARAMS).data
     start = time.perf_counter()
-    archive = find_archive(paths.RAW_DIR)
-    print(f"prepare: reading {archive}", flush=True)
-    splits, meta = prepare(read_cifar10(archive), params.val_size, params.seed)
+    source = find_download(paths.RAW_DIR)
+    print(f"prepare: reading {source} ({params.format})", flush=True)
+    if params.format == "imagefolder":
+        from pipeline.imagefolder import read_imagefolder  # it imports this module's types
+
+        dataset = read_imagefolder(source, params)
+    else:
+        dataset = read_cifar10(source)
+    splits, meta = prepare(dataset, params.val_size, params.seed)
     write_prepared(paths.PREPARED_DIR, splits, meta)
     sizes = ", ".join(f"{n} {name}" for name, n in meta["sizes"].items())
     mean = ", ".join(f"{v:.2f}" for v in meta["mean"])

@@ -15,6 +15,7 @@ from tests.conftest import ROOT
 
 def test_shipped_params_are_valid_and_typed(raw_params):
     params = parse_params(raw_params)
+    assert params.data.format == "cifar10-python" and params.data.image_size == 32
     assert params.data.val_size == 5000
     assert params.data.md5 == "c58f30108f718f92721af3b95e74349a"
     assert params.model.filters == (32, 64, 128, 256)
@@ -41,16 +42,12 @@ def with_value(raw: dict, dotted: str, value) -> dict:
             50000,
             "data.val_size: must be an integer between 0 and 49999, got 50000",
         ),
-        (
-            "data.val_size",
-            "5000",
-            "data.val_size: must be an integer between 0 and 49999, got '5000'",
-        ),
-        (
-            "data.val_size",
-            5000.0,
-            "data.val_size: must be an integer between 0 and 49999, got 5000.0",
-        ),
+        ("data.val_size", "5000", "data.val_size: must be an integer, got '5000'"),
+        ("data.val_size", 5000.0, "data.val_size: must be an integer, got 5000.0"),
+        ("data.format", "folder", "data.format: must be one of cifar10-python, imagefolder"),
+        ("data.image_size", 4, "data.image_size: must be an integer between 8 and 1024, got 4"),
+        ("data.test_size", -1, "data.test_size: must be an integer >= 0, got -1"),
+        ("data.on_bad_image", "warn", "data.on_bad_image: must be one of fail, skip, got 'warn'"),
         ("train.epochs", -3, "train.epochs: must be a positive integer, got -3"),
         ("train.epochs", True, "train.epochs: must be a positive integer, got True"),
         ("train.learning_rate", 0, "train.learning_rate: must be a number in (0, 10], got 0"),
@@ -63,7 +60,7 @@ def with_value(raw: dict, dotted: str, value) -> dict:
         ("model.filters", [32, 0], "model.filters: must be a list of at least 1 integers"),
         ("model.dropout", 1.0, "model.dropout: must be a number in [0, 1), got 1.0"),
         ("data.url", "ftp://x/y.tar.gz", "data.url: must be a URL starting with https://"),
-        ("data.md5", "abc", "data.md5: must be an md5 checksum of 32 hex digits, got 'abc'"),
+        ("data.md5", "abc", 'data.md5: must be an md5 checksum of 32 hex digits or "", got'),
         ("train.augment", 3, "train.augment: must be a mapping of keys to values, got 3"),
     ],
 )
@@ -71,6 +68,46 @@ def test_bad_value_names_key_value_and_allowed(raw_params, key, value, message):
     with pytest.raises(ParamsError) as error:
         parse_params(with_value(raw_params, key, value))
     assert str(error.value).startswith(message)
+
+
+IMAGEFOLDER = {"data.format": "imagefolder", "data.url": "file:///data/pets", "data.md5": ""}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            {"data.test_size": 1000},
+            "data.test_size: must be 0 for data.format cifar10-python, whose archive has its own "
+            "test batch",
+        ),
+        (
+            {"data.image_size": 64},
+            "data.image_size: must be 32 for data.format cifar10-python (its images are 32x32",
+        ),
+        ({"data.md5": ""}, 'data.md5: may be "" only for a local folder (data.format imagefolder'),
+        ({**IMAGEFOLDER, "data.url": "https://x/pets.zip"}, 'data.md5: may be "" only for a'),
+        ({**IMAGEFOLDER, "data.val_size": -1}, "data.val_size: must be an integer >= 0, got -1"),
+    ],
+)
+def test_checks_that_depend_on_the_format(raw_params, overrides, message):
+    for key, value in overrides.items():
+        raw_params = with_value(raw_params, key, value)
+    with pytest.raises(ParamsError) as error:
+        parse_params(raw_params)
+    assert str(error.value).startswith(message)
+
+
+def test_imagefolder_takes_any_size_and_leaves_the_val_size_bound_to_prepare(raw_params):
+    for key, value in {**IMAGEFOLDER, "data.val_size": 80_000, "data.image_size": 96}.items():
+        raw_params = with_value(raw_params, key, value)
+    data = parse_params(raw_params).data
+    assert (data.format, data.md5, data.val_size, data.image_size) == (
+        "imagefolder",
+        "",
+        80_000,
+        96,
+    )
 
 
 def test_unknown_key_is_named_with_its_full_path(raw_params):
@@ -102,7 +139,8 @@ def test_flatten_uses_dotted_names(raw_params):
     assert flat["train.learning_rate"] == 0.001
     assert flat["train.augment.flip"] is True
     assert flat["model.filters"] == [32, 64, 128, 256]
-    assert len(flat) == 21
+    assert flat["data.format"] == "cifar10-python"
+    assert len(flat) == 25
 
 
 def test_invalid_yaml_is_reported(tmp_path):

@@ -274,3 +274,40 @@ def test_main_downloads_into_data_raw(serve, tmp_path, monkeypatch, raw_params):
     monkeypatch.chdir(tmp_path)
     assert download.main([]) == 0
     assert (tmp_path / "data" / "raw" / NAME).read_bytes() == PAYLOAD
+
+
+def test_folder_url_is_copied_without_hidden_files(tmp_path, capsys):
+    folder = tmp_path / "pets"
+    for name in ("train/cat/1.png", "train/dog/2.png", ".DS_Store", "train/.git/config"):
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(name.encode())
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / NAME).write_bytes(b"an earlier data.url")
+    (raw / "pets.part").mkdir()  # a copy killed half-way: started over
+    (raw / "pets.part" / "stale.png").write_bytes(b"x")
+    path = fetch(folder.as_uri(), "", raw, progress=quiet(), **FAST)
+    assert path == raw / "pets"
+    assert os.listdir(raw) == ["pets"]
+    copied = sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file())
+    assert copied == ["train/cat/1.png", "train/dog/2.png"]
+    assert (path / "train/cat/1.png").read_bytes() == b"train/cat/1.png"
+    out = capsys.readouterr().out
+    assert "copied 2 files" in out and "leaving out 2 hidden" in out
+    assert "`dvc repro --force download`" in out  # DVC does not watch the folder: say so
+
+    (folder / "train/dog/2.png").unlink()  # a copy made again follows the folder
+    fetch(folder.as_uri(), "", raw, progress=quiet(), **FAST)
+    assert not (path / "train/dog/2.png").exists() and (path / "train/cat/1.png").exists()
+
+
+def test_folder_with_an_md5_and_file_without_one_are_refused(tmp_path):
+    (tmp_path / "pets").mkdir()
+    with pytest.raises(
+        DownloadError, match=r'is a folder, which has no single md5: set data.md5 to ""'
+    ):
+        fetch((tmp_path / "pets").as_uri(), MD5, tmp_path / "raw", progress=quiet(), **FAST)
+    (tmp_path / NAME).write_bytes(PAYLOAD)
+    with pytest.raises(DownloadError, match=r'data.md5 is "" but .* is a file, not a folder'):
+        fetch((tmp_path / NAME).as_uri(), "", tmp_path / "raw", progress=quiet(), **FAST)
+    assert os.listdir(tmp_path / "raw") == []

@@ -12,6 +12,9 @@ from pipeline import paths
 from pipeline.errors import PipelineError
 from pipeline.prepare import (
     ArchiveError,
+    Dataset,
+    Split,
+    find_download,
     load_split,
     prepare,
     read_cifar10,
@@ -100,6 +103,26 @@ def test_written_files_round_trip(archive, tmp_path):
     np.testing.assert_array_equal(loaded.images, splits["val"].images)
     assert loaded.labels.dtype == np.int32
     assert json.loads((out / paths.META_FILE).read_text())["class_names"] == list(CLASSES)
+
+
+def test_meta_records_the_image_size_of_the_data():
+    """An image folder resized to 16 px gives a model with 16 px inputs."""
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (40, 16, 16, 3), dtype=np.uint8)
+    labels = np.repeat(np.arange(2, dtype=np.int32), 20)
+    dataset = Dataset(Split(images, labels), Split(images[:4], labels[:4]), ("cat", "dog"))
+    splits, meta = prepare(dataset, val_size=10, seed=0)
+    assert meta["image_size"] == 16 and meta["class_names"] == ["cat", "dog"]
+    assert splits["val"].images.shape == (10, 16, 16, 3)
+
+
+def test_finds_the_one_downloaded_archive_or_folder(tmp_path):
+    (tmp_path / "pets").mkdir()
+    (tmp_path / "other.tar.gz.part").write_bytes(b"half")  # a download in progress: not it
+    assert find_download(tmp_path) == tmp_path / "pets"
+    (tmp_path / "pets.zip").write_bytes(b"zip")
+    with pytest.raises(PipelineError, match="exactly one downloaded archive or folder, found pe"):
+        find_download(tmp_path)
 
 
 def test_missing_prepared_data_says_which_stage_to_run(tmp_path):
