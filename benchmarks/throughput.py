@@ -219,6 +219,9 @@ def main() -> None:
     }  # fmt: skip
     other = next(m for m in results if m.startswith("pipeline:") and m != "pipeline:auto")
     report[f"auto_over_{other.split(':')[1]}"] = rate["pipeline:auto"] / rate[other]
+    # The pipeline's own overhead: against bare Keras at the same precision (float32).
+    float32 = "pipeline:auto" if results["pipeline:auto"]["precision"] == "float32" else other
+    report["pipeline_float32_over_bare"] = rate[float32] / rate["bare"]
 
     print(f"\n{report['device']}; {args.images} images x {args.epochs} epochs, batch {BATCH}")
     print(f"{'run':<26}{'precision':<16}{'img/s':>8}{'peak MB':>10}")
@@ -227,6 +230,7 @@ def main() -> None:
             f"{mode:<26}{r['precision']:<16}{r['images_per_second']:>8.1f}{r['peak_rss_mb']:>10.0f}"
         )
     print(f"b/a pipeline / bare     {report['pipeline_over_bare']:.3f}")
+    print(f"b/a both float32        {report['pipeline_float32_over_bare']:.3f}")
     print(f"b/c pipeline / tutorial {report['pipeline_over_tutorial']:.3f}")
     print(f"auto / {other.split(':')[1]:<16} {report[f'auto_over_{other.split(chr(58))[1]}']:.3f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
