@@ -14,3 +14,16 @@ ROOT = Path(__file__).resolve().parents[1]
 def raw_params() -> dict:
     """params.yaml as the user has it, as a plain dict for the test to shrink."""
     return yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+@pytest.fixture(scope="module")
+def served_archive(tmp_path_factory):
+    """A small CIFAR-10-layout archive on a local HTTP server; `.url` and `.md5` for params."""
+    from tests.cifar_archive import write_archive
+    from tests.http_server import PayloadServer
+
+    archive = tmp_path_factory.mktemp("served") / "cifar-10-python.tar.gz"
+    md5 = write_archive(archive, train_per_class=40, test_per_class=10)
+    with PayloadServer(archive.read_bytes(), "/cifar-10-python.tar.gz") as served:
+        served.md5 = md5
+        yield served

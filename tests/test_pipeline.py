@@ -16,8 +16,6 @@ import pytest
 import yaml
 from PIL import Image
 
-from tests.cifar_archive import write_archive
-from tests.http_server import PayloadServer
 from tests.repo import dvc, make_repo, run, set_params, stage_env
 
 pytestmark = pytest.mark.slow
@@ -34,19 +32,10 @@ TINY = {
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    archive = tmp_path_factory.mktemp("served") / "cifar-10-python.tar.gz"
-    md5 = write_archive(archive, train_per_class=40, test_per_class=10)
-    with PayloadServer(archive.read_bytes(), "/cifar-10-python.tar.gz") as served:
-        served.md5 = md5
-        yield served
-
-
-@pytest.fixture(scope="module")
-def repo(server, tmp_path_factory):
+def repo(served_archive, tmp_path_factory):
     path = make_repo(
         tmp_path_factory.mktemp("pipeline") / "repo",
-        {**TINY, "data.url": server.url, "data.md5": server.md5},
+        {**TINY, "data.url": served_archive.url, "data.md5": served_archive.md5},
     )
     return path
 

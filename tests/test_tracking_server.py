@@ -33,8 +33,6 @@ import pytest
 
 from pipeline import server as launcher
 from pipeline.errors import PipelineError
-from tests.cifar_archive import write_archive
-from tests.http_server import PayloadServer
 from tests.repo import ROOT, dvc, make_repo, run, set_params, stage_env
 
 # MLflow's server module imports a deprecated Starlette module; not ours to fix.
@@ -305,20 +303,11 @@ def _healthy(url: str) -> bool:
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    archive = tmp_path_factory.mktemp("served") / "cifar-10-python.tar.gz"
-    md5 = write_archive(archive, train_per_class=40, test_per_class=10)
-    with PayloadServer(archive.read_bytes(), "/cifar-10-python.tar.gz") as payload:
-        payload.md5 = md5
-        yield payload
-
-
-@pytest.fixture(scope="module")
-def repo(served, tmp_path_factory):
+def repo(served_archive, tmp_path_factory):
     """A repository copy with the data prepared (download and prepare do not use MLflow)."""
     path = make_repo(
         tmp_path_factory.mktemp("team") / "repo",
-        {**TINY, "data.url": served.url, "data.md5": served.md5},
+        {**TINY, "data.url": served_archive.url, "data.md5": served_archive.md5},
     )
     dvc(path, "repro", "prepare")
     return path
@@ -411,12 +400,12 @@ def test_pipeline_logs_everything_to_the_server(server, repo, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_trainings_at_once_lose_nothing(server, repo, served, tmp_path):
+def test_two_trainings_at_once_lose_nothing(server, repo, served_archive, tmp_path):
     """alice and bob train at the same time into the one experiment; both runs are whole."""
     epochs = 3
     other = make_repo(
         tmp_path / "bob",
-        {**TINY, "data.url": served.url, "data.md5": served.md5, "train.seed": 7},
+        {**TINY, "data.url": served_archive.url, "data.md5": served_archive.md5, "train.seed": 7},
     )
     dvc(other, "repro", "prepare")
     set_params(repo, {"train.seed": 8})
