@@ -11,6 +11,16 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+# The real params shrunk for tests: a tiny network, 2 epochs, a small validation split.
+TINY = {
+    "model.stem_filters": 8,
+    "model.filters": [8, 16],
+    "model.units_per_stage": 1,
+    "train.epochs": 2,
+    "train.batch_size": 32,
+    "data.val_size": 100,
+    "evaluate.misclassified": 12,
+}
 COPIED = ("pipeline", "params.yaml", "dvc.yaml", ".dvc/config", ".dvcignore", ".gitignore")
 
 

@@ -15,19 +15,12 @@ import pytest
 
 from tests.cifar_archive import write_archive
 from tests.http_server import PayloadServer
+from tests.repo import TINY as BASE
 from tests.repo import dvc, make_repo, run, stage_env
 
 pytestmark = pytest.mark.slow
 
-TINY = {
-    "model.stem_filters": 8,
-    "model.filters": [8, 16],
-    "model.units_per_stage": 1,
-    "train.epochs": 1,
-    "train.batch_size": 32,
-    "data.val_size": 100,
-    "evaluate.misclassified": 12,
-}
+TINY = {**BASE, "train.epochs": 1}
 
 
 def dvc_files(repo: Path) -> dict[str, bytes]:

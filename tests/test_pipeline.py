@@ -16,19 +16,9 @@ import pytest
 import yaml
 from PIL import Image
 
-from tests.repo import dvc, make_repo, run, set_params, stage_env
+from tests.repo import TINY, dvc, make_repo, run, set_params, stage_env
 
 pytestmark = pytest.mark.slow
-
-TINY = {
-    "model.stem_filters": 8,
-    "model.filters": [8, 16],
-    "model.units_per_stage": 1,
-    "train.epochs": 2,
-    "train.batch_size": 32,
-    "data.val_size": 100,
-    "evaluate.misclassified": 12,
-}
 
 
 @pytest.fixture(scope="module")

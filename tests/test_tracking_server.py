@@ -33,20 +33,11 @@ import pytest
 
 from pipeline import server as launcher
 from pipeline.errors import PipelineError
-from tests.repo import ROOT, dvc, make_repo, run, set_params, stage_env
+from tests.repo import ROOT, TINY, dvc, make_repo, run, set_params, stage_env
 
 # MLflow's server module imports a deprecated Starlette module; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:starlette.middleware.wsgi is deprecated")
 
-TINY = {
-    "model.stem_filters": 8,
-    "model.filters": [8, 16],
-    "model.units_per_stage": 1,
-    "train.epochs": 2,
-    "train.batch_size": 32,
-    "data.val_size": 100,
-    "evaluate.misclassified": 12,
-}
 ADMIN, ADMIN_PASSWORD = "admin", "admin-" + secrets.token_hex(8)
 USERS = {"alice": "alice-password-1", "bob": "bob-password-22"}  # MLflow wants 12+ characters
 MLFLOW_LOGIN = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")

@@ -19,16 +19,10 @@ import yaml
 from pipeline.config import parse_params
 from pipeline.train import check_fits, epoch_line, make_schedule
 from tests.cifar_archive import write_archive
+from tests.repo import TINY as BASE
 from tests.repo import dvc, make_repo, run, set_params, stage_env
 
-TINY = {
-    "model.stem_filters": 8,
-    "model.filters": [8, 16],
-    "model.units_per_stage": 1,
-    "train.epochs": 2,
-    "train.batch_size": 64,
-    "data.val_size": 200,
-}
+TINY = {**BASE, "train.batch_size": 64, "data.val_size": 200}
 
 
 # --- pure parts --------------------------------------------------------------------------------
@@ -243,6 +237,13 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def worker_repos(prepared_repo, tmp_path) -> list:
+    """One copy of the prepared repository per worker, as on separate machines."""
+    for name in ("chief", "worker"):
+        shutil.copytree(prepared_repo, tmp_path / name, symlinks=True)
+    return [tmp_path / "chief", tmp_path / "worker"]
+
+
 def start_workers(repos, epochs: int = 1):
     workers = [f"127.0.0.1:{free_port()}" for _ in repos]
     processes = []
@@ -265,10 +266,7 @@ def start_workers(repos, epochs: int = 1):
 @pytest.mark.slow
 def test_two_workers_train_once_and_only_the_chief_writes(prepared_repo, tmp_path):
     """MultiWorkerMirroredStrategy over two local processes: one model, one MLflow run."""
-    repos = []
-    for name in ("chief", "worker"):
-        shutil.copytree(prepared_repo, tmp_path / name, symlinks=True)
-        repos.append(tmp_path / name)
+    repos = worker_repos(prepared_repo, tmp_path)
     processes = start_workers(repos)
     outputs = [process.communicate(timeout=300)[0] for process in processes]
     assert [process.returncode for process in processes] == [0, 0], outputs
@@ -293,10 +291,7 @@ def test_two_workers_train_once_and_only_the_chief_writes(prepared_repo, tmp_pat
 
 @pytest.mark.slow
 def test_a_dead_worker_ends_the_run_with_a_clear_error(prepared_repo, tmp_path):
-    repos = []
-    for name in ("chief", "worker"):
-        shutil.copytree(prepared_repo, tmp_path / name, symlinks=True)
-        repos.append(tmp_path / name)
+    repos = worker_repos(prepared_repo, tmp_path)
     chief, worker = start_workers(repos, epochs=50)
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline and not (repos[0] / ".train-state/state.json").exists():
