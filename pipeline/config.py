@@ -211,8 +211,13 @@ class AugmentParams:
 class TrainParams:
     epochs: int = _field(integer(1))
     batch_size: int = _field(integer(1))
+    optimizer: str = _field(choice("adam", "sgd"))  # sgd: momentum 0.9, Nesterov
     learning_rate: float = _field(number(0.0, 10.0, low_open=True))
     lr_schedule: str = _field(choice("constant", "cosine", "onecycle"))
+    # Decoupled: each step every trainable weight shrinks by learning_rate * weight_decay
+    # of itself (AdamW with adam; with sgd the same as an L2 penalty of that coefficient).
+    weight_decay: float = _field(number(0.0, 1.0))
+    label_smoothing: float = _field(number(0.0, 1.0, high_open=True))  # fraction of the target
     seed: int = _field(integer(0, 2**32 - 1))
     augment: AugmentParams = _field(AugmentParams)
     precision: str = _field(choice("auto", "float32", "mixed_float16", "mixed_bfloat16"))

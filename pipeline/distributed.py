@@ -96,10 +96,10 @@ def fit_workers(model, strategy, train, val, cfg, steps: int, first_epoch: int, 
     `end_epoch(epoch, logs, train_s, total_s)` is called on every worker after
     each epoch with the global loss and accuracy (and validation figures).
     """
-    import keras
     import tensorflow as tf
 
     from pipeline.data import make_dataset
+    from pipeline.model import crossentropy
 
     batch = cfg.batch_size
     optimizer = model.optimizer
@@ -118,7 +118,7 @@ def fit_workers(model, strategy, train, val, cfg, steps: int, first_epoch: int, 
         def step(images, labels):
             with tf.GradientTape() as tape:
                 probabilities = model(images, training=True)
-                losses = keras.losses.sparse_categorical_crossentropy(labels, probabilities)
+                losses = crossentropy(labels, probabilities, cfg.label_smoothing)
                 loss = tf.nn.compute_average_loss(losses, global_batch_size=batch)
                 scaled = optimizer.scale_loss(loss)  # loss scaling under mixed_float16
             gradients = tape.gradient(scaled, model.trainable_variables)
@@ -134,7 +134,7 @@ def fit_workers(model, strategy, train, val, cfg, steps: int, first_epoch: int, 
     @tf.function
     def validation_step(images, labels):
         probabilities = model(images, training=False)
-        losses = keras.losses.sparse_categorical_crossentropy(labels, probabilities)
+        losses = crossentropy(labels, probabilities, cfg.label_smoothing)
         predicted = tf.argmax(probabilities, axis=1, output_type=labels.dtype)
         right = tf.reduce_sum(tf.cast(predicted == labels, tf.float32))
         return tf.stack([tf.reduce_sum(tf.cast(losses, tf.float32)), right])

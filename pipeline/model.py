@@ -138,3 +138,38 @@ def count_params_without_normalization(model: keras.Model) -> int:
         sum(np.prod(w.shape) for w in model.weights)
         - sum(np.prod(w.shape) for w in normalize.weights)
     )
+
+
+# --- the training loss --------------------------------------------------------------------------
+
+
+def crossentropy(labels, probabilities, label_smoothing: float = 0.0):
+    """Per-image cross-entropy (batch,) of probabilities against int labels (batch,).
+
+    With label smoothing e the target is (1 - e) on the true class plus e spread
+    evenly over all classes (Keras' CategoricalCrossentropy(label_smoothing=e)
+    on one-hot labels), without building the one-hot tensor.
+    """
+    ops = keras.ops
+    # Clipped like Keras' own cross-entropy: p = 0 would give log(0) = -inf.
+    log_p = ops.log(ops.clip(probabilities, 1e-7, 1.0 - 1e-7))  # (batch, classes)
+    labels = ops.reshape(ops.cast(labels, "int32"), (-1, 1))
+    nll = -ops.take_along_axis(log_p, labels, axis=-1)[:, 0]  # (batch,)
+    if not label_smoothing:
+        return nll
+    return (1.0 - label_smoothing) * nll - label_smoothing * ops.mean(log_p, axis=-1)
+
+
+@keras.saving.register_keras_serializable(package="pipeline")
+class SmoothedCrossentropy(keras.losses.Loss):
+    """`crossentropy` with label smoothing as a Keras loss (saved with training checkpoints)."""
+
+    def __init__(self, label_smoothing: float = 0.0, name: str = "crossentropy", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.label_smoothing = label_smoothing
+
+    def call(self, y_true, y_pred):
+        return crossentropy(y_true, y_pred, self.label_smoothing)
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "label_smoothing": self.label_smoothing}

@@ -56,6 +56,13 @@ def with_value(raw: dict, dotted: str, value) -> dict:
             "step",
             "train.lr_schedule: must be one of constant, cosine, onecycle",
         ),
+        ("train.optimizer", "rmsprop", "train.optimizer: must be one of adam, sgd, got 'rmsprop'"),
+        ("train.weight_decay", -0.1, "train.weight_decay: must be a number in [0, 1], got -0.1"),
+        (
+            "train.label_smoothing",
+            1,
+            "train.label_smoothing: must be a number in [0, 1), got 1.0",
+        ),
         ("train.augment.flip", "yes", "train.augment.flip: must be true or false, got 'yes'"),
         ("model.filters", [32, 0], "model.filters: must be a list of at least 1 integers"),
         ("model.dropout", 1.0, "model.dropout: must be a number in [0, 1), got 1.0"),
@@ -140,7 +147,8 @@ def test_flatten_uses_dotted_names(raw_params):
     assert flat["train.augment.flip"] is True
     assert flat["model.filters"] == [32, 64, 128, 256]
     assert flat["data.format"] == "cifar10-python"
-    assert len(flat) == 25
+    assert flat["train.optimizer"] == "adam"
+    assert len(flat) == 28
 
 
 def test_invalid_yaml_is_reported(tmp_path):

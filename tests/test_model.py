@@ -10,7 +10,13 @@ import numpy as np
 import pytest
 
 from pipeline.config import ModelParams, load_params
-from pipeline.model import NORMALIZE_LAYER, build_model, count_params_without_normalization
+from pipeline.model import (
+    NORMALIZE_LAYER,
+    SmoothedCrossentropy,
+    build_model,
+    count_params_without_normalization,
+    crossentropy,
+)
 
 PARAMS_FILE = Path(__file__).resolve().parents[1] / "params.yaml"
 
@@ -168,3 +174,41 @@ def test_loss_falls_when_training_on_separable_images(tiny_params):
     loss_after = training_loss(model, images, labels)
     # Seeded run: 0.94 -> 0.30 on CPU; demand a clear fall, not noise.
     assert loss_after < 0.7 * loss_before
+
+
+# --- the training loss --------------------------------------------------------------------------
+
+
+def test_crossentropy_without_smoothing_is_keras_sparse_crossentropy():
+    rng = np.random.default_rng(1)
+    probabilities = keras.ops.softmax(rng.normal(size=(6, 4)).astype("float32"))
+    labels = np.array([0, 3, 1, 2, 2, 0])
+    np.testing.assert_allclose(
+        crossentropy(labels, probabilities),
+        keras.losses.sparse_categorical_crossentropy(labels, probabilities),
+        rtol=1e-6,
+    )
+
+
+def test_smoothed_crossentropy_matches_keras_on_one_hot_targets():
+    rng = np.random.default_rng(2)
+    probabilities = keras.ops.softmax(rng.normal(size=(6, 4)).astype("float32"))
+    labels = np.array([0, 3, 1, 2, 2, 0])
+    keras_loss = keras.losses.CategoricalCrossentropy(label_smoothing=0.2, reduction=None)
+    expected = keras_loss(np.eye(4)[labels], probabilities)
+    np.testing.assert_allclose(crossentropy(labels, probabilities, 0.2), expected, rtol=1e-5)
+    # Smoothing changes it: a confident right answer now costs something.
+    assert float(keras.ops.mean(crossentropy(labels, probabilities, 0.2))) != pytest.approx(
+        float(keras.ops.mean(crossentropy(labels, probabilities)))
+    )
+
+
+def test_model_compiled_with_smoothed_loss_reloads_for_resume(tiny_params, tmp_path):
+    model = build_model(tiny_params, num_classes=3, image_size=16, mean=MEAN, std=STD)
+    model.compile(optimizer="sgd", loss=SmoothedCrossentropy(0.1), jit_compile=False)
+    labels = np.array([0, 1, 2, 1])
+    model.fit(random_images(4, 16), labels, epochs=1, verbose=0)
+    model.save(tmp_path / "checkpoint.keras")
+    reloaded = keras.saving.load_model(tmp_path / "checkpoint.keras")
+    assert isinstance(reloaded.loss, SmoothedCrossentropy)
+    assert reloaded.loss.label_smoothing == 0.1

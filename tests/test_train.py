@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -17,7 +18,7 @@ import pytest
 import yaml
 
 from pipeline.config import parse_params
-from pipeline.train import check_fits, epoch_line, make_schedule
+from pipeline.train import check_fits, epoch_line, make_optimizer, make_schedule
 from tests.cifar_archive import write_archive
 from tests.repo import TINY as BASE
 from tests.repo import dvc, make_repo, run, set_params, stage_env
@@ -41,6 +42,20 @@ def test_schedules_follow_their_shape(raw_params):
     assert float(onecycle(0)) == pytest.approx(0.001 / 25)
     assert float(onecycle(30)) == pytest.approx(0.001)  # peak after 30% warm-up
     assert float(onecycle(100)) == pytest.approx(1e-6, rel=1e-3)
+
+
+def test_optimizers_and_decoupled_weight_decay(raw_params):
+    params = parse_params(raw_params).train
+    adam = make_optimizer(params, 100)
+    assert isinstance(adam, keras.optimizers.Adam) and adam.weight_decay is None
+    sgd = make_optimizer(
+        dataclasses.replace(params, optimizer="sgd", learning_rate=0.1, weight_decay=0.01), 100
+    )
+    assert isinstance(sgd, keras.optimizers.SGD) and sgd.nesterov and sgd.momentum == 0.9
+    # Decoupled decay: with a zero gradient a weight still shrinks by lr * weight_decay.
+    weight = keras.Variable(np.ones(3, np.float32))
+    sgd.apply_gradients([(np.zeros(3, np.float32), weight)])
+    np.testing.assert_allclose(weight.numpy(), 1 - 0.1 * 0.01, rtol=1e-6)
 
 
 def test_batch_larger_than_training_set_is_a_params_error(raw_params):
@@ -149,7 +164,12 @@ def test_train_logs_a_complete_mlflow_run(repo):
 
 @pytest.mark.slow
 def test_sigkill_resumes_in_the_same_run_without_gaps(repo):
-    set_params(repo, {"train.epochs": 6})
+    # The fast recipe's settings (README): its loss and optimizer state survive the kill too.
+    recipe = {
+        "train.optimizer": "sgd", "train.learning_rate": 0.05, "train.lr_schedule": "onecycle",
+        "train.weight_decay": 0.0005, "train.label_smoothing": 0.1,
+    }  # fmt: skip
+    set_params(repo, {"train.epochs": 6, **recipe})
     process = subprocess.Popen(
         [sys.executable, "-m", "pipeline.train"], cwd=repo, env=stage_env(),
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -182,6 +202,10 @@ def test_sigkill_resumes_in_the_same_run_without_gaps(repo):
         assert sorted(steps) == [1, 2, 3, 4, 5, 6], metric  # no gap, no duplicate
     history = (repo / "metrics/history.csv").read_text().splitlines()[1:]
     assert [row.split(",")[0] for row in history] == ["1", "2", "3", "4", "5", "6"]
+    # The schedule went on from the restored step count: up to the peak, then down.
+    rates = [float(row.split(",")[5]) for row in history]
+    peak = rates.index(max(rates))
+    assert 0 < peak < 5 and rates[-1] < rates[peak] / 100
     assert not (repo / ".train-state").exists()
 
 
