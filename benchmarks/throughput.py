@@ -14,11 +14,14 @@ own process so peak memory is its own:
             augmentation (rotation 10, shifts 5/32, flips) feeding `model.fit`.
 
 plus (b) again in float32 and in mixed_bfloat16 when `auto` picked another.
-Each run trains `--epochs` epochs of `--images` images at batch 128; the first
-epoch (graph tracing, warm-up) is dropped and the median images/s of the rest
-is reported. Prints a table with the ratios b/a and b/c and writes JSON.
-Random uint8 images stand in for CIFAR-10 (throughput does not depend on
-pixel values); `--prepared data/prepared` uses the real prepared split.
+Each run trains `--epochs` epochs of `--images` images; the first epoch (graph
+tracing, warm-up) is dropped. The modes take turns, `--rounds` times (a, b,
+c, b', a, b, c, b', ...), so that a machine that slows down or speeds up
+part-way (shared CPUs, clocks, a neighbour's job) weighs on every mode alike;
+each mode's figure is the median images/s of all its measured epochs.
+Prints a table with the ratios b/a and b/c and writes JSON. Random uint8
+images stand in for CIFAR-10 (throughput does not depend on pixel values);
+`--prepared data/prepared` uses the real prepared split.
 """
 
 from __future__ import annotations
@@ -36,7 +39,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-BATCH = 128
 
 
 def load_images(prepared: str | None, count: int):
@@ -77,7 +79,7 @@ def epoch_timer():
     return EpochTimer()
 
 
-def run_keras(mode: str, params, split, meta, epochs: int) -> dict:
+def run_keras(mode: str, params, split, meta, epochs: int, batch: int) -> dict:
     """Modes a (bare) and c (tutorial): plain model.fit, timed per epoch."""
     import keras
     import numpy as np
@@ -93,11 +95,11 @@ def run_keras(mode: str, params, split, meta, epochs: int) -> dict:
         metrics=["accuracy"], jit_compile=False,
     )  # fmt: skip
     timer = epoch_timer()
-    steps = len(split.labels) // BATCH
+    steps = len(split.labels) // batch
     if mode == "bare":
         images = split.images.astype(np.float32)  # in-memory float tensors, no augmentation
         model.fit(
-            images[: steps * BATCH], split.labels[: steps * BATCH], batch_size=BATCH,
+            images[: steps * batch], split.labels[: steps * batch], batch_size=batch,
             epochs=epochs, callbacks=[timer], verbose=0, shuffle=True,
         )  # fmt: skip
     else:
@@ -107,13 +109,13 @@ def run_keras(mode: str, params, split, meta, epochs: int) -> dict:
             rotation_range=10, width_shift_range=5 / 32, height_shift_range=5 / 32,
             horizontal_flip=True,
         )  # fmt: skip
-        flow = generator.flow(split.images.astype(np.float32), split.labels, batch_size=BATCH)
+        flow = generator.flow(split.images.astype(np.float32), split.labels, batch_size=batch)
         model.fit(flow, steps_per_epoch=steps, epochs=epochs, callbacks=[timer], verbose=0)
-    rates = [steps * BATCH / s for s in timer.seconds[1:]]
+    rates = [steps * batch / s for s in timer.seconds[1:]]
     return {"images_per_second": statistics.median(rates), "epoch_rates": rates}
 
 
-def run_pipeline(precision: str, params, split, meta, epochs: int) -> dict:
+def run_pipeline(precision: str, params, split, meta, epochs: int, batch: int) -> dict:
     """Mode b: the train stage's own code path in a scratch directory with its own MLflow store."""
     import dataclasses
 
@@ -122,7 +124,7 @@ def run_pipeline(precision: str, params, split, meta, epochs: int) -> dict:
     from pipeline.train import run_training
 
     train_cfg = dataclasses.replace(
-        params.train, epochs=epochs, batch_size=BATCH, precision=precision
+        params.train, epochs=epochs, batch_size=batch, precision=precision
     )
     params = dataclasses.replace(params, train=train_cfg)
     empty = Split(split.images[:0], split.labels[:0])
@@ -149,30 +151,57 @@ def child(mode: str, args: argparse.Namespace) -> None:
     params = load_params(ROOT / "params.yaml")
     split, meta = load_images(args.prepared, args.images)
     if mode in ("bare", "tutorial"):
-        result = run_keras(mode, params, split, meta, args.epochs)
+        result = run_keras(mode, params, split, meta, args.epochs, args.batch_size)
         result["precision"] = "float32"
     else:
-        result = run_pipeline(mode.split(":")[1], params, split, meta, args.epochs)
+        result = run_pipeline(mode.split(":")[1], params, split, meta, args.epochs, args.batch_size)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps(result))
 
 
-def measure(mode: str, args: argparse.Namespace) -> dict:
+def measure(mode: str, args: argparse.Namespace, label: str = "") -> dict:
     command = [sys.executable, "-m", "benchmarks.throughput", "--child", mode,
-               "--images", str(args.images), "--epochs", str(args.epochs)]  # fmt: skip
+               "--images", str(args.images), "--epochs", str(args.epochs),
+               "--batch-size", str(args.batch_size)]  # fmt: skip
     if args.prepared:
         command += ["--prepared", str(Path(args.prepared).resolve())]
-    print(f"bench: {mode} ...", flush=True)
+    print(f"bench: {label}{mode} ...", flush=True)
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     if result.returncode != 0:
         raise SystemExit(f"bench: {mode} failed:\n{result.stderr[-3000:]}")
     measured = json.loads(result.stdout.strip().splitlines()[-1])
     print(
-        f"bench: {mode}: {measured['images_per_second']:.1f} img/s "
+        f"bench: {label}{mode}: {measured['images_per_second']:.1f} img/s "
         f"({measured['precision']}), peak {measured['peak_rss_mb']:.0f} MB",
         flush=True,
     )
     return measured
+
+
+def interleaved(args: argparse.Namespace) -> dict:
+    """Every mode once per round, in turn; per mode, the median of all its measured epochs."""
+    modes = ["bare", "pipeline:auto", "tutorial"]
+    rounds: dict[str, list[dict]] = {}
+    for index in range(args.rounds):
+        for mode in modes:
+            rounds.setdefault(mode, []).append(
+                measure(mode, args, f"round {index + 1}/{args.rounds}: ")
+            )
+        if index == 0:  # the other precision of the pipeline, as a comparison
+            auto = rounds["pipeline:auto"][0]["precision"]
+            modes.append("pipeline:" + ("mixed_bfloat16" if auto == "float32" else "float32"))
+            rounds[modes[-1]] = [measure(modes[-1], args, f"round 1/{args.rounds}: ")]
+    results = {}
+    for mode, runs in rounds.items():
+        rates = [rate for run in runs for rate in run["epoch_rates"]]
+        results[mode] = {
+            "images_per_second": statistics.median(rates),
+            "round_medians": [run["images_per_second"] for run in runs],
+            "epoch_rates": rates,
+            "precision": runs[0]["precision"],
+            "peak_rss_mb": max(run["peak_rss_mb"] for run in runs),
+        }
+    return results
 
 
 def device() -> str:
@@ -192,10 +221,12 @@ def device() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=2560, help="training images per epoch")
+    parser.add_argument("--images", type=int, default=1280, help="training images per epoch")
     parser.add_argument(
-        "--epochs", type=int, default=4, help="epochs per run; the first is dropped"
+        "--epochs", type=int, default=3, help="epochs per run; the first is dropped"
     )
+    parser.add_argument("--rounds", type=int, default=3, help="turns each mode takes")
+    parser.add_argument("--batch-size", type=int, default=128, help="images per step")
     parser.add_argument("--prepared", help="use this prepared-data folder instead of random images")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/throughput.json")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -203,16 +234,13 @@ def main() -> None:
     if args.child:
         return child(args.child, args)
 
-    results = {mode: measure(mode, args) for mode in ("bare", "pipeline:auto", "tutorial")}
-    if results["pipeline:auto"]["precision"] != "float32":
-        results["pipeline:float32"] = measure("pipeline:float32", args)
-    else:
-        results["pipeline:mixed_bfloat16"] = measure("pipeline:mixed_bfloat16", args)
+    results = interleaved(args)
     rate = {mode: r["images_per_second"] for mode, r in results.items()}
     report = {
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "device": device(),
-        "images_per_epoch": args.images, "epochs": args.epochs, "batch_size": BATCH,
+        "images_per_epoch": args.images, "epochs": args.epochs, "rounds": args.rounds,
+        "batch_size": args.batch_size,
         "results": results,
         "pipeline_over_bare": rate["pipeline:auto"] / rate["bare"],
         "pipeline_over_tutorial": rate["pipeline:auto"] / rate["tutorial"],
@@ -223,7 +251,10 @@ def main() -> None:
     float32 = "pipeline:auto" if results["pipeline:auto"]["precision"] == "float32" else other
     report["pipeline_float32_over_bare"] = rate[float32] / rate["bare"]
 
-    print(f"\n{report['device']}; {args.images} images x {args.epochs} epochs, batch {BATCH}")
+    print(
+        f"\n{report['device']}; {args.rounds} rounds of {args.images} images x {args.epochs} "
+        f"epochs, batch {args.batch_size}"
+    )
     print(f"{'run':<26}{'precision':<16}{'img/s':>8}{'peak MB':>10}")
     for mode, r in results.items():
         print(
