@@ -1,6 +1,7 @@
 """Training throughput, side by side on the same data and machine: `make bench`.
 
-    python -m benchmarks.throughput [--images 2560] [--epochs 4] [--out results.json]
+    python -m benchmarks.throughput [--images 1280] [--epochs 3] [--rounds 3] [--batch-size 128]
+                                    [--prepared data/prepared] [--out results.json]
 
 Measures the default network (params.yaml's `model`) three ways, each in its
 own process so peak memory is its own:
@@ -231,6 +232,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/throughput.json")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.rounds < 1 or args.epochs < 2 or args.batch_size < 1 or args.images < args.batch_size:
+        parser.error(
+            "need --rounds >= 1, --epochs >= 2 (the first is dropped) and "
+            "--images >= --batch-size >= 1"
+        )
     if args.child:
         return child(args.child, args)
 

@@ -214,8 +214,10 @@ class TrainParams:
     optimizer: str = _field(choice("adam", "sgd"))  # sgd: momentum 0.9, Nesterov
     learning_rate: float = _field(number(0.0, 10.0, low_open=True))
     lr_schedule: str = _field(choice("constant", "cosine", "onecycle"))
-    # Decoupled: each step every trainable weight shrinks by learning_rate * weight_decay
-    # of itself (AdamW with adam; with sgd the same as an L2 penalty of that coefficient).
+    # Decoupled: each step every trainable weight shrinks by (the step's scheduled learning
+    # rate) * weight_decay of itself: AdamW with adam. With sgd the decay bypasses the
+    # momentum, so it is about 10x weaker than the same number as an L2 penalty under
+    # momentum 0.9 (PyTorch's SGD weight_decay): 5e-3 here matches their usual 5e-4.
     weight_decay: float = _field(number(0.0, 1.0))
     label_smoothing: float = _field(number(0.0, 1.0, high_open=True))  # fraction of the target
     seed: int = _field(integer(0, 2**32 - 1))

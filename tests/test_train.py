@@ -24,6 +24,11 @@ from tests.repo import TINY as BASE
 from tests.repo import dvc, make_repo, run, set_params, stage_env
 
 TINY = {**BASE, "train.batch_size": 64, "data.val_size": 200}
+# The README's fast recipe, but for its epochs.
+RECIPE = {
+    "train.optimizer": "sgd", "train.learning_rate": 0.1, "train.lr_schedule": "onecycle",
+    "train.weight_decay": 0.005, "train.label_smoothing": 0.1,
+}  # fmt: skip
 
 
 # --- pure parts --------------------------------------------------------------------------------
@@ -165,11 +170,7 @@ def test_train_logs_a_complete_mlflow_run(repo):
 @pytest.mark.slow
 def test_sigkill_resumes_in_the_same_run_without_gaps(repo):
     # The fast recipe's settings (README): its loss and optimizer state survive the kill too.
-    recipe = {
-        "train.optimizer": "sgd", "train.learning_rate": 0.05, "train.lr_schedule": "onecycle",
-        "train.weight_decay": 0.0005, "train.label_smoothing": 0.1,
-    }  # fmt: skip
-    set_params(repo, {"train.epochs": 6, **recipe})
+    set_params(repo, {"train.epochs": 6, **RECIPE, "train.learning_rate": 0.05})
     process = subprocess.Popen(
         [sys.executable, "-m", "pipeline.train"], cwd=repo, env=stage_env(),
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -268,11 +269,11 @@ def worker_repos(prepared_repo, tmp_path) -> list:
     return [tmp_path / "chief", tmp_path / "worker"]
 
 
-def start_workers(repos, epochs: int = 1):
+def start_workers(repos, epochs: int = 1, params: dict | None = None):
     workers = [f"127.0.0.1:{free_port()}" for _ in repos]
     processes = []
     for index, copy in enumerate(repos):
-        set_params(copy, {"train.epochs": epochs})
+        set_params(copy, {"train.epochs": epochs, **(params or {})})
         config = {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}
         processes.append(
             subprocess.Popen(
@@ -291,7 +292,7 @@ def start_workers(repos, epochs: int = 1):
 def test_two_workers_train_once_and_only_the_chief_writes(prepared_repo, tmp_path):
     """MultiWorkerMirroredStrategy over two local processes: one model, one MLflow run."""
     repos = worker_repos(prepared_repo, tmp_path)
-    processes = start_workers(repos)
+    processes = start_workers(repos, params=RECIPE)  # its loss and weight decay in the loop
     outputs = [process.communicate(timeout=300)[0] for process in processes]
     assert [process.returncode for process in processes] == [0, 0], outputs
     assert "on worker 0 of 2" in outputs[0] and "on worker 1 of 2" in outputs[1]
@@ -308,6 +309,7 @@ def test_two_workers_train_once_and_only_the_chief_writes(prepared_repo, tmp_pat
     assert summary["epochs"] == 1 and summary["train_images"] == 1800
     _, runs = runs_of(chief)
     assert len(runs) == 1  # logged exactly once, by the chief
+    assert runs[0].data.params["train.optimizer"] == "sgd"
     # The other worker wrote nothing: no model, metrics, MLflow store or recovery state.
     for name in ("models", "metrics", "mlflow.db", "mlartifacts", ".train-state"):
         assert not (worker / name).exists(), name
