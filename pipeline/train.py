@@ -14,13 +14,13 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from pipeline import paths
 from pipeline.config import Params, ParamsError, TrainParams, flatten, load_params
+from pipeline.device import Device, resolve_device
 from pipeline.distributed import Cluster
 from pipeline.errors import PipelineError, cli
 from pipeline.prepare import Split, load_meta, load_split
@@ -30,86 +30,7 @@ HISTORY_COLUMNS = (
 )  # fmt: skip
 
 
-# --- device, precision and schedule ------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Device:
-    kind: str  # "GPU" or "CPU"
-    count: int  # local accelerators used
-    precision: str  # resolved Keras dtype policy
-    jit_compile: bool  # XLA
-
-
-def resolve_device(params: TrainParams) -> Device:
-    """Pick the dtype policy and XLA from what is here; `auto` is what measured fastest.
-
-    GPUs: bfloat16 where the chip has it (compute capability 8.0+: A100, H100),
-    float16 with loss scaling before that, and XLA. CPUs: bfloat16 where the
-    CPU computes it natively (AMX or AVX512-BF16: oneDNN runs the convolutions
-    in bf16), else float32; no XLA. On a 2-core Xeon with AMX, batch 128,
-    interleaved runs of the default network gave 95-100 img/s in float32 and
-    133-137 in mixed_bfloat16 (BENCHMARKS.md); XLA was slower than oneDNN.
-    """
-    import tensorflow as tf
-
-    gpus = tf.config.list_physical_devices("GPU")
-    if gpus:
-        precision = params.precision
-        if precision == "auto":
-            details = tf.config.experimental.get_device_details(gpus[0])
-            major = (details.get("compute_capability") or (0, 0))[0]
-            precision = "mixed_bfloat16" if major >= 8 else "mixed_float16"
-        return Device("GPU", len(gpus), precision, jit_compile=True)
-    precision = params.precision
-    if precision == "auto":
-        precision = "mixed_bfloat16" if _cpu_has_bfloat16() else "float32"
-    return Device("CPU", 1, precision, jit_compile=False)
-
-
-def _cpu_has_bfloat16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:  # not Linux: stay with float32
-        return False
-    return " amx_bf16" in flags or " avx512_bf16" in flags
-
-
-def make_schedule(params: TrainParams, total_steps: int):
-    """The learning rate per step: a float, or a schedule Keras evaluates each step."""
-    import keras
-
-    if params.lr_schedule == "constant":
-        return params.learning_rate
-    if params.lr_schedule == "cosine":
-        return keras.optimizers.schedules.CosineDecay(params.learning_rate, total_steps)
-    # onecycle: linear warm-up over the first 30% of steps from lr/25 to lr, then
-    # cosine annealing down to lr/1000 (alpha is a fraction of the peak).
-    warmup = max(1, int(0.3 * total_steps))
-    return keras.optimizers.schedules.CosineDecay(
-        params.learning_rate / 25,
-        decay_steps=max(1, total_steps - warmup),
-        alpha=1e-3,
-        warmup_target=params.learning_rate,
-        warmup_steps=warmup,
-    )
-
-
-def make_optimizer(params: TrainParams, total_steps: int):
-    """The optimizer `train.optimizer` names, with the schedule and decoupled weight decay.
-
-    adam is the tutorial's (AdamW when weight_decay > 0). sgd uses Nesterov
-    momentum 0.9, the usual partner of onecycle schedules on CIFAR-10.
-    """
-    import keras
-
-    learning_rate = make_schedule(params, total_steps)
-    weight_decay = params.weight_decay or None  # Keras: None skips the decay step
-    if params.optimizer == "sgd":
-        return keras.optimizers.SGD(
-            learning_rate, momentum=0.9, nesterov=True, weight_decay=weight_decay
-        )
-    return keras.optimizers.Adam(learning_rate, weight_decay=weight_decay)
+# --- checks ----------------------------------------------------------------------------------
 
 
 def check_fits(params: TrainParams, train: Split, replicas: int = 1) -> None:
@@ -258,6 +179,7 @@ def compiled_model(params: Params, meta: dict, state, store, steps: int, device:
     import keras
 
     from pipeline.model import SmoothedCrossentropy
+    from pipeline.optimizer import make_optimizer
 
     cfg = params.train
     if state.checkpoint:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ast
+
 import numpy as np
 import pytest
 import yaml
@@ -22,6 +24,35 @@ def test_stage_paths_match_pipeline_paths():
     assert out_paths("download") == [paths.RAW_DIR.as_posix()]
     assert out_paths("prepare") == [paths.PREPARED_DIR.as_posix()]
     assert paths.RAW_DIR.as_posix() in DVC["prepare"]["deps"]
+
+
+# Plumbing every stage imports: listing it would re-run the whole DAG for a reworded error
+# message. prepare.py also holds the reader of data/prepared (load_split), whose format
+# changes only with a new data/prepared, itself a dep of the stages that read it.
+NOT_DEPS = {"pipeline/config.py", "pipeline/paths.py", "pipeline/errors.py"}
+READERS = {"pipeline/prepare.py"}
+
+
+def imported_modules(path: str) -> set[str]:
+    """pipeline/*.py files that `path` imports, at the top or inside a function."""
+    found = set()
+    for node in ast.walk(ast.parse((ROOT / path).read_text())):
+        names = []
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+        elif isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        found |= {n.replace(".", "/") + ".py" for n in names if n.startswith("pipeline.")}
+    return {file for file in found if (ROOT / file).is_file()}
+
+
+@pytest.mark.parametrize("stage", sorted(DVC))
+def test_stage_depends_on_the_code_it_runs(stage):
+    """The stage's module and every module it imports, so that a code change re-runs it."""
+    module = DVC[stage]["cmd"].removeprefix("python -m ").replace(".", "/") + ".py"
+    code = {module} | imported_modules(module)
+    readers = READERS - {module}
+    assert sorted(code - NOT_DEPS - readers - set(DVC[stage]["deps"])) == []
 
 
 def test_data_stages_read_only_data_params():

@@ -18,7 +18,8 @@ import pytest
 import yaml
 
 from pipeline.config import parse_params
-from pipeline.train import check_fits, epoch_line, make_optimizer, make_schedule
+from pipeline.optimizer import make_optimizer, make_schedule
+from pipeline.train import check_fits, epoch_line
 from tests.cifar_archive import write_archive
 from tests.repo import TINY as BASE
 from tests.repo import dvc, make_repo, run, set_params, stage_env
