@@ -183,10 +183,8 @@ def compiled_model(params: Params, meta: dict, state, store, steps: int, device:
 
     cfg = params.train
     if state.checkpoint:
-        model = keras.models.load_model(
-            store.checkpoint_path(state),
-            custom_objects={"SmoothedCrossentropy": SmoothedCrossentropy},
-        )
+        # SmoothedCrossentropy, imported above, is registered with Keras: the loss reloads too.
+        model = keras.models.load_model(store.checkpoint_path(state))
         optimizer = model.optimizer  # restored with its state: moments and step count
     else:
         model = build_network(params, meta)

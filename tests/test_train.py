@@ -64,6 +64,28 @@ def test_optimizers_and_decoupled_weight_decay(raw_params):
     np.testing.assert_allclose(weight.numpy(), 1 - 0.1 * 0.01, rtol=1e-6)
 
 
+def test_compiled_model_uses_the_params_optimizer_and_loss(raw_params):
+    from pipeline.device import Device
+    from pipeline.resume import TrainState
+    from pipeline.train import compiled_model
+
+    params = parse_params(raw_params)
+    params = dataclasses.replace(
+        params,
+        model=dataclasses.replace(params.model, stem_filters=8, filters=(8,), units_per_stage=1),
+        train=dataclasses.replace(
+            params.train, optimizer="sgd", learning_rate=0.1, weight_decay=0.005,
+            label_smoothing=0.1,
+        ),
+    )  # fmt: skip
+    meta = {"class_names": ["a", "b"], "image_size": 8, "mean": [0.0] * 3, "std": [1.0] * 3}
+    device = Device("CPU", 1, "float32", jit_compile=False)
+    model = compiled_model(params, meta, TrainState(fingerprint="-"), None, 10, device)
+    assert isinstance(model.optimizer, keras.optimizers.SGD)
+    assert model.optimizer.weight_decay == 0.005
+    assert model.loss.label_smoothing == 0.1
+
+
 def test_batch_larger_than_training_set_is_a_params_error(raw_params):
     from pipeline.prepare import Split
 
