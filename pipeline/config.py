@@ -205,6 +205,14 @@ class AugmentParams:
     rotation: float = _field(number(0.0, 180.0))  # degrees, each way
     shift: float = _field(number(0.0, 1.0, high_open=True))  # fraction of the image side
     flip: bool = _field(boolean())  # random horizontal flips
+    # How rotated and shifted images are resampled. bilinear (the tutorial's) blends
+    # neighbouring pixels at fractional shifts, so training images come out blurred
+    # against the test images; nearest rounds shifts to whole pixels, which with
+    # rotation 0 copies pixels unchanged (a random crop).
+    interpolation: str = _field(choice("bilinear", "nearest"))
+    # Side in pixels of one square erased per training image at a random position
+    # (it may hang off the edge), painted the training images' mean colour (0 = none).
+    cutout: int = _field(integer(0, 1024))
 
 
 @dataclass(frozen=True)

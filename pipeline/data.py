@@ -4,7 +4,7 @@ Images stay uint8 all the way to the model (a quarter of float32's bytes to
 copy); the model casts and normalises them itself. Training batches are
 augmented on the fly with one projective-transform op per batch (rotation,
 shift and horizontal flip folded into one matrix per image), the transform of
-the tutorial's `ImageDataGenerator`, vectorised.
+the tutorial's `ImageDataGenerator`, vectorised; then optionally Cutout.
 
 Every random choice is stateless and derived from (seed, epoch, step): the
 shuffle order of epoch `e` and the augmentation of its batch `s` depend on
@@ -65,20 +65,52 @@ def augment_transforms(
     )
 
 
-def augment_batch(images: tf.Tensor, augment: AugmentParams, seed: tf.Tensor) -> tf.Tensor:
-    """Augment a (batch, H, W, 3) uint8 batch; edges are filled with the nearest pixel."""
-    if augment.rotation == 0 and augment.shift == 0 and not augment.flip:
-        return images
+def cutout_mask(batch: tf.Tensor, image_size: int, side: int, seed: tf.Tensor) -> tf.Tensor:
+    """(batch, H, W, 1) bool, True inside one side x side square per image.
+
+    Each square's centre is uniform over the image, so squares near an edge are
+    clipped by it (DeVries & Taylor's Cutout).
+    """
+    seeds = tf.random.experimental.stateless_split(seed, num=2)
+    shape = tf.stack([batch, 1, 1, 1])
+    top = tf.random.stateless_uniform(shape, seeds[0], 0, image_size, tf.int32) - side // 2
+    left = tf.random.stateless_uniform(shape, seeds[1], 0, image_size, tf.int32) - side // 2
+    rows = tf.reshape(tf.range(image_size), [1, image_size, 1, 1])
+    cols = tf.reshape(tf.range(image_size), [1, 1, image_size, 1])
+    return (rows >= top) & (rows < top + side) & (cols >= left) & (cols < left + side)
+
+
+def augment_batch(
+    images: tf.Tensor,
+    augment: AugmentParams,
+    seed: tf.Tensor,
+    fill_colour: np.ndarray | None = None,
+) -> tf.Tensor:
+    """Augment a (batch, H, W, 3) uint8 batch; edges are filled with the nearest pixel.
+
+    fill_colour: (3,) uint8 RGB of the cutout squares (default black); the
+    pipeline passes the training images' mean, which the model normalises to ~0.
+    """
     batch, image_size = tf.shape(images)[0], images.shape[1]
-    transforms = augment_transforms(batch, image_size, augment, seed)
-    return tf.raw_ops.ImageProjectiveTransformV3(
-        images=images,
-        transforms=transforms,
-        output_shape=tf.shape(images)[1:3],
-        fill_value=0.0,
-        interpolation="BILINEAR",
-        fill_mode="NEAREST",  # as ImageDataGenerator's default fill_mode
-    )
+    if augment.rotation or augment.shift or augment.flip:
+        transforms = augment_transforms(batch, image_size, augment, seed)
+        images = tf.raw_ops.ImageProjectiveTransformV3(
+            images=images,
+            transforms=transforms,
+            output_shape=tf.shape(images)[1:3],
+            fill_value=0.0,
+            interpolation=augment.interpolation.upper(),
+            fill_mode="NEAREST",  # as ImageDataGenerator's default fill_mode
+        )
+    if augment.cutout:
+        # Its own stream (seed folded with 1), so turning cutout on leaves the
+        # geometric augmentation of every batch as it was.
+        mask = cutout_mask(
+            batch, image_size, augment.cutout, tf.random.experimental.stateless_fold_in(seed, 1)
+        )
+        colour = np.zeros(3, np.uint8) if fill_colour is None else fill_colour
+        images = tf.where(mask, tf.constant(colour, tf.uint8), images)
+    return images
 
 
 def steps_per_epoch(num_images: int, batch_size: int) -> int:
@@ -120,6 +152,9 @@ def make_dataset(
     count = len(split.labels)
     per_epoch = steps_per_epoch(count, batch_size * shards) * batch_size * shards
     seed = np.int64(seed)
+    mean_colour = None  # cutout's paint: the split's mean RGB, which the model normalises to ~0
+    if augment is not None and augment.cutout:
+        mean_colour = np.rint(split.images.reshape(-1, 3).mean(axis=0)).astype(np.uint8)
 
     def epoch_batches(epoch: tf.Tensor) -> tf.data.Dataset:
         order = tf.random.experimental.stateless_shuffle(
@@ -134,7 +169,7 @@ def make_dataset(
         if augment is not None:
             # A seed per (epoch, step, shard): the same batch is augmented the same way on resume.
             batch_seed = tf.stack([(seed * 1_000_003 + epoch) * 64 + shard_index, step])
-            batch_images = augment_batch(batch_images, augment, batch_seed)
+            batch_images = augment_batch(batch_images, augment, batch_seed, mean_colour)
         return batch_images, tf.gather(labels, index)
 
     dataset = tf.data.Dataset.range(first_epoch, epochs).flat_map(epoch_batches)

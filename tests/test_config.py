@@ -64,6 +64,12 @@ def with_value(raw: dict, dotted: str, value) -> dict:
             "train.label_smoothing: must be a number in [0, 1), got 1.0",
         ),
         ("train.augment.flip", "yes", "train.augment.flip: must be true or false, got 'yes'"),
+        (
+            "train.augment.interpolation",
+            "cubic",
+            "train.augment.interpolation: must be one of bilinear, nearest, got 'cubic'",
+        ),
+        ("train.augment.cutout", 2.5, "train.augment.cutout: must be an integer between 0 and"),
         ("model.filters", [32, 0], "model.filters: must be a list of at least 1 integers"),
         ("model.dropout", 1.0, "model.dropout: must be a number in [0, 1), got 1.0"),
         ("data.url", "ftp://x/y.tar.gz", "data.url: must be a URL starting with https://"),
@@ -148,7 +154,7 @@ def test_flatten_uses_dotted_names(raw_params):
     assert flat["model.filters"] == [32, 64, 128, 256]
     assert flat["data.format"] == "cifar10-python"
     assert flat["train.optimizer"] == "adam"
-    assert len(flat) == 28
+    assert len(flat) == 30
 
 
 def test_invalid_yaml_is_reported(tmp_path):

@@ -7,10 +7,14 @@ import pytest
 import tensorflow as tf
 
 from pipeline.config import AugmentParams
-from pipeline.data import augment_batch, make_dataset, steps_per_epoch
+from pipeline.data import augment_batch, cutout_mask, make_dataset, steps_per_epoch
 from pipeline.prepare import Split
 
 SEED = tf.constant([7, 11], tf.int64)
+
+
+def aug(rotation=0.0, shift=0.0, flip=False, interpolation="bilinear", cutout=0) -> AugmentParams:
+    return AugmentParams(rotation, shift, flip, interpolation, cutout)
 
 
 def stripe_images(count: int = 16) -> np.ndarray:
@@ -21,13 +25,13 @@ def stripe_images(count: int = 16) -> np.ndarray:
 
 def test_no_augmentation_is_identity():
     images = stripe_images()
-    out = augment_batch(tf.constant(images), AugmentParams(0.0, 0.0, False), SEED).numpy()
+    out = augment_batch(tf.constant(images), aug(), SEED).numpy()
     np.testing.assert_array_equal(out, images)
 
 
 def test_flip_mirrors_exactly_about_half_the_images():
     images = stripe_images(64)
-    out = augment_batch(tf.constant(images), AugmentParams(0.0, 0.0, True), SEED).numpy()
+    out = augment_batch(tf.constant(images), aug(flip=True), SEED).numpy()
     flipped = [bool((o == images[0][:, ::-1]).all()) for o in out]
     kept = [bool((o == images[0]).all()) for o in out]
     assert all(f != k for f, k in zip(flipped, kept, strict=True))  # each one or the other
@@ -36,7 +40,7 @@ def test_flip_mirrors_exactly_about_half_the_images():
 
 def test_shift_stays_within_bound_and_keeps_uint8():
     images = stripe_images(64)
-    out = augment_batch(tf.constant(images), AugmentParams(0.0, 5 / 32, False), SEED).numpy()
+    out = augment_batch(tf.constant(images), aug(shift=5 / 32), SEED).numpy()
     assert out.dtype == np.uint8 and out.shape == images.shape
     # The bar's left edge (column 4) moves by at most 5 pixels either way.
     left_edges = [np.flatnonzero(o[16, :, 0] > 127)[0] for o in out]
@@ -47,8 +51,53 @@ def test_shift_stays_within_bound_and_keeps_uint8():
 def test_rotation_keeps_centre_pixel():
     images = np.zeros((8, 33, 33, 3), np.uint8)
     images[:, 16, 16] = 200
-    out = augment_batch(tf.constant(images), AugmentParams(10.0, 0.0, False), SEED).numpy()
+    out = augment_batch(tf.constant(images), aug(rotation=10.0), SEED).numpy()
     assert (out[:, 16, 16] > 100).all()  # rotation is about the centre
+
+
+def test_bilinear_shifts_blend_pixels_and_nearest_shifts_copy_them():
+    images = stripe_images(64)  # only 0 and 255
+    blended = augment_batch(tf.constant(images), aug(shift=5 / 32), SEED).numpy()
+    copied = augment_batch(tf.constant(images), aug(shift=5 / 32, interpolation="nearest"), SEED)
+    assert ((blended > 0) & (blended < 255)).any()  # fractional shifts mix the bar and the dark
+    assert set(np.unique(copied.numpy())) == {0, 255}
+    # Whole-pixel shifts: every image is the bar moved by an integer offset.
+    left_edges = {int(np.flatnonzero(o[16, :, 0] == 255)[0]) for o in copied.numpy()}
+    assert left_edges <= set(range(4 - 5, 4 + 6)) and len(left_edges) > 3
+
+
+def test_cutout_mask_is_one_square_per_image_clipped_at_the_edges():
+    mask = cutout_mask(tf.constant(256), 32, 8, SEED).numpy()[..., 0]
+    assert mask.shape == (256, 32, 32)
+    areas = mask.sum(axis=(1, 2))
+    assert areas.max() == 64 and 16 <= areas.min() < 64  # whole inside, clipped at an edge
+    for m in mask:
+        rows, cols = np.flatnonzero(m.any(axis=1)), np.flatnonzero(m.any(axis=0))
+        assert m[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1].all()  # a filled rectangle
+        assert m.sum() == len(rows) * len(cols)
+    centres = [np.argwhere(m).mean(axis=0) for m in mask]
+    assert np.ptp(np.array(centres), axis=0).min() > 20  # spread over the image
+
+
+def test_cutout_paints_the_fill_colour_and_leaves_the_geometry_alone():
+    images = stripe_images(32)
+    colour = np.array([120, 121, 122], np.uint8)
+    plain = augment_batch(tf.constant(images), aug(5.0, 0.1, True), SEED).numpy()
+    cut = augment_batch(tf.constant(images), aug(5.0, 0.1, True, cutout=8), SEED, colour).numpy()
+    painted = (cut == colour).all(axis=-1)
+    assert (painted.sum(axis=(1, 2)) >= 16).all()
+    np.testing.assert_array_equal(cut[~painted], plain[~painted])  # same transform elsewhere
+    alone = augment_batch(tf.constant(images), aug(cutout=8), SEED).numpy()
+    changed = (alone != images).any(axis=-1)
+    assert (alone[changed] == 0).all()  # default paint is black; nothing else moves
+
+
+def test_training_batches_cut_out_with_the_mean_colour():
+    data = Split(np.full((32, 32, 32, 3), [10, 20, 30], np.uint8), np.zeros(32, np.int32))
+    data.images[:16] = [30, 40, 50]  # mean colour (20, 30, 40)
+    batch, _ = next(iter(make_dataset(data, 32, training=True, augment=aug(cutout=8), seed=1)))
+    painted = (batch.numpy() == [20, 30, 40]).all(axis=-1)
+    assert (painted.sum(axis=(1, 2)) >= 16).all()
 
 
 def split(count: int = 100) -> Split:
@@ -79,7 +128,7 @@ def test_training_order_is_seeded_per_epoch_and_full_batches():
 
 
 def test_resumed_epochs_see_exactly_the_same_batches():
-    data, augment = split(64), AugmentParams(10.0, 0.15625, True)
+    data, augment = split(64), aug(10.0, 0.15625, True, "nearest", 8)
     full = list(make_dataset(data, 16, training=True, augment=augment, seed=3, epochs=3))
     resumed = list(
         make_dataset(data, 16, training=True, augment=augment, seed=3, first_epoch=2, epochs=3)
