@@ -238,6 +238,7 @@ class TrainParams:
 class EvaluateParams:
     batch_size: int = _field(integer(1))
     misclassified: int = _field(integer(0, 400))  # images in the error grid
+    flip_tta: bool = _field(boolean())  # also score the mean prediction on image + mirror
     register: bool = _field(boolean())
 
 

@@ -6,6 +6,12 @@ Writes metrics/test.json (accuracy, loss, macro precision/recall/F1 and
 per-class figures), metrics/confusion.csv for `dvc plots`, and PNGs of the
 misclassified images, per-class accuracy and the confusion matrix.
 
+Every figure is of one forward pass per image, the way the saved model
+predicts. With `evaluate.flip_tta: true` test.json also gets `flip_tta`:
+accuracy, loss and macro F1 of the mean prediction on each image and its
+mirror (MLflow: `test_accuracy_flip_tta`, ...), at twice the inference time.
+The registry always compares single-pass accuracy.
+
 How evaluations are recorded in MLflow: a trained model may be evaluated
 several times (re-running only this stage after an `evaluate.*` change).
 Evaluation k of a training run logs its metrics to that run at step k
@@ -59,6 +65,16 @@ def score(probabilities: np.ndarray, labels: np.ndarray, class_names: list[str])
     }
 
 
+def flip_tta(probabilities: np.ndarray, mirrored: np.ndarray) -> np.ndarray:
+    """Flip test-time augmentation: the mean of the probabilities on each image and its mirror."""
+    return (probabilities + mirrored) / 2
+
+
+def tta_figures(figures: dict) -> dict:
+    """The headline figures of a test-time-augmented score, kept beside the single-pass ones."""
+    return {key: figures[key] for key in ("accuracy", "loss", "f1_macro")}
+
+
 def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, classes: int) -> np.ndarray:
     """(classes, classes) counts; rows are true classes, columns predicted ones."""
     flat = labels.astype(np.int64) * classes + predictions
@@ -76,6 +92,8 @@ def mlflow_metrics(figures: dict) -> dict[str, float]:
     for name, accuracy in figures["per_class_accuracy"].items():
         # MLflow metric names allow letters, digits and _-./ and spaces; keep them plain.
         metrics[f"test_accuracy_{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}"] = accuracy
+    for key, value in figures.get("flip_tta", {}).items():
+        metrics[f"test_{key}_flip_tta"] = value
     return metrics
 
 
@@ -129,6 +147,11 @@ def main(argv: list[str] | None = None) -> None:
     model = keras.saving.load_model(paths.MODEL_FILE)
     probabilities = model.predict(test.images, batch_size=cfg.batch_size, verbose=0)
     figures = score(probabilities, test.labels, class_names)
+    if cfg.flip_tta:
+        # (N, H, W, 3): axis 2 is width, so [:, :, ::-1] mirrors left-right.
+        mirrored = model.predict(test.images[:, :, ::-1], batch_size=cfg.batch_size, verbose=0)
+        tta = score(flip_tta(probabilities, mirrored), test.labels, class_names)
+        figures["flip_tta"] = tta_figures(tta)
     matrix = confusion_matrix(test.labels, probabilities.argmax(axis=1), len(class_names))
     drawn = write_outputs(figures, matrix, probabilities, test, class_names, cfg)
     print(
@@ -137,6 +160,13 @@ def main(argv: list[str] | None = None) -> None:
         f"({time.perf_counter() - started:.1f} s)",
         flush=True,
     )
+    if cfg.flip_tta:
+        tta = figures["flip_tta"]
+        print(
+            f"evaluate: with flip test-time augmentation: accuracy {tta['accuracy']:.4f}, "
+            f"loss {tta['loss']:.4f}, macro F1 {tta['f1_macro']:.4f}",
+            flush=True,
+        )
     worst = sorted(figures["per_class_accuracy"].items(), key=lambda item: item[1])[:3]
     print(
         "evaluate: weakest classes: "

@@ -109,14 +109,20 @@ def test_second_repro_does_nothing(repo):
 
 
 def test_evaluate_change_reruns_only_evaluate_and_keeps_both_evaluations(repo, client):
-    set_params(repo, {"evaluate.misclassified": 6})
+    set_params(repo, {"evaluate.misclassified": 6, "evaluate.flip_tta": True})
     result = dvc(repo, "repro")
     assert ran(result.stdout) == ["evaluate"]
     assert "logged as evaluation 2 of MLflow run" in result.stdout
+    assert "with flip test-time augmentation: accuracy" in result.stdout
+    tta = json.loads((repo / "metrics/test.json").read_text())["flip_tta"]
+    assert set(tta) == {"accuracy", "loss", "f1_macro"} and 0 <= tta["accuracy"] <= 1
     assert "version 1 (test accuracy" in result.stdout and "is already @champion" in result.stdout
     (logged,) = client.search_runs([client.get_experiment_by_name("cifar10-resnet").experiment_id])
     history = client.get_metric_history(logged.info.run_id, "test_accuracy")
     assert sorted(m.step for m in history) == [1, 2]  # both evaluations, neither overwritten
+    assert [
+        m.step for m in client.get_metric_history(logged.info.run_id, "test_accuracy_flip_tta")
+    ] == [2]
     params = json.loads(
         mlflow.artifacts.load_text(f"runs:/{logged.info.run_id}/evaluation-2/params.json")
     )

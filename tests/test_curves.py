@@ -1,0 +1,35 @@
+"""benchmarks/curves.py: plots run histories, and says clearly what is wrong with bad input."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks import curves
+
+HEADER = "epoch,loss,accuracy,val_loss,val_accuracy,learning_rate,images_per_second\n"
+
+
+def test_draws_several_runs_into_one_png(tmp_path, capsys):
+    for name, final in (("a", 0.8), ("b", 0.9)):
+        rows = [
+            f"{e},1.0,{final - 0.1 / e},1.0,{final - 0.2 / e},{0.1 / e},200\n" for e in (1, 2, 3)
+        ]
+        (tmp_path / f"{name}.csv").write_text(HEADER + "".join(rows))
+    out = tmp_path / "plots" / "curve.png"
+    curves.main([str(out), f"first={tmp_path / 'a.csv'}", f"second={tmp_path / 'b.csv'}"])
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "wrote" in capsys.readouterr().out
+    history = curves.read_history(tmp_path / "b.csv")
+    assert history["epoch"] == [1, 2, 3] and history["val_accuracy"][-1] == pytest.approx(
+        0.9 - 0.2 / 3
+    )
+
+
+def test_bad_input_names_the_problem(tmp_path):
+    with pytest.raises(SystemExit, match="missing columns val_accuracy, learning_rate"):
+        (tmp_path / "h.csv").write_text("epoch,accuracy\n1,0.5\n")
+        curves.read_history(tmp_path / "h.csv")
+    with pytest.raises(SystemExit, match="cannot read"):
+        curves.read_history(tmp_path / "absent.csv")
+    with pytest.raises(SystemExit):  # argparse: LABEL=path expected
+        curves.main([str(tmp_path / "x.png"), "no-label.csv"])

@@ -1,0 +1,60 @@
+"""evaluate's pure core: scores, flip test-time augmentation, MLflow metric names."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline.evaluate import confusion_matrix, flip_tta, mlflow_metrics, score, tta_figures
+
+CLASSES = ["cat", "dog", "ship"]
+
+
+def one_hot(predictions, confidence=0.8) -> np.ndarray:
+    probabilities = np.full((len(predictions), 3), (1 - confidence) / 2)
+    probabilities[np.arange(len(predictions)), predictions] = confidence
+    return probabilities
+
+
+def test_score_counts_hits_per_class_and_the_clipped_loss():
+    labels = np.array([0, 0, 1, 1, 2, 2])
+    figures = score(one_hot([0, 1, 1, 1, 2, 0]), labels, CLASSES)
+    assert figures["accuracy"] == pytest.approx(4 / 6)
+    assert figures["per_class_accuracy"] == pytest.approx({"cat": 0.5, "dog": 1.0, "ship": 0.5})
+    assert figures["loss"] == pytest.approx(-(4 * np.log(0.8) + 2 * np.log(0.1)) / 6)
+    assert figures["images"] == 6
+    perfect = np.eye(3)[labels]  # probability 0 elsewhere: log is clipped, not -inf
+    assert score(perfect, labels, CLASSES)["loss"] == pytest.approx(-np.log(1.0), abs=1e-6)
+    np.testing.assert_array_equal(
+        confusion_matrix(labels, np.array([0, 1, 1, 1, 2, 0]), 3), [[1, 1, 0], [0, 2, 0], [1, 0, 1]]
+    )
+
+
+def test_flip_tta_averages_the_two_views_and_can_change_the_decision():
+    plain = np.array([[0.6, 0.4, 0.0], [0.1, 0.2, 0.7]])
+    mirrored = np.array([[0.0, 1.0, 0.0], [0.0, 0.2, 0.8]])
+    mean = flip_tta(plain, mirrored)
+    np.testing.assert_allclose(mean, [[0.3, 0.7, 0.0], [0.05, 0.2, 0.75]])
+    np.testing.assert_allclose(mean.sum(axis=1), 1.0)
+    labels = np.array([1, 2])
+    assert score(plain, labels, CLASSES)["accuracy"] == 0.5
+    assert score(mean, labels, CLASSES)["accuracy"] == 1.0
+
+
+def test_tta_figures_become_their_own_mlflow_metrics():
+    labels = np.array([0, 1, 2])
+    figures = score(one_hot([0, 1, 1]), labels, CLASSES)
+    metrics = mlflow_metrics(figures)
+    assert metrics["test_accuracy"] == pytest.approx(2 / 3)
+    assert metrics["test_accuracy_ship"] == 0.0
+    assert not any(name.endswith("_flip_tta") for name in metrics)
+    figures["flip_tta"] = tta_figures(score(one_hot([0, 1, 2]), labels, CLASSES))
+    metrics = mlflow_metrics(figures)
+    assert metrics["test_accuracy"] == pytest.approx(2 / 3)  # the single-pass figure stays
+    assert metrics["test_accuracy_flip_tta"] == 1.0
+    assert {"test_loss_flip_tta", "test_f1_macro_flip_tta"} <= set(metrics)
+
+
+def test_class_names_are_made_safe_for_mlflow():
+    figures = score(one_hot([0]), np.array([0]), ["sea lion", "b", "c"])
+    assert "test_accuracy_sea_lion" in mlflow_metrics(figures)
