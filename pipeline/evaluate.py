@@ -65,6 +65,11 @@ def score(probabilities: np.ndarray, labels: np.ndarray, class_names: list[str])
     }
 
 
+def mirror(images: np.ndarray) -> np.ndarray:
+    """(N, H, W, C) images mirrored left-right (axis 2 is width), as training's flips do."""
+    return images[:, :, ::-1]
+
+
 def flip_tta(probabilities: np.ndarray, mirrored: np.ndarray) -> np.ndarray:
     """Flip test-time augmentation: the mean of the probabilities on each image and its mirror."""
     return (probabilities + mirrored) / 2
@@ -148,8 +153,7 @@ def main(argv: list[str] | None = None) -> None:
     probabilities = model.predict(test.images, batch_size=cfg.batch_size, verbose=0)
     figures = score(probabilities, test.labels, class_names)
     if cfg.flip_tta:
-        # (N, H, W, 3): axis 2 is width, so [:, :, ::-1] mirrors left-right.
-        mirrored = model.predict(test.images[:, :, ::-1], batch_size=cfg.batch_size, verbose=0)
+        mirrored = model.predict(mirror(test.images), batch_size=cfg.batch_size, verbose=0)
         tta = score(flip_tta(probabilities, mirrored), test.labels, class_names)
         figures["flip_tta"] = tta_figures(tta)
     matrix = confusion_matrix(test.labels, probabilities.argmax(axis=1), len(class_names))

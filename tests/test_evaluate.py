@@ -5,7 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.evaluate import confusion_matrix, flip_tta, mlflow_metrics, score, tta_figures
+from pipeline.evaluate import (
+    confusion_matrix,
+    flip_tta,
+    mirror,
+    mlflow_metrics,
+    score,
+    tta_figures,
+)
 
 CLASSES = ["cat", "dog", "ship"]
 
@@ -28,6 +35,22 @@ def test_score_counts_hits_per_class_and_the_clipped_loss():
     np.testing.assert_array_equal(
         confusion_matrix(labels, np.array([0, 1, 1, 1, 2, 0]), 3), [[1, 1, 0], [0, 2, 0], [1, 0, 1]]
     )
+
+
+def test_mirror_is_the_flip_training_augments_with():
+    import tensorflow as tf
+
+    from pipeline.config import AugmentParams
+    from pipeline.data import augment_batch
+
+    images = np.zeros((32, 32, 32, 3), np.uint8)
+    images[:, 8:24, 4:10] = 255  # a bar left of centre: mirrored, it is right of centre
+    flip = AugmentParams(0.0, 0.0, True, "bilinear", 0)
+    augmented = augment_batch(tf.constant(images), flip, tf.constant([7, 11], tf.int64)).numpy()
+    mirrored = mirror(images)
+    assert (mirrored[:, 16, 22:28] == 255).all() and (mirrored[:, 16, 4:10] == 0).all()
+    flipped = [a for a in augmented if not np.array_equal(a, images[0])]
+    assert flipped and all(np.array_equal(a, mirrored[0]) for a in flipped)
 
 
 def test_flip_tta_averages_the_two_views_and_can_change_the_decision():
