@@ -249,6 +249,19 @@ class Params:
     train: TrainParams = _field(TrainParams)
     evaluate: EvaluateParams = _field(EvaluateParams)
 
+    def __post_init__(self) -> None:
+        """Checks across sections, run once every section has passed its own."""
+        side, cutout = self.data.image_size, self.train.augment.cutout
+        if cutout > side:
+            # Squares are centred uniformly over the image: one as wide as the image
+            # erases 56% of it on average, one twice as wide all of it.
+            raise _fail(
+                "train.augment.cutout",
+                f"at most data.image_size ({side} pixels): a larger square erases "
+                "most or all of every training image",
+                cutout,
+            )
+
 
 # --- parsing ------------------------------------------------------------------------------
 

@@ -101,6 +101,15 @@ IMAGEFOLDER = {"data.format": "imagefolder", "data.url": "file:///data/pets", "d
         ({"data.md5": ""}, 'data.md5: may be "" only for a local folder (data.format imagefolder'),
         ({**IMAGEFOLDER, "data.url": "https://x/pets.zip"}, 'data.md5: may be "" only for a'),
         ({**IMAGEFOLDER, "data.val_size": -1}, "data.val_size: must be an integer >= 0, got -1"),
+        (
+            {"train.augment.cutout": 33},
+            "train.augment.cutout: must be at most data.image_size (32 pixels): a larger square "
+            "erases most or all of every training image, got 33",
+        ),
+        (
+            {**IMAGEFOLDER, "data.image_size": 16, "train.augment.cutout": 20},
+            "train.augment.cutout: must be at most data.image_size (16 pixels)",
+        ),
     ],
 )
 def test_checks_that_depend_on_the_format(raw_params, overrides, message):

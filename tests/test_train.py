@@ -191,6 +191,26 @@ def test_train_logs_a_complete_mlflow_run(repo):
 
 
 @pytest.mark.slow
+def test_no_validation_split_trains_on_every_image(repo, tmp_path):
+    # data.val_size 0 ("none"): a final model trained on all the training images.
+    set_params(repo, {"data.val_size": 0})
+    dvc(repo, "repro", "prepare")
+    train(repo)
+
+    summary = json.loads((repo / "metrics/train.json").read_text())
+    assert (summary["train_images"], summary["val_images"]) == (2000, 0)
+    assert not {"val_loss", "val_accuracy"} & set(summary)
+    history = (repo / "metrics/history.csv").read_text().splitlines()
+    assert history[0] == "epoch,loss,accuracy,learning_rate,images_per_second"
+    assert len(history) == 3
+    client, runs = runs_of(repo)
+    assert not any(key.startswith("val_") for key in runs[0].data.metrics)
+    # The curves still draw: DVC leaves out the missing val_* columns.
+    shown = dvc(repo, "plots", "show", "--json", "-o", str(tmp_path / "plots"))
+    assert "Accuracy per epoch" in shown.stdout
+
+
+@pytest.mark.slow
 def test_sigkill_resumes_in_the_same_run_without_gaps(repo):
     # The fast recipe's settings (README): its loss and optimizer state survive the kill too.
     set_params(repo, {"train.epochs": 6, **RECIPE, "train.learning_rate": 0.05})
