@@ -10,8 +10,8 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 GPU ?= 0
-EXTRAS := dev$(if $(filter 1 yes true,$(GPU)),$(comma)gpu,)
 comma := ,
+EXTRAS := dev$(if $(filter 1 yes true,$(GPU)),$(comma)gpu,)
 # Reinstall when the dependencies change; the stamp records which extras are in.
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 

@@ -128,6 +128,7 @@ def make_dataset(
     first_epoch: int = 0,
     epochs: int = 1,
     shard: tuple[int, int] = (1, 0),
+    replicas: int | None = None,
 ) -> tf.data.Dataset:
     """Batches of (images (batch, H, W, 3) uint8, labels (batch,) int32).
 
@@ -139,8 +140,10 @@ def make_dataset(
     shard=(count, index): this input pipeline is one of `count` (one per
     worker) that together make each global step. Every pipeline computes the
     same epoch order and takes every count-th image of it, so the workers see
-    disjoint images and the same number of steps; `batch_size` is then this
-    pipeline's share of the global batch.
+    disjoint images and the same number of steps. `batch_size` is then one
+    replica's share of the global batch and `replicas` the replicas in sync
+    across all workers (default: one per pipeline); a pipeline feeding several
+    local replicas yields one batch per replica per step.
     """
     images = tf.constant(split.images)  # (N, H, W, 3) uint8, shared by all epochs
     labels = tf.constant(split.labels)
@@ -150,7 +153,8 @@ def make_dataset(
 
     shards, shard_index = shard
     count = len(split.labels)
-    per_epoch = steps_per_epoch(count, batch_size * shards) * batch_size * shards
+    global_batch = batch_size * (replicas or shards)
+    per_epoch = steps_per_epoch(count, global_batch) * global_batch
     seed = np.int64(seed)
     mean_colour = None  # cutout's paint: the split's mean RGB, which the model normalises to ~0
     if augment is not None and augment.cutout:

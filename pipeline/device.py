@@ -22,9 +22,9 @@ def resolve_device(params: TrainParams) -> Device:
     GPUs: bfloat16 where the chip has it (compute capability 8.0+: A100, H100),
     float16 with loss scaling before that, and XLA. CPUs: bfloat16 where the
     CPU computes it natively (AMX or AVX512-BF16: oneDNN runs the convolutions
-    in bf16), else float32; no XLA. On a 2-core Xeon with AMX, batch 128,
-    interleaved runs of the default network gave 95-100 img/s in float32 and
-    133-137 in mixed_bfloat16 (BENCHMARKS.md); XLA was slower than oneDNN.
+    in bf16), else float32; no XLA. On a 2-core Xeon with AMX, batch 128, the
+    default network trained at 96 img/s in float32 and 133 in mixed_bfloat16 on
+    the full data, and bfloat16 with XLA at 70-72 (BENCHMARKS.md).
     """
     import tensorflow as tf
 

@@ -109,6 +109,7 @@ def fit_workers(model, strategy, train, val, cfg, steps: int, first_epoch: int, 
             train, context.get_per_replica_batch_size(batch), training=True,
             augment=cfg.augment, seed=cfg.seed, first_epoch=first_epoch, epochs=cfg.epochs,
             shard=(context.num_input_pipelines, context.input_pipeline_id),
+            replicas=context.num_replicas_in_sync,
         )  # fmt: skip
 
     batches = iter(strategy.distribute_datasets_from_function(shard))

@@ -45,7 +45,7 @@ def score(probabilities: np.ndarray, labels: np.ndarray, class_names: list[str])
     classes = len(class_names)
     predictions = probabilities.argmax(axis=1)
     picked = probabilities[np.arange(len(labels)), labels]
-    loss = float(-np.log(np.clip(picked, EPSILON, 1.0)).mean())
+    loss = float(-np.log(np.clip(picked, EPSILON, 1 - EPSILON)).mean())
     matrix = confusion_matrix(labels, predictions, classes)
     hits = np.diag(matrix).astype(float)
     support, predicted = matrix.sum(axis=1), matrix.sum(axis=0)
@@ -96,7 +96,12 @@ def mlflow_metrics(figures: dict) -> dict[str, float]:
     }
     for name, accuracy in figures["per_class_accuracy"].items():
         # MLflow metric names allow letters, digits and _-./ and spaces; keep them plain.
-        metrics[f"test_accuracy_{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}"] = accuracy
+        key = base = f"test_accuracy_{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}"
+        copies = 1
+        while key in metrics:  # "sea lion" and "sea_lion" would share a name
+            copies += 1
+            key = f"{base}_{copies}"
+        metrics[key] = accuracy
     for key, value in figures.get("flip_tta", {}).items():
         metrics[f"test_{key}_flip_tta"] = value
     return metrics

@@ -14,9 +14,10 @@ PARAMS = Path("params.yaml")
 RAW_DIR = Path("data/raw")  # download's out: the archive as served
 PREPARED_DIR = Path("data/prepared")  # prepare's out: uint8 arrays + stats
 
-# Inside PREPARED_DIR: one uncompressed .npz per split holding `images`
-# (N, 32, 32, 3) uint8 and `labels` (N,) int32, plus meta.json with the class
-# names, split sizes and the training split's per-channel mean/std (0-255 units).
+# Inside PREPARED_DIR: one uncompressed .npz per split holding `images` (N, S, S, 3)
+# uint8, S = data.image_size (32 for CIFAR-10), and `labels` (N,) int32, plus meta.json
+# with the class names, split sizes and the training split's per-channel mean/std
+# (0-255 units).
 SPLITS = ("train", "val", "test")
 META_FILE = "meta.json"
 

@@ -31,7 +31,10 @@ class Decision:
             return f"{name} is the first champion: @{CHAMPION} -> version {self.version}"
         if self.champion_version == self.version:
             return f"{name} is already @{CHAMPION}"
-        before = f"champion version {self.champion_version} ({self.champion_accuracy:.4f})"
+        if self.champion_accuracy is None:  # registered outside the pipeline, never scored
+            before = f"champion version {self.champion_version} (no recorded test accuracy)"
+        else:
+            before = f"champion version {self.champion_version} ({self.champion_accuracy:.4f})"
         if self.promoted:
             return f"{name} beats {before}: @{CHAMPION} -> version {self.version}"
         return (
@@ -49,8 +52,29 @@ class Decision:
 
 
 def should_promote(accuracy: float, champion_accuracy: float | None) -> bool:
-    """Strictly better, or no champion yet; a tie keeps the current champion."""
+    """Strictly better, or no champion (or one never scored) yet; a tie keeps the champion."""
     return champion_accuracy is None or accuracy > champion_accuracy
+
+
+def recorded_accuracy(client, champion) -> float | None:
+    """The champion's test accuracy: its version tag, else its run's metric, else None.
+
+    A version aliased by hand or registered outside the pipeline may carry neither;
+    it then counts as unscored and the next evaluated model replaces it.
+    """
+    from mlflow.exceptions import MlflowException
+
+    tag = champion.tags.get("test_accuracy")
+    if tag is not None:
+        return float(tag)
+    if champion.run_id:
+        try:
+            metric = client.get_run(champion.run_id).data.metrics.get("test_accuracy")
+        except MlflowException:  # its run was deleted
+            metric = None
+        if metric is not None:
+            return float(metric)
+    return None
 
 
 @retry_locked
@@ -74,7 +98,7 @@ def register(model_uri: str, run_id: str, accuracy: float) -> Decision:
         champion_version = str(champion.version) if champion else None
         champion_accuracy = None
         if champion and champion_version != version:
-            champion_accuracy = float(champion.tags.get("test_accuracy", "nan"))
+            champion_accuracy = recorded_accuracy(client, champion)
         if champion_version == version:
             promoted = False
         else:

@@ -28,6 +28,14 @@ from pipeline.prepare import Split, load_meta, load_split
 HISTORY_COLUMNS = (
     "epoch", "loss", "accuracy", "val_loss", "val_accuracy", "learning_rate", "images_per_second",
 )  # fmt: skip
+# The params sections training reads (dvc.yaml's train stage lists the same). Only these
+# are MLflow run params and key the recovery state: evaluate.* must not restart a training.
+TRAINING_SECTIONS = ("data", "model", "train")
+
+
+def training_params(params: Params) -> dict:
+    """The dotted values of the sections training reads, as the MLflow run logs them."""
+    return {k: v for k, v in flatten(params).items() if k.split(".")[0] in TRAINING_SECTIONS}
 
 
 # --- checks ----------------------------------------------------------------------------------
@@ -233,7 +241,7 @@ def run_training(
     steps = steps_per_epoch(len(train.labels), cfg.batch_size)
     # Only the chief writes the recovery state; the other workers read it to resume too.
     store = StateStore(paths.TRAIN_STATE_DIR, writable=cluster.chief)
-    expected = fingerprint(flatten(params), meta, device.precision, cluster.workers)
+    expected = fingerprint(training_params(params), meta, device.precision, cluster.workers)
     state = store.load(expected) or TrainState(fingerprint=expected)
     with strategy.scope():
         model = compiled_model(params, meta, state, store, steps, device)
@@ -249,7 +257,9 @@ def run_training(
             tracking.backfill_metrics(state.run_id, state.history)
         else:
             store.start(state)
-            tracking.log_params({**flatten(params), "train.precision_resolved": device.precision})
+            tracking.log_params(
+                {**training_params(params), "train.precision_resolved": device.precision}
+            )
         tracking.set_tags(tracking.run_tags())
     where = f"{device.count} {device.kind}"
     if cluster.workers > 1:

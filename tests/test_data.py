@@ -156,3 +156,20 @@ def test_shards_split_each_epoch_into_disjoint_equal_parts():
     assert len(parts[0]) == len(parts[1]) == 50  # the same number of steps on both workers
     assert not set(parts[0]) & set(parts[1])
     assert sorted(np.concatenate(parts)) == sorted(whole)  # together: one global epoch
+
+
+def test_workers_with_several_replicas_keep_epochs_apart():
+    # 2 workers x 2 replicas, global batch 20: 5 per replica, 5 steps of 110 images per
+    # epoch; each worker yields 2 batches per step, 10 per epoch, none rolling over.
+    data = split(110)
+    whole = labels_per_epoch(make_dataset(data, 20, training=True, seed=5, epochs=2), 5)
+    for epoch in range(2):
+        parts = []
+        for i in range(2):
+            batches = make_dataset(
+                data, 5, training=True, seed=5, epochs=2, shard=(2, i), replicas=4
+            )
+            labels = [y for _, y in batches.as_numpy_iterator()]
+            assert len(labels) == 20  # 2 epochs x 5 steps x 2 local replicas
+            parts.append(np.concatenate(labels[epoch * 10 : (epoch + 1) * 10]))
+        assert sorted(np.concatenate(parts)) == sorted(whole[epoch])

@@ -19,10 +19,10 @@ import yaml
 
 from pipeline.config import parse_params
 from pipeline.optimizer import make_optimizer, make_schedule
-from pipeline.train import check_fits, epoch_line
+from pipeline.train import TRAINING_SECTIONS, check_fits, epoch_line, training_params
 from tests.cifar_archive import write_archive
+from tests.repo import ROOT, dvc, make_repo, run, set_params, stage_env
 from tests.repo import TINY as BASE
-from tests.repo import dvc, make_repo, run, set_params, stage_env
 
 TINY = {**BASE, "train.batch_size": 64, "data.val_size": 200}
 # The README's fast recipe, but for its epochs.
@@ -84,6 +84,14 @@ def test_compiled_model_uses_the_params_optimizer_and_loss(raw_params):
     assert isinstance(model.optimizer, keras.optimizers.SGD)
     assert model.optimizer.weight_decay == 0.005
     assert model.loss.label_smoothing == 0.1
+
+
+def test_training_params_are_the_sections_the_train_stage_declares(raw_params):
+    stage = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["train"]
+    assert tuple(stage["params"]) == TRAINING_SECTIONS
+    keys = training_params(parse_params(raw_params))
+    assert {key.split(".")[0] for key in keys} == set(TRAINING_SECTIONS)
+    assert keys["train.augment.cutout"] == 0 and "evaluate.batch_size" not in keys
 
 
 def test_batch_larger_than_training_set_is_a_params_error(raw_params):
@@ -163,6 +171,7 @@ def test_train_logs_a_complete_mlflow_run(repo):
     assert logged.data.params["model.filters"] == "[8, 16]"
     assert logged.data.params["train.augment.flip"] == "True"
     assert logged.data.params["data.val_size"] == "200"
+    assert not [key for key in logged.data.params if key.startswith("evaluate.")]
     for metric in (
         "loss",
         "accuracy",
@@ -234,6 +243,7 @@ def test_sigkill_resumes_in_the_same_run_without_gaps(repo):
     assert 2 <= killed_at < 6
     assert not (repo / "models/model.keras").exists()
 
+    set_params(repo, {"evaluate.batch_size": 250})  # evaluation settings do not restart it
     result = dvc(repo, "repro", "train")
     assert f"resuming after epoch {killed_at}" in result.stdout
     assert result.stdout.count("train: epoch") == 6 - killed_at

@@ -1,0 +1,55 @@
+"""The champion rule of pipeline/registry.py, on stand-ins for MLflow's objects."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from mlflow.exceptions import MlflowException
+
+from pipeline.registry import Decision, recorded_accuracy, should_promote
+
+
+class Client:
+    """Answers get_run like MlflowClient: a run's metrics, or an error for an unknown run."""
+
+    def __init__(self, metrics: dict[str, dict[str, float]]):
+        self.metrics = metrics
+
+    def get_run(self, run_id: str):
+        if run_id not in self.metrics:
+            raise MlflowException(f"Run '{run_id}' not found")
+        return SimpleNamespace(data=SimpleNamespace(metrics=self.metrics[run_id]))
+
+
+def version(tags=None, run_id=None):
+    return SimpleNamespace(tags=tags or {}, run_id=run_id)
+
+
+def test_strictly_better_wins_and_a_tie_keeps_the_champion():
+    assert should_promote(0.9, None)
+    assert should_promote(0.9, 0.8)
+    assert not should_promote(0.9, 0.9)
+    assert not should_promote(0.8, 0.9)
+
+
+def test_champion_accuracy_comes_from_its_tag_then_its_run():
+    client = Client({"r1": {"test_accuracy": 0.85}, "r2": {}})
+    assert recorded_accuracy(client, version({"test_accuracy": "0.910000"}, "r1")) == 0.91
+    assert recorded_accuracy(client, version(run_id="r1")) == 0.85
+    assert recorded_accuracy(client, version(run_id="r2")) is None  # run never evaluated
+    assert recorded_accuracy(client, version(run_id="gone")) is None  # run deleted
+    assert recorded_accuracy(client, version()) is None  # registered by hand, no run
+
+
+def test_an_unscored_champion_is_replaced_and_the_decision_says_why():
+    champion_accuracy = recorded_accuracy(Client({}), version())
+    promoted = should_promote(0.5, champion_accuracy)
+    decision = Decision("3", 0.5, "1", champion_accuracy, promoted)
+    assert decision.describe() == (
+        "cifar10-resnet version 3 (test accuracy 0.5000) beats champion version 1 "
+        "(no recorded test accuracy): @champion -> version 3"
+    )
+    kept = Decision("3", 0.5, "1", 0.75, should_promote(0.5, 0.75))
+    assert kept.describe().endswith(
+        "does not beat champion version 1 (0.7500): @champion stays on version 1"
+    )
