@@ -18,9 +18,11 @@ fail after COLLECTIVE_TIMEOUT_S instead of hanging.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from pipeline.errors import PipelineError
@@ -72,6 +74,22 @@ def make_strategy(gpus: int, cluster: Cluster):
     if gpus > 1:
         return tf.distribute.MirroredStrategy()
     return tf.distribute.get_strategy()
+
+
+@contextlib.contextmanager
+def peers_reachable() -> Iterator[None]:
+    """Turn a collective's failure (a peer died or hangs) into one clear error."""
+    import tensorflow as tf
+
+    try:
+        yield
+    except (tf.errors.UnavailableError, tf.errors.DeadlineExceededError,
+            tf.errors.CancelledError, tf.errors.InternalError) as error:  # fmt: skip
+        raise PipelineError(
+            "a training worker stopped or became unreachable "
+            f"({type(error).__name__}: {str(error).splitlines()[0][:160]}); restart all "
+            "workers with `dvc repro`: training resumes from the last completed epoch"
+        ) from None
 
 
 def check_same_start(strategy, epochs_done: int) -> None:
@@ -140,18 +158,12 @@ def fit_workers(model, strategy, train, val, cfg, steps: int, first_epoch: int, 
         right = tf.reduce_sum(tf.cast(predicted == labels, tf.float32))
         return tf.stack([tf.reduce_sum(tf.cast(losses, tf.float32)), right])
 
-    check_same_start(strategy, first_epoch)
+    with peers_reachable():  # the first collective: a peer may die before any step
+        check_same_start(strategy, first_epoch)
     for epoch in range(first_epoch, cfg.epochs):
         started = time.perf_counter()
-        try:
+        with peers_reachable():
             totals = sum(train_step(batches).numpy() for _ in range(steps))
-        except (tf.errors.UnavailableError, tf.errors.DeadlineExceededError,
-                tf.errors.CancelledError, tf.errors.InternalError) as error:  # fmt: skip
-            raise PipelineError(
-                "a training worker stopped or became unreachable "
-                f"({type(error).__name__}: {str(error).splitlines()[0][:160]}); restart all "
-                "workers with `dvc repro`: training resumes from the last completed epoch"
-            ) from None
         train_s = time.perf_counter() - started
         logs = {"loss": totals[0] / (steps * batch), "accuracy": totals[1] / (steps * batch)}
         if validation is not None:

@@ -18,6 +18,8 @@ import pytest
 import yaml
 
 from pipeline.config import parse_params
+from pipeline.distributed import peers_reachable
+from pipeline.errors import PipelineError
 from pipeline.optimizer import make_optimizer, make_schedule
 from pipeline.train import TRAINING_SECTIONS, check_fits, epoch_line, training_params
 from tests.cifar_archive import write_archive
@@ -92,6 +94,17 @@ def test_training_params_are_the_sections_the_train_stage_declares(raw_params):
     keys = training_params(parse_params(raw_params))
     assert {key.split(".")[0] for key in keys} == set(TRAINING_SECTIONS)
     assert keys["train.augment.cutout"] == 0 and "evaluate.batch_size" not in keys
+
+
+def test_a_failed_collective_becomes_one_clear_error():
+    import tensorflow as tf
+
+    with pytest.raises(PipelineError) as error, peers_reachable():
+        raise tf.errors.UnavailableError(None, None, "task 1 stopped sending heartbeats\nmore")
+    assert str(error.value).startswith(
+        "a training worker stopped or became unreachable (UnavailableError: task 1 stopped "
+        "sending heartbeats); restart all workers with `dvc repro`"
+    )
 
 
 def test_batch_larger_than_training_set_is_a_params_error(raw_params):
