@@ -5,7 +5,8 @@
 Draws validation accuracy (solid) and augmented train accuracy (dashed) per
 epoch for each run, and the learning rate below, so recipes can be compared
 at a glance. The CSVs are the train stage's `metrics/history.csv`: one row
-per epoch with at least epoch, accuracy, val_accuracy and learning_rate.
+per epoch with at least epoch, accuracy and learning_rate, and val_accuracy
+unless the run had no validation split (`data.val_size: 0`; train only then).
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import csv
 import sys
 from pathlib import Path
 
-COLUMNS = ("epoch", "accuracy", "val_accuracy", "learning_rate")
+COLUMNS = ("epoch", "accuracy", "learning_rate")
+OPTIONAL = ("val_accuracy",)  # absent when the run held out no validation images
 
 
 def read_history(path: Path) -> dict[str, list[float]]:
@@ -28,7 +30,8 @@ def read_history(path: Path) -> dict[str, list[float]]:
     missing = [c for c in COLUMNS if not rows or c not in rows[0]]
     if missing:
         sys.exit(f"curves: {path}: no rows or missing columns {', '.join(missing)}")
-    return {c: [float(row[c]) for row in rows] for c in COLUMNS}
+    present = COLUMNS + tuple(c for c in OPTIONAL if c in rows[0])
+    return {c: [float(row[c]) for row in rows] for c in present}
 
 
 def parse_run(argument: str) -> tuple[str, Path]:
@@ -48,9 +51,10 @@ def draw(runs: dict[str, dict[str, list[float]]], out: Path) -> None:
         2, 1, figsize=(8, 7), sharex=True, gridspec_kw={"height_ratios": [3, 1]}
     )
     for (label, history), colour in zip(runs.items(), plt.cm.tab10.colors, strict=False):
-        val = history["val_accuracy"]
-        summary = f"{label}: val (final {val[-1]:.4f}, best {max(val):.4f})"
-        top.plot(history["epoch"], val, color=colour, label=summary)
+        val = history.get("val_accuracy")
+        if val:
+            summary = f"{label}: val (final {val[-1]:.4f}, best {max(val):.4f})"
+            top.plot(history["epoch"], val, color=colour, label=summary)
         top.plot(history["epoch"], history["accuracy"], color=colour, linestyle="--",
                  label=f"{label}: train, augmented")  # fmt: skip
         bottom.plot(history["epoch"], history["learning_rate"], color=colour, label=label)
