@@ -4,7 +4,7 @@ A trained model is registered once as a version of `cifar10-resnet` (a
 re-evaluation of the same model reuses its version); the version carries its
 latest test accuracy as the tag `test_accuracy`. The alias `champion` moves
 to it only when that accuracy beats the current champion's: a tie keeps the
-old one.
+old one, and a champion with no recorded accuracy (aliased by hand) is replaced.
 """
 
 from __future__ import annotations
