@@ -41,14 +41,28 @@ def test_champion_accuracy_comes_from_its_tag_then_its_run():
     assert recorded_accuracy(client, version()) is None  # registered by hand, no run
 
 
-def test_an_unscored_champion_is_replaced_and_the_decision_says_why():
-    champion_accuracy = recorded_accuracy(Client({}), version())
-    promoted = should_promote(0.5, champion_accuracy)
-    decision = Decision("3", 0.5, "1", champion_accuracy, promoted)
+def test_an_unscored_champion_is_replaced_and_the_decision_says_why(tmp_path, monkeypatch, request):
+    import mlflow
+    from mlflow import MlflowClient
+
+    from pipeline.registry import register
+
+    monkeypatch.chdir(tmp_path)
+    previous = mlflow.get_tracking_uri()
+    request.addfinalizer(lambda: mlflow.set_tracking_uri(previous))
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = MlflowClient()
+    client.create_registered_model("cifar10-resnet")  # a champion aliased by hand, no tags
+    handmade = client.create_model_version("cifar10-resnet", source=(tmp_path / "m").as_uri())
+    client.set_registered_model_alias("cifar10-resnet", "champion", handmade.version)
+    with mlflow.start_run() as run:
+        mlflow.log_text("stand-in", "model/MLmodel")
+    decision = register(f"runs:/{run.info.run_id}/model", run.info.run_id, 0.5)
     assert decision.describe() == (
-        "cifar10-resnet version 3 (test accuracy 0.5000) beats champion version 1 "
-        "(no recorded test accuracy): @champion -> version 3"
+        "cifar10-resnet version 2 (test accuracy 0.5000) beats champion version 1 "
+        "(no recorded test accuracy): @champion -> version 2"
     )
+    assert str(client.get_model_version_by_alias("cifar10-resnet", "champion").version) == "2"
     kept = Decision("3", 0.5, "1", 0.75, should_promote(0.5, 0.75))
     assert kept.describe().endswith(
         "does not beat champion version 1 (0.7500): @champion stays on version 1"
