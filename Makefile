@@ -31,7 +31,7 @@ repro: venv
 	$(BIN)/dvc repro
 
 test: venv
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --durations=10
 
 test-fast: venv
 	$(BIN)/python -m pytest -m 'not slow'

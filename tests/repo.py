@@ -24,14 +24,40 @@ TINY = {
 COPIED = ("pipeline", "params.yaml", "dvc.yaml", ".dvc/config", ".dvcignore", ".gitignore")
 
 
-def run(cmd: list[str], cwd: Path, env: dict | None = None, check: bool = True):
-    result = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env)
+# Seconds any one command may take. The slowest here, a tiny `dvc repro` or a
+# queued experiment, takes under a minute on 2 cores; a hung command fails its
+# test with its output instead of stalling the whole suite.
+COMMAND_TIMEOUT_S = 600
+
+
+def run(
+    cmd: list[str],
+    cwd: Path,
+    env: dict | None = None,
+    check: bool = True,
+    timeout: float = COMMAND_TIMEOUT_S,
+):
+    try:
+        result = subprocess.run(
+            cmd, cwd=cwd, capture_output=True, text=True, env=env, timeout=timeout
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise AssertionError(
+            f"{' '.join(cmd)} did not finish in {timeout:.0f} s\n"
+            f"--- stdout\n{_text(exc.stdout)}\n--- stderr\n{_text(exc.stderr)}"
+        ) from None
     if check and result.returncode != 0:
         raise AssertionError(
             f"{' '.join(cmd)} exited {result.returncode}\n"
             f"--- stdout\n{result.stdout}\n--- stderr\n{result.stderr}"
         )
     return result
+
+
+def _text(output: bytes | str | None) -> str:
+    if isinstance(output, bytes):
+        return output.decode(errors="replace")
+    return output or ""
 
 
 def stage_env(extra: dict | None = None) -> dict:
@@ -82,5 +108,8 @@ def set_params(repo: Path, overrides: dict[str, object]) -> None:
     params_file.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-def dvc(repo: Path, *args: str, env: dict | None = None, check: bool = True):
-    return run([str(Path(sys.executable).parent / "dvc"), *args], repo, env or stage_env(), check)
+DVC = str(Path(sys.executable).parent / "dvc")
+
+
+def dvc(repo: Path, *args: str, env: dict | None = None, check: bool = True, **kwargs):
+    return run([DVC, *args], repo, env or stage_env(), check, **kwargs)

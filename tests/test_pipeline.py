@@ -6,17 +6,20 @@ on one repository copy, each building on the state the previous one left.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import subprocess
 import sys
 import time
 
 import mlflow
 import numpy as np
+import psutil
 import pytest
 import yaml
 from PIL import Image
 
-from tests.repo import TINY, dvc, make_repo, run, set_params, stage_env
+from tests.repo import DVC, TINY, dvc, make_repo, run, set_params, stage_env
 
 pytestmark = pytest.mark.slow
 
@@ -147,15 +150,62 @@ def test_train_change_reruns_train_and_evaluate_only(repo, client):
     commit(repo, "train change")
 
 
+def start_queue(repo, workers: int) -> None:
+    """`dvc queue start` as a user's shell runs it: it returns once the workers are spawned.
+
+    Its forked helpers keep the stdout and stderr they inherited until the
+    workers exit, so the output goes to a file: read through a pipe, the call
+    would block until the queue is done, or forever if a worker hangs.
+    """
+    log = repo / ".dvc/tmp/queue-start.log"
+    with log.open("w") as output:
+        start = subprocess.run(
+            [DVC, "queue", "start", "-j", str(workers)],
+            cwd=repo, env=stage_env(), stdout=output, stderr=subprocess.STDOUT, timeout=120,
+        )  # fmt: skip
+    assert start.returncode == 0, log.read_text()
+
+
+def wait_for_queue(repo, timeout_s: float) -> str:
+    """The last `dvc queue status` once nothing is queued or running.
+
+    Fails with the workers' logs if the queue is not done in `timeout_s`.
+    """
+    deadline = time.monotonic() + timeout_s
+    status = ""
+    while time.monotonic() < deadline:
+        try:
+            status = dvc(repo, "queue", "status", timeout=60).stdout
+        except AssertionError as error:  # a status call that fails or hangs is retried
+            status = f"`dvc queue status` failed: {error}"
+        else:
+            if "Queued" not in status and "Running" not in status:
+                return status
+        time.sleep(2)
+    logs = "\n".join(
+        f"--- {log.name}\n{log.read_text()[-3000:]}"
+        for log in sorted((repo / ".dvc/tmp/exps/celery").glob("*.out"))
+    )
+    raise AssertionError(f"queue not done in {timeout_s:.0f} s:\n{status}\n{logs}")
+
+
+def stop_queue(repo) -> None:
+    """Stop the workers, and kill any that did not stop: none outlives the test."""
+    dvc(repo, "queue", "stop", "--kill", check=False, timeout=60)
+    for pidfile in (repo / ".dvc/tmp/exps/celery").glob("dvc-exp-worker-*.pid"):
+        with contextlib.suppress(ValueError, psutil.Error):
+            worker = psutil.Process(int(pidfile.read_text()))
+            if "queue-worker" in " ".join(worker.cmdline()):  # not a reused pid
+                worker.kill()
+
+
 def test_queued_experiments_land_in_the_same_store(repo, client):
     dvc(repo, "exp", "run", "--queue", "-S", "train.learning_rate=0.002,0.0005")
-    dvc(repo, "queue", "start", "-j", "2")
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        status = dvc(repo, "queue", "status").stdout
-        if "Queued" not in status and "Running" not in status:
-            break
-        time.sleep(2)
+    try:
+        start_queue(repo, workers=2)
+        status = wait_for_queue(repo, timeout_s=600)
+    finally:
+        stop_queue(repo)
     assert status.count("Success") == 2, status
 
     experiment = client.get_experiment_by_name("cifar10-resnet").experiment_id
