@@ -1,6 +1,6 @@
 """train: the prepared data -> models/model.keras, tracked in one MLflow run.
 
-    python -m pipeline.train     # reads data, model and train from params.yaml
+    python -m pipeline.train     # reads model and train from params.yaml, data/prepared
 
 Prints one line per epoch; checkpoints every epoch into .train-state/ so a
 killed run continues where it stopped (see pipeline/resume.py); logs params,
@@ -28,14 +28,27 @@ from pipeline.prepare import Split, load_meta, load_split
 HISTORY_COLUMNS = (
     "epoch", "loss", "accuracy", "val_loss", "val_accuracy", "learning_rate", "images_per_second",
 )  # fmt: skip
-# The params sections training reads (dvc.yaml's train stage lists the same). Only these
-# are MLflow run params and key the recovery state: evaluate.* must not restart a training.
-TRAINING_SECTIONS = ("data", "model", "train")
+# The params sections training reads; dvc.yaml's train stage lists the same, so editing one
+# re-runs training. data.* reach training only through data/prepared, a dep by content (and
+# meta.json keys the recovery state with it), so a mirror URL serving the same archive
+# re-runs the download and nothing after it. evaluate.* must not restart a training either.
+TRAINING_SECTIONS = ("model", "train")
+# The MLflow run's params: the training sections and the data params that made its data.
+LOGGED_SECTIONS = ("data", *TRAINING_SECTIONS)
+
+
+def _sections(params: Params, names: tuple[str, ...]) -> dict:
+    return {k: v for k, v in flatten(params).items() if k.split(".")[0] in names}
 
 
 def training_params(params: Params) -> dict:
-    """The dotted values of the sections training reads, as the MLflow run logs them."""
-    return {k: v for k, v in flatten(params).items() if k.split(".")[0] in TRAINING_SECTIONS}
+    """The dotted values of the sections training reads: with meta.json, the resume key."""
+    return _sections(params, TRAINING_SECTIONS)
+
+
+def logged_params(params: Params) -> dict:
+    """The dotted values the MLflow run logs as params: training's and the data's."""
+    return _sections(params, LOGGED_SECTIONS)
 
 
 # --- checks ----------------------------------------------------------------------------------
@@ -258,7 +271,7 @@ def run_training(
         else:
             store.start(state)
             tracking.log_params(
-                {**training_params(params), "train.precision_resolved": device.precision}
+                {**logged_params(params), "train.precision_resolved": device.precision}
             )
         tracking.set_tags(tracking.run_tags())
     where = f"{device.count} {device.kind}"

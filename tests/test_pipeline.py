@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -109,6 +110,28 @@ def test_repro_runs_all_four_stages(repo, request):
 def test_second_repro_does_nothing(repo):
     result = dvc(repo, "repro")
     assert ran(result.stdout) == []
+
+
+def test_a_mirror_of_the_same_archive_retrains_nothing(repo, served_archive, tmp_path):
+    # Under the same file name, only download re-runs (and reuses the archive it has).
+    same_name = tmp_path / "copy" / "cifar-10-python.tar.gz"
+    same_name.parent.mkdir()
+    shutil.copy(repo / "data/raw/cifar-10-python.tar.gz", same_name)
+    set_params(repo, {"data.url": same_name.as_uri()})
+    assert ran(dvc(repo, "repro").stdout) == ["download"]
+    # Under another name, prepare re-runs for the new data/raw, but writes the same bytes.
+    other_name = tmp_path / "cifar10-mirror.tar.gz"
+    shutil.copy(same_name, other_name)
+    set_params(repo, {"data.url": other_name.as_uri()})
+    prepared = {f.name: f.read_bytes() for f in (repo / "data/prepared").iterdir()}
+    assert ran(dvc(repo, "repro").stdout) == ["download", "prepare"]
+    assert {f.name: f.read_bytes() for f in (repo / "data/prepared").iterdir()} == prepared
+
+    # Back: prepare's earlier run, with these very inputs, comes from DVC's run cache.
+    set_params(repo, {"data.url": served_archive.url})
+    assert ran(dvc(repo, "repro").stdout) == ["download"]
+    assert ran(dvc(repo, "repro").stdout) == []
+    assert run(["git", "status", "--porcelain"], repo).stdout == ""  # as committed
 
 
 def test_evaluate_change_reruns_only_evaluate_and_keeps_both_evaluations(repo, client):

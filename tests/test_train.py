@@ -17,11 +17,17 @@ import numpy as np
 import pytest
 import yaml
 
-from pipeline.config import parse_params
+from pipeline.config import flatten, parse_params
 from pipeline.distributed import peers_reachable
 from pipeline.errors import PipelineError
 from pipeline.optimizer import make_optimizer, make_schedule
-from pipeline.train import TRAINING_SECTIONS, check_fits, epoch_line, training_params
+from pipeline.train import (
+    TRAINING_SECTIONS,
+    check_fits,
+    epoch_line,
+    logged_params,
+    training_params,
+)
 from tests.cifar_archive import write_archive
 from tests.repo import ROOT, dvc, make_repo, run, set_params, stage_env
 from tests.repo import TINY as BASE
@@ -90,10 +96,15 @@ def test_compiled_model_uses_the_params_optimizer_and_loss(raw_params):
 
 def test_training_params_are_the_sections_the_train_stage_declares(raw_params):
     stage = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["train"]
-    assert tuple(stage["params"]) == TRAINING_SECTIONS
-    keys = training_params(parse_params(raw_params))
+    assert tuple(stage["params"]) == TRAINING_SECTIONS == ("model", "train")
+    assert "data/prepared" in stage["deps"]  # data.* reach training only through it
+    params = parse_params(raw_params)
+    keys = training_params(params)
     assert {key.split(".")[0] for key in keys} == set(TRAINING_SECTIONS)
     assert keys["train.augment.cutout"] == 0 and "evaluate.batch_size" not in keys
+    # The MLflow run also logs the data params its data/prepared came from.
+    logged = logged_params(params)
+    assert logged.keys() - keys == {k for k in flatten(params) if k.startswith("data.")}
 
 
 def test_a_failed_collective_becomes_one_clear_error():
