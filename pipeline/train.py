@@ -30,8 +30,8 @@ HISTORY_COLUMNS = (
 )  # fmt: skip
 # The params sections training reads; dvc.yaml's train stage lists the same, so editing one
 # re-runs training. data.* reach training only through data/prepared, a dep by content (and
-# meta.json keys the recovery state with it), so a mirror URL serving the same archive
-# re-runs the download and nothing after it. evaluate.* must not restart a training either.
+# the recovery state is keyed by its content too, see resume_key), so a mirror URL serving
+# the same archive re-runs no training. evaluate.* must not restart a training either.
 TRAINING_SECTIONS = ("model", "train")
 # The MLflow run's params: the training sections and the data params that made its data.
 LOGGED_SECTIONS = ("data", *TRAINING_SECTIONS)
@@ -230,6 +230,20 @@ def build_network(params: Params, meta: dict):
     )  # fmt: skip
 
 
+def resume_key(
+    params: Params, meta: dict, train: Split, val: Split, precision: str, workers: int
+) -> str:
+    """What a recovery state must match to be resumed: training params, data, precision, workers.
+
+    The data by content (data.url or data.md5 may change with the same images);
+    evaluate.* not at all, so an evaluation edit never restarts a training.
+    """
+    from pipeline.resume import data_digest, fingerprint
+
+    data = data_digest(train.images, train.labels, val.images, val.labels)
+    return fingerprint(training_params(params), meta, data, precision, workers)
+
+
 def run_training(
     params: Params, meta: dict, train: Split, val: Split, cluster: Cluster | None = None
 ) -> None:
@@ -239,7 +253,7 @@ def run_training(
     from pipeline import tracking
     from pipeline.data import make_dataset, steps_per_epoch
     from pipeline.distributed import fit_workers, make_strategy
-    from pipeline.resume import StateStore, TrainState, fingerprint
+    from pipeline.resume import StateStore, TrainState
 
     cfg, cluster = params.train, cluster or Cluster()
     device = resolve_device(cfg)
@@ -254,7 +268,7 @@ def run_training(
     steps = steps_per_epoch(len(train.labels), cfg.batch_size)
     # Only the chief writes the recovery state; the other workers read it to resume too.
     store = StateStore(paths.TRAIN_STATE_DIR, writable=cluster.chief)
-    expected = fingerprint(training_params(params), meta, device.precision, cluster.workers)
+    expected = resume_key(params, meta, train, val, device.precision, cluster.workers)
     state = store.load(expected) or TrainState(fingerprint=expected)
     with strategy.scope():
         model = compiled_model(params, meta, state, store, steps, device)

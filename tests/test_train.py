@@ -26,6 +26,7 @@ from pipeline.train import (
     check_fits,
     epoch_line,
     logged_params,
+    resume_key,
     training_params,
 )
 from tests.cifar_archive import write_archive
@@ -105,6 +106,33 @@ def test_training_params_are_the_sections_the_train_stage_declares(raw_params):
     # The MLflow run also logs the data params its data/prepared came from.
     logged = logged_params(params)
     assert logged.keys() - keys == {k for k in flatten(params) if k.startswith("data.")}
+
+
+def test_resume_key_follows_the_training_params_and_the_data_by_content(raw_params):
+    from pipeline.prepare import Split
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (20, 8, 8, 3), dtype=np.uint8)
+    train = Split(images[:16], rng.integers(0, 10, 16).astype(np.int32))
+    val = Split(images[16:], np.arange(4, dtype=np.int32))
+    meta = {"class_names": list("abcdefghij"), "sizes": {"train": 16, "val": 4}}
+
+    def key(edits: dict | None = None, train: Split = train) -> str:
+        raw = yaml.safe_load(yaml.safe_dump(raw_params))  # a deep copy
+        for dotted, value in (edits or {}).items():
+            section, name = dotted.split(".")
+            raw[section][name] = value
+        return resume_key(parse_params(raw), meta, train, val, "float32", 1)
+
+    same = key()
+    assert key() == same
+    # A mirror of the same archive, or an evaluation setting, resumes the same training.
+    assert key({"data.url": "file:///mirror/cifar.tar.gz", "data.md5": "0" * 32}) == same
+    assert key({"evaluate.batch_size": 7}) == same
+    # Other training params, or the same images relabelled (meta.json unchanged), do not.
+    assert key({"train.learning_rate": 0.002}) != same
+    relabelled = Split(train.images, (train.labels + 1) % 10)
+    assert key(train=relabelled) != same
 
 
 def test_a_failed_collective_becomes_one_clear_error():
