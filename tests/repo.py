@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -27,7 +30,7 @@ COPIED = ("pipeline", "params.yaml", "dvc.yaml", ".dvc/config", ".dvcignore", ".
 # Seconds any one command may take. The slowest here, a tiny `dvc repro` or a
 # queued experiment, takes under a minute on 2 cores; a hung command fails its
 # test with its output instead of stalling the whole suite.
-COMMAND_TIMEOUT_S = 600
+COMMAND_TIMEOUT_S = 300
 
 
 def run(
@@ -37,27 +40,87 @@ def run(
     check: bool = True,
     timeout: float = COMMAND_TIMEOUT_S,
 ):
+    # Its own session: on a timeout (or pytest-timeout's interrupt) the command is
+    # killed with everything it started, so no stage keeps writing into the next test.
+    process = subprocess.Popen(
+        cmd, cwd=cwd, env=env, text=True, start_new_session=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
     try:
-        result = subprocess.run(
-            cmd, cwd=cwd, capture_output=True, text=True, env=env, timeout=timeout
-        )
-    except subprocess.TimeoutExpired as exc:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        stdout, stderr = _kill_group(process)
         raise AssertionError(
-            f"{' '.join(cmd)} did not finish in {timeout:.0f} s\n"
-            f"--- stdout\n{_text(exc.stdout)}\n--- stderr\n{_text(exc.stderr)}"
+            f"{' '.join(cmd)} did not finish in {timeout:.0f} s (killed)\n"
+            f"--- stdout\n{stdout}\n--- stderr\n{stderr}"
         ) from None
-    if check and result.returncode != 0:
+    except BaseException:
+        _kill_group(process)
+        raise
+    if check and process.returncode != 0:
         raise AssertionError(
-            f"{' '.join(cmd)} exited {result.returncode}\n"
-            f"--- stdout\n{result.stdout}\n--- stderr\n{result.stderr}"
+            f"{' '.join(cmd)} exited {process.returncode}\n"
+            f"--- stdout\n{stdout}\n--- stderr\n{stderr}"
         )
-    return result
+    return subprocess.CompletedProcess(cmd, process.returncode, stdout, stderr)
 
 
-def _text(output: bytes | str | None) -> str:
-    if isinstance(output, bytes):
-        return output.decode(errors="replace")
-    return output or ""
+def _kill_group(process: subprocess.Popen) -> tuple[str, str]:
+    """SIGKILL a process started with start_new_session, and all it started.
+
+    Returns what it had written to its pipes, if any.
+    """
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired, ValueError):
+        stdout, stderr = process.communicate(timeout=10)
+        return stdout or "", stderr or ""
+    return "", ""
+
+
+class Background:
+    """Processes a test runs side by side (training workers, a job to kill).
+
+    Each writes its output to a file, so no unread pipe can fill and stall it,
+    and each runs in its own session; leaving the `with` block kills whatever
+    is still running, with its children, whether the test passed or not.
+    """
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.started: list[tuple[subprocess.Popen, Path]] = []
+
+    def start(self, cmd: list[str], cwd: Path, env: dict) -> subprocess.Popen:
+        log = self.folder / f"process-{len(self.started)}.log"
+        with log.open("w") as output:
+            process = subprocess.Popen(
+                cmd, cwd=cwd, env=env, stdout=output, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )  # fmt: skip
+        self.started.append((process, log))
+        return process
+
+    def output(self, process: subprocess.Popen) -> str:
+        return next(log for p, log in self.started if p is process).read_text(errors="replace")
+
+    def wait(self, *processes: subprocess.Popen, timeout: float) -> list[str]:
+        """The outputs once all `processes` have exited; fails if that takes over `timeout` s."""
+        deadline = time.monotonic() + timeout
+        for process in processes:
+            try:
+                process.wait(timeout=max(deadline - time.monotonic(), 0))
+            except subprocess.TimeoutExpired:
+                tails = "\n---\n".join(self.output(p)[-2000:] for p in processes)
+                raise AssertionError(f"still running after {timeout:.0f} s:\n{tails}") from None
+        return [self.output(process) for process in processes]
+
+    def __enter__(self) -> Background:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for process, _ in self.started:
+            if process.poll() is None:
+                _kill_group(process)
 
 
 def stage_env(extra: dict | None = None) -> dict:

@@ -33,7 +33,7 @@ import pytest
 
 from pipeline import server as launcher
 from pipeline.errors import PipelineError
-from tests.repo import ROOT, TINY, dvc, make_repo, run, set_params, stage_env
+from tests.repo import ROOT, TINY, Background, dvc, make_repo, run, set_params, stage_env
 
 # MLflow's server module imports a deprecated Starlette module; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:starlette.middleware.wsgi is deprecated")
@@ -192,6 +192,9 @@ class Postgres:
     def stop(self) -> None:
         with contextlib.suppress(AssertionError, subprocess.TimeoutExpired):
             self._run("pg_ctl", "-D", str(self.data), "-m", "immediate", "stop")
+        # A server pg_ctl could not stop still has its pid file: kill it, never leave it up.
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            os.kill(int((self.data / "postmaster.pid").read_text().split()[0]), signal.SIGKILL)
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
@@ -203,8 +206,9 @@ def postgres():
             "PostgreSQL server binaries (initdb, pg_ctl) not found on PATH or under "
             "/usr/lib/postgresql/*/bin; install them: apt-get install postgresql"
         )
-    cluster = Postgres(bin_dir).start()
+    cluster = Postgres(bin_dir)
     try:
+        cluster.start()
         for database in ("mlflow", "mlflow_auth"):
             cluster.create_database(database)
         yield cluster
@@ -278,11 +282,12 @@ def server(postgres, tmp_path_factory):
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGTERM)
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
+        # Whatever is left of its group (a worker that outlived the launcher, say).
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        process.wait()
 
 
 def _healthy(url: str) -> bool:
@@ -402,18 +407,14 @@ def test_two_trainings_at_once_lose_nothing(server, repo, served_archive, tmp_pa
     set_params(repo, {"train.seed": 8})
     for copy in (repo, other):
         set_params(copy, {"train.epochs": epochs})
-    trainings = [
-        subprocess.Popen(
-            [sys.executable, "-m", "pipeline.train"],
-            cwd=copy,
-            env=server.env(user, USERS[user]),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )  # fmt: skip
-        for copy, user in ((repo, "alice"), (other, "bob"))
-    ]
-    outputs = [training.communicate(timeout=600)[0] for training in trainings]
+    with Background(tmp_path) as background:
+        trainings = [
+            background.start(
+                [sys.executable, "-m", "pipeline.train"], copy, server.env(user, USERS[user])
+            )
+            for copy, user in ((repo, "alice"), (other, "bob"))
+        ]
+        outputs = background.wait(*trainings, timeout=600)
     assert [training.returncode for training in trainings] == [0, 0], outputs
 
     with login(ADMIN, ADMIN_PASSWORD):

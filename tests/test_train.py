@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import time
 
@@ -30,7 +29,7 @@ from pipeline.train import (
     training_params,
 )
 from tests.cifar_archive import write_archive
-from tests.repo import ROOT, dvc, make_repo, run, set_params, stage_env
+from tests.repo import ROOT, Background, dvc, make_repo, run, set_params, stage_env
 from tests.repo import TINY as BASE
 
 TINY = {**BASE, "train.batch_size": 64, "data.val_size": 200}
@@ -272,25 +271,24 @@ def test_no_validation_split_trains_on_every_image(repo, tmp_path):
 
 
 @pytest.mark.slow
-def test_sigkill_resumes_in_the_same_run_without_gaps(repo):
+def test_sigkill_resumes_in_the_same_run_without_gaps(repo, tmp_path):
     # The fast recipe's settings (README): its loss and optimizer state survive the kill too.
     set_params(repo, {"train.epochs": 6, **RECIPE, "train.learning_rate": 0.05})
-    process = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.train"], cwd=repo, env=stage_env(),
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
     state_file = repo / ".train-state/state.json"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and process.poll() is None:
-        try:
-            if json.loads(state_file.read_text())["epochs_done"] >= 2:
-                break
-        except (OSError, ValueError, KeyError):
-            pass
-        time.sleep(0.02)
-    assert process.poll() is None, "training ended before it could be killed"
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
+    with Background(tmp_path) as background:
+        process = background.start([sys.executable, "-m", "pipeline.train"], repo, stage_env())
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and process.poll() is None:
+            try:
+                if json.loads(state_file.read_text())["epochs_done"] >= 2:
+                    break
+            except (OSError, ValueError, KeyError):
+                pass
+            time.sleep(0.02)
+        assert process.poll() is None, f"ended before the kill: {background.output(process)}"
+        assert state_file.exists(), f"no epoch done in 120 s: {background.output(process)}"
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait()
     killed_at = json.loads(state_file.read_text())["epochs_done"]
     assert 2 <= killed_at < 6
     assert not (repo / "models/model.keras").exists()
@@ -374,22 +372,14 @@ def worker_repos(prepared_repo, tmp_path) -> list:
     return [tmp_path / "chief", tmp_path / "worker"]
 
 
-def start_workers(repos, epochs: int = 1, params: dict | None = None):
+def start_workers(background: Background, repos, epochs: int = 1, params: dict | None = None):
     workers = [f"127.0.0.1:{free_port()}" for _ in repos]
     processes = []
     for index, copy in enumerate(repos):
         set_params(copy, {"train.epochs": epochs, **(params or {})})
         config = {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}
-        processes.append(
-            subprocess.Popen(
-                [sys.executable, "-m", "pipeline.train"],
-                cwd=copy,
-                env=stage_env({"TF_CONFIG": json.dumps(config)}),
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )  # fmt: skip
-        )
+        env = stage_env({"TF_CONFIG": json.dumps(config)})
+        processes.append(background.start([sys.executable, "-m", "pipeline.train"], copy, env))
     return processes
 
 
@@ -397,8 +387,9 @@ def start_workers(repos, epochs: int = 1, params: dict | None = None):
 def test_two_workers_train_once_and_only_the_chief_writes(prepared_repo, tmp_path):
     """MultiWorkerMirroredStrategy over two local processes: one model, one MLflow run."""
     repos = worker_repos(prepared_repo, tmp_path)
-    processes = start_workers(repos, params=RECIPE)  # its loss and weight decay in the loop
-    outputs = [process.communicate(timeout=300)[0] for process in processes]
+    with Background(tmp_path) as background:
+        processes = start_workers(background, repos, params=RECIPE)  # its loss and weight decay
+        outputs = background.wait(*processes, timeout=300)
     assert [process.returncode for process in processes] == [0, 0], outputs
     assert "on worker 0 of 2" in outputs[0] and "on worker 1 of 2" in outputs[1]
     # Both print the same training figures, all-reduced over the two shards (BN moving
@@ -423,13 +414,14 @@ def test_two_workers_train_once_and_only_the_chief_writes(prepared_repo, tmp_pat
 @pytest.mark.slow
 def test_a_dead_worker_ends_the_run_with_a_clear_error(prepared_repo, tmp_path):
     repos = worker_repos(prepared_repo, tmp_path)
-    chief, worker = start_workers(repos, epochs=50)
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and not (repos[0] / ".train-state/state.json").exists():
-        time.sleep(0.2)
-    time.sleep(2)  # inside the first epochs
-    worker.kill()
-    output = chief.communicate(timeout=240)[0]
+    with Background(tmp_path) as background:
+        chief, worker = start_workers(background, repos, epochs=50)
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and not (repos[0] / ".train-state/state.json").exists():
+            time.sleep(0.2)
+        time.sleep(2)  # inside the first epochs
+        worker.kill()
+        [output] = background.wait(chief, timeout=240)
     assert chief.returncode == 1
     last = output.strip().splitlines()[-1]
     assert last.startswith("error: a training worker stopped or became unreachable"), output[-2000:]
