@@ -50,8 +50,12 @@ def load_image(path: Path, size: int) -> np.ndarray:
         raise ValueError("no such file") from None
     except IsADirectoryError:
         raise ValueError("is a directory, not an image") from None
+    except PermissionError:
+        raise ValueError("cannot be read (permission denied)") from None
     except UnidentifiedImageError:
         raise ValueError("not an image Pillow can read (PNG, JPEG, ...)") from None
+    except Image.DecompressionBombError as error:  # would take gigabytes to decode
+        raise ValueError(f"too large to decode safely ({error})") from None
     except (OSError, SyntaxError) as error:  # truncated or corrupt data
         raise ValueError(f"corrupt image ({error})") from None
 
@@ -74,14 +78,25 @@ def _keras_predictor(path: Path) -> Predictor:
     info_file = path.parent / paths.MODEL_INFO.name
     try:
         info = json.loads(info_file.read_text())
+        class_names, image_size = info["class_names"], info["image_size"]
     except FileNotFoundError:
         raise PipelineError(
             f"{info_file}: not found beside {path}; run `dvc repro train`"
         ) from None
-    model = keras.saving.load_model(path)
-    return Predictor(
-        lambda images: model.predict(images, verbose=0), info["class_names"], info["image_size"]
-    )
+    except (ValueError, KeyError, TypeError) as error:  # not JSON, or not train's
+        raise PipelineError(
+            f"{info_file}: not the model info train writes ({type(error).__name__}: {error}); "
+            "run `dvc repro train`"
+        ) from None
+    try:
+        model = keras.saving.load_model(path)
+    except Exception as error:  # a truncated or foreign file: Keras raises many types
+        raise PipelineError(
+            f"{path}: cannot load the model ({type(error).__name__}: "
+            f"{str(error).splitlines()[0] if str(error) else ''}); "
+            "it should be the .keras file train writes: `dvc repro train` or `dvc pull`"
+        ) from None
+    return Predictor(lambda images: model.predict(images, verbose=0), class_names, image_size)
 
 
 def _mlflow_predictor(uri: str) -> Predictor:
@@ -90,15 +105,30 @@ def _mlflow_predictor(uri: str) -> Predictor:
 
     from pipeline import tracking
 
-    tracking.connect(tracking.repository_root())
+    # Reading a model must not create a store: a default SQLite store that is not
+    # there means the command runs outside the repository.
+    store = tracking.tracking_uri(tracking.repository_root())
+    local = store.removeprefix("sqlite:///")
+    if store.startswith("sqlite:///") and not Path(local).is_file():
+        raise PipelineError(
+            f"cannot load model {uri}: no MLflow store at {local}; run this from the "
+            "repository root, or set MLFLOW_TRACKING_URI to the tracking server"
+        )
+    tracking.quiet_mlflow_logs()
+    mlflow.set_tracking_uri(store)
     try:
         model = mlflow.pyfunc.load_model(uri)
     except MlflowException as error:
-        raise PipelineError(f"cannot load model {uri}: {str(error).splitlines()[0]}") from None
+        raise PipelineError(
+            f"cannot load model {uri} from {store}: {str(error).splitlines()[0]}"
+        ) from None
     class_names = (model.metadata.metadata or {}).get("class_names")
     if not class_names:
         raise PipelineError(f"{uri}: the model has no class_names metadata; log it with train")
-    shape = model.metadata.get_input_schema().inputs[0].shape  # (-1, S, S, 3)
+    schema = model.metadata.get_input_schema()
+    if schema is None:
+        raise PipelineError(f"{uri}: the model has no input signature; log it with train")
+    shape = schema.inputs[0].shape  # (-1, S, S, 3)
     return Predictor(lambda images: np.asarray(model.predict(images)), class_names, shape[1])
 
 

@@ -9,6 +9,7 @@ old one, and a champion with no recorded accuracy (aliased by hand) is replaced.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 from pipeline.tracking import retry_locked, store_lock
@@ -64,17 +65,30 @@ def recorded_accuracy(client, champion) -> float | None:
     """
     from mlflow.exceptions import MlflowException
 
-    tag = champion.tags.get("test_accuracy")
-    if tag is not None:
-        return float(tag)
+    with contextlib.suppress(TypeError, ValueError):  # a tag set by hand may be no number
+        return float(champion.tags.get("test_accuracy"))  # None: TypeError
     if champion.run_id:
         try:
             metric = client.get_run(champion.run_id).data.metrics.get("test_accuracy")
-        except MlflowException:  # its run was deleted
-            metric = None
+        except MlflowException as error:
+            if not _not_found(error):  # a store that fails must not unseat the champion
+                raise
+            metric = None  # its run was deleted
         if metric is not None:
             return float(metric)
     return None
+
+
+def _not_found(error: Exception) -> bool:
+    """An MLflow error that means "no such run, model or alias", not "store unavailable".
+
+    MLflow 3.17 reports a missing run or model as RESOURCE_DOES_NOT_EXIST and a
+    missing alias as INVALID_PARAMETER_VALUE, from SQL stores and servers alike.
+    """
+    return getattr(error, "error_code", "") in (
+        "RESOURCE_DOES_NOT_EXIST",
+        "INVALID_PARAMETER_VALUE",
+    )
 
 
 @retry_locked
@@ -93,7 +107,9 @@ def register(model_uri: str, run_id: str, accuracy: float) -> Decision:
         client.set_model_version_tag(MODEL_NAME, version, "test_accuracy", f"{accuracy:.6f}")
         try:
             champion = client.get_model_version_by_alias(MODEL_NAME, CHAMPION)
-        except MlflowException:
+        except MlflowException as error:
+            if not _not_found(error):  # locked (retried) or unreachable: never "no champion"
+                raise
             champion = None  # no alias yet
         champion_version = str(champion.version) if champion else None
         champion_accuracy = None

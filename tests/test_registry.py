@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import pytest
 from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, TEMPORARILY_UNAVAILABLE
 
 from pipeline.registry import Decision, recorded_accuracy, should_promote
 
@@ -16,8 +18,10 @@ class Client:
         self.metrics = metrics
 
     def get_run(self, run_id: str):
+        if run_id == "unavailable":
+            raise MlflowException("database is down", error_code=TEMPORARILY_UNAVAILABLE)
         if run_id not in self.metrics:
-            raise MlflowException(f"Run '{run_id}' not found")
+            raise MlflowException(f"Run '{run_id}' not found", error_code=RESOURCE_DOES_NOT_EXIST)
         return SimpleNamespace(data=SimpleNamespace(metrics=self.metrics[run_id]))
 
 
@@ -39,24 +43,35 @@ def test_champion_accuracy_comes_from_its_tag_then_its_run():
     assert recorded_accuracy(client, version(run_id="r2")) is None  # run never evaluated
     assert recorded_accuracy(client, version(run_id="gone")) is None  # run deleted
     assert recorded_accuracy(client, version()) is None  # registered by hand, no run
+    assert recorded_accuracy(client, version({"test_accuracy": "n/a"}, "r1")) == 0.85
+    # A store that fails is an error, not an unscored champion that anything replaces.
+    with pytest.raises(MlflowException, match="database is down"):
+        recorded_accuracy(client, version(run_id="unavailable"))
 
 
-def test_an_unscored_champion_is_replaced_and_the_decision_says_why(tmp_path, monkeypatch, request):
+@pytest.fixture
+def store(tmp_path, monkeypatch, request):
+    """A real SQLite MLflow store with a champion aliased by hand (no tags), and a new run."""
     import mlflow
     from mlflow import MlflowClient
-
-    from pipeline.registry import register
 
     monkeypatch.chdir(tmp_path)
     previous = mlflow.get_tracking_uri()
     request.addfinalizer(lambda: mlflow.set_tracking_uri(previous))
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     client = MlflowClient()
-    client.create_registered_model("cifar10-resnet")  # a champion aliased by hand, no tags
+    client.create_registered_model("cifar10-resnet")
     handmade = client.create_model_version("cifar10-resnet", source=(tmp_path / "m").as_uri())
     client.set_registered_model_alias("cifar10-resnet", "champion", handmade.version)
     with mlflow.start_run() as run:
         mlflow.log_text("stand-in", "model/MLmodel")
+    return client, run
+
+
+def test_an_unscored_champion_is_replaced_and_the_decision_says_why(store):
+    from pipeline.registry import register
+
+    client, run = store
     decision = register(f"runs:/{run.info.run_id}/model", run.info.run_id, 0.5)
     assert decision.describe() == (
         "cifar10-resnet version 2 (test accuracy 0.5000) beats champion version 1 "
@@ -67,3 +82,21 @@ def test_an_unscored_champion_is_replaced_and_the_decision_says_why(tmp_path, mo
     assert kept.describe().endswith(
         "does not beat champion version 1 (0.7500): @champion stays on version 1"
     )
+
+
+def test_a_store_error_reading_the_champion_fails_and_changes_nothing(store, monkeypatch):
+    from mlflow import MlflowClient
+    from mlflow.protos.databricks_pb2 import INTERNAL_ERROR
+
+    from pipeline.registry import register
+
+    client, run = store
+
+    def broken(self, name, alias):
+        raise MlflowException("the store failed", error_code=INTERNAL_ERROR)
+
+    monkeypatch.setattr(MlflowClient, "get_model_version_by_alias", broken)
+    with pytest.raises(MlflowException, match="the store failed"):
+        register(f"runs:/{run.info.run_id}/model", run.info.run_id, 0.5)
+    monkeypatch.undo()
+    assert str(client.get_model_version_by_alias("cifar10-resnet", "champion").version) == "1"
