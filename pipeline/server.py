@@ -272,6 +272,8 @@ def main(argv: list[str] | None = None) -> None:
     if "://" not in cfg.artifacts_destination:
         Path(cfg.artifacts_destination).mkdir(parents=True, exist_ok=True)
     os.environ["MLFLOW_AUTH_CONFIG_PATH"] = str(write_auth_config(cfg))
+    # MLflow reads the admin name from this variable before the ini: the option must win.
+    os.environ["MLFLOW_AUTH_ADMIN_USERNAME"] = cfg.admin_username
     os.environ["MLFLOW_FLASK_SERVER_SECRET_KEY"] = secret_key(cfg.state_dir)
     # Background job runners serve GenAI features this pipeline does not use; off, they
     # save a dozen processes. Set it to true to have them.
@@ -294,7 +296,11 @@ def main(argv: list[str] | None = None) -> None:
             mlflow_server_args(cfg), prog_name="mlflow server", standalone_mode=False
         )
     except MlflowException as error:
-        raise PipelineError(f"mlflow server: {error.message}") from None
+        hint = ""
+        if "admin_password" in error.message or "ADMIN_PASSWORD" in error.message:
+            # MLflow's own text points at the ini, which this command rewrites at each start.
+            hint = f" (use the variable: this command rewrites {AUTH_CONFIG_FILE} at each start)"
+        raise PipelineError(f"mlflow server: {error.message}{hint}") from None
     except click.ClickException as error:  # a bad option after `--`
         raise PipelineError(f"mlflow server: {error.format_message()}") from None
 

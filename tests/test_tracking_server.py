@@ -107,6 +107,40 @@ def test_auth_config_is_private_and_readable_by_mlflow(tmp_path):
     assert (cfg.state_dir / "flask_secret_key").stat().st_mode & 0o777 == 0o600
 
 
+def test_the_admin_option_wins_and_a_missing_password_names_the_variable(
+    tmp_path, monkeypatch, capsys
+):
+    from mlflow.cli import server as mlflow_server
+    from mlflow.exceptions import MlflowException
+
+    seen = {}
+
+    def refuse(args, **kwargs):  # MLflow's own check, with its own words (MLflow 3.17)
+        seen["admin"] = os.environ["MLFLOW_AUTH_ADMIN_USERNAME"]
+        raise MlflowException(
+            "Set the MLFLOW_AUTH_ADMIN_PASSWORD environment variable, or set `admin_password` "
+            "in the configuration file"
+        )
+
+    monkeypatch.setattr(mlflow_server, "main", refuse)
+    monkeypatch.setenv("MLFLOW_AUTH_ADMIN_USERNAME", "someone-else")
+    # main sets these for MLflow; set here, they are restored after the test.
+    for name in (
+        "MLFLOW_AUTH_CONFIG_PATH", "MLFLOW_FLASK_SERVER_SECRET_KEY",
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION",
+    ):  # fmt: skip
+        monkeypatch.setenv(name, "")
+    status = launcher.main([
+        "--backend-store-uri", f"sqlite:///{tmp_path / 'runs.db'}",
+        "--artifacts-destination", str(tmp_path / "artifacts"),
+        "--state-dir", str(tmp_path / "state"), "--admin-username", "teamlead",
+    ])  # fmt: skip
+    assert status == 1 and seen["admin"] == "teamlead"
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("error: mlflow server: Set the MLFLOW_AUTH_ADMIN_PASSWORD")
+    assert last.endswith("(use the variable: this command rewrites basic_auth.ini at each start)")
+
+
 def test_an_unreachable_database_fails_in_one_line_without_its_password():
     uri = f"postgresql://mlflow:hunter2-secret@127.0.0.1:{free_port()}/mlflow"
     with pytest.raises(PipelineError) as error:
