@@ -65,16 +65,29 @@ def load_predictor(model: str) -> Predictor:
     import keras
 
     keras.config.disable_interactive_logging()  # no progress bars between results
-    if "://" not in model and not model.startswith(("models:/", "runs:/")):
-        return _keras_predictor(Path(model))
-    return _mlflow_predictor(model)
+    if _is_mlflow_model(model):
+        return _mlflow_predictor(model)
+    return _keras_predictor(Path(model))
+
+
+def _is_mlflow_model(model: str) -> bool:
+    """A URI (models:/, runs:/, mlflow-artifacts:/, s3://, file:...) or a logged model's folder."""
+    if (Path(model) / "MLmodel").is_file():
+        return True
+    if Path(model).is_file():  # even with a colon in its name
+        return False
+    scheme = model.split(":", 1)[0] if ":" in model else ""
+    return len(scheme) > 1 and scheme.replace("-", "").replace("+", "").isalnum()  # not C:
 
 
 def _keras_predictor(path: Path) -> Predictor:
     import keras
 
     if not path.exists():
-        raise PipelineError(f"{path}: no such model; train one with `dvc repro train`")
+        raise PipelineError(
+            f"{path}: no such model; train one with `dvc repro train` (from the repository "
+            "root), or pass --model a .keras file or a URI such as models:/cifar10-resnet@champion"
+        )
     info_file = path.parent / paths.MODEL_INFO.name
     try:
         info = json.loads(info_file.read_text())
@@ -186,8 +199,11 @@ def main(argv: list[str] | None = None) -> int:
     results = classify(predictor, args.images, args.top)
     print(json.dumps(results, indent=2) if args.json else format_table(results))
     failed = [r for r in results if "error" in r]
-    for result in failed:
-        print(f"error: {result['image']}: {result['error']}", file=sys.stderr)
+    if failed and not args.json:  # the table names each failure already
+        print(f"error: {len(failed)} of {len(results)} images failed", file=sys.stderr)
+    elif failed:  # JSON on stdout is for programs; people read stderr
+        for result in failed:
+            print(f"error: {result['image']}: {result['error']}", file=sys.stderr)
     return 1 if failed else 0
 
 

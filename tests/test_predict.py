@@ -57,3 +57,57 @@ def test_a_registry_uri_outside_the_repository_creates_no_store(tmp_path, monkey
         "MLFLOW_TRACKING_URI to the tracking server"
     )
     assert list(tmp_path.iterdir()) == []
+
+
+def test_model_argument_picks_keras_file_or_mlflow_model(tmp_path):
+    from pipeline.predict import _is_mlflow_model
+
+    uris = ["models:/cifar10-resnet@champion", "runs:/0a1b/model", "s3://bucket/model",
+            "mlflow-artifacts:/1/2/artifacts/model", "file:///m"]  # fmt: skip
+    for uri in uris:
+        assert _is_mlflow_model(uri), uri
+    logged = tmp_path / "logged"  # a downloaded MLflow model folder
+    logged.mkdir()
+    (logged / "MLmodel").write_text("flavors: {}\n")
+    assert _is_mlflow_model(str(logged))
+    odd = tmp_path / "v1:best.keras"  # a file, whatever its name
+    odd.write_bytes(b"")
+    assert not _is_mlflow_model(str(odd))
+    assert not _is_mlflow_model("models/model.keras")
+    assert not _is_mlflow_model("C:/models/model.keras")
+
+
+def test_table_shows_each_failure_once_and_stderr_counts_them(tmp_path, monkeypatch, capsys):
+    import dataclasses
+
+    from pipeline.config import load_params
+    from pipeline.model import build_model
+    from pipeline.predict import main
+    from tests.repo import ROOT
+
+    model_params = dataclasses.replace(
+        load_params(ROOT / "params.yaml").model, stem_filters=8, filters=(8,), units_per_stage=1
+    )
+    model = build_model(model_params, num_classes=3, image_size=32, mean=[0.0] * 3, std=[1.0] * 3)
+    model.save(tmp_path / "model.keras")
+    info = {"class_names": ["cat", "dog", "frog"], "image_size": 32}
+    (tmp_path / "model_info.json").write_text(json.dumps(info))
+    image = png(tmp_path / "cat.png")
+    missing = tmp_path / "missing.png"
+
+    argv = ["--model", str(tmp_path / "model.keras"), str(image), str(missing)]
+    assert main(argv) == 1
+    out, err = capsys.readouterr()
+    assert out.count("error: no such file") == 1 and "missing.png" in out
+    assert err.strip() == "error: 1 of 2 images failed"
+    assert main(["--json", *argv]) == 1
+    out, err = capsys.readouterr()
+    assert [r.get("error") for r in json.loads(out)] == [None, "no such file"]
+    assert err.strip() == f"error: {missing}: no such file"
+
+
+def test_a_missing_default_model_says_where_to_run_and_what_to_pass(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(PipelineError) as error:
+        load_predictor("models/model.keras")
+    assert "from the repository root), or pass --model" in str(error.value)
