@@ -34,6 +34,7 @@ import numpy as np
 
 from pipeline import paths
 from pipeline.config import flatten, load_params
+from pipeline.device import import_tensorflow
 from pipeline.errors import PipelineError, cli
 from pipeline.prepare import load_split
 
@@ -138,6 +139,7 @@ def load_model_info() -> dict:
 @cli
 def main(argv: list[str] | None = None) -> None:
     argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args(argv)
+    import_tensorflow()  # first, so its start-up chatter is filtered
     params = load_params(paths.PARAMS)
     cfg = params.evaluate
     info = load_model_info()

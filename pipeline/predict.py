@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import paths
+from pipeline.device import import_tensorflow
 from pipeline.errors import PipelineError, cli
 
 
@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.top < 1:
         parser.error("--top must be at least 1")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up chatter
+    import_tensorflow()  # without its start-up chatter between the results
     predictor = load_predictor(args.model)
     results = classify(predictor, args.images, args.top)
     print(json.dumps(results, indent=2) if args.json else format_table(results))

@@ -20,7 +20,7 @@ import numpy as np
 
 from pipeline import paths
 from pipeline.config import Params, ParamsError, TrainParams, flatten, load_params
-from pipeline.device import Device, resolve_device
+from pipeline.device import Device, import_tensorflow, resolve_device
 from pipeline.distributed import Cluster
 from pipeline.errors import PipelineError, cli
 from pipeline.prepare import Split, load_meta, load_split
@@ -183,6 +183,7 @@ def save_model(model, path: Path) -> None:
 @cli
 def main(argv: list[str] | None = None) -> None:
     argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args(argv)
+    import_tensorflow()  # first, so its start-up chatter is filtered
     params = load_params(paths.PARAMS)
     meta = load_meta(paths.PREPARED_DIR)
     train, val = load_split(paths.PREPARED_DIR, "train"), load_split(paths.PREPARED_DIR, "val")

@@ -58,6 +58,8 @@ def test_repro_runs_all_four_stages(repo, request):
     assert ran(result.stdout) == ["download", "prepare", "train", "evaluate"]
     assert "registry: cifar10-resnet version 1 (test accuracy" in result.stdout
     assert "is the first champion" in result.stdout
+    output = result.stdout + result.stderr  # no TensorFlow start-up chatter from any stage
+    assert "oneDNN custom operations" not in output and "absl::InitializeLog" not in output
 
     lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
     assert set(lock) == {"download", "prepare", "train", "evaluate"}

@@ -1,0 +1,52 @@
+"""TensorFlow's start-up chatter stays out of the stages' output; everything else gets through."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from pipeline.device import STARTUP_NOISE, filtered_stderr, is_startup_noise
+from tests.repo import ROOT, stage_env
+
+# What TensorFlow 2.21 printed at every stage start on this CPU, TF_CPP_MIN_LOG_LEVEL=2 or not.
+SEEN = """\
+WARNING: All log messages before absl::InitializeLog() is called are written to STDERR
+I0000 00:00:1795917828.951943   20904 port.cc:153] oneDNN custom operations are on. You may see slightly different numerical results due to floating-point round-off errors from different computation orders. To turn them off, set the environment variable `TF_ENABLE_ONEDNN_OPTS=0`.
+I0000 00:00:1795917828.953460   20904 cudart_stub.cc:31] Could not find cuda drivers on your machine, GPU will not be used.
+I0000 00:00:1795917829.066942   20904 cpu_feature_guard.cc:227] This TensorFlow binary is optimized to use available CPU instructions in performance-critical operations.
+To enable the following instructions: AVX2 AVX512F AVX512_VNNI AVX512_BF16 AVX512_FP16 AVX_VNNI AMX_TILE AMX_INT8 AMX_BF16 FMA, in other operations, rebuild TensorFlow with the appropriate compiler flags.
+E0000 00:00:1795917834.431424   20904 cuda_platform.cc:52] failed call to cuInit: INTERNAL: CUDA error: Failed call to cuInit: UNKNOWN ERROR (303)
+"""  # noqa: E501
+
+
+def test_start_up_lines_are_noise_but_a_cuda_failure_with_a_gpu_is_not():
+    lines = SEEN.splitlines()
+    assert all(is_startup_noise(line, nvidia_device=False) for line in lines)
+    kept = [line for line in lines if not is_startup_noise(line, nvidia_device=True)]
+    assert kept == [lines[-1]]  # the reason a present GPU goes unused
+    assert not is_startup_noise("error: data/prepared: run `dvc repro prepare` first", False)
+    assert not is_startup_noise("W0000 00:00:1.0 1 some_op.cc:1] Out of memory", False)
+
+
+def test_filtered_stderr_holds_c_level_writes_and_passes_on_the_rest(capfd):
+    with filtered_stderr(lambda line: "noise" in line):
+        os.write(2, b"noise from C++\nkept from C++\n")  # below Python, as TensorFlow writes
+        print("kept from Python", file=sys.stderr)
+        os.write(2, b"more noise\n")
+    print("after", file=sys.stderr)
+    # (Under pytest, sys.stderr is not file descriptor 2, so Python's line may come first.)
+    err = capfd.readouterr().err
+    assert sorted(err.splitlines()) == ["after", "kept from C++", "kept from Python"]
+    assert err.endswith("after\n")
+
+
+def test_importing_tensorflow_prints_none_of_it():
+    command = [sys.executable, "-c", "from pipeline.device import import_tensorflow as t; t()"]
+    env = stage_env()
+    env.pop("TF_CPP_MIN_LOG_LEVEL")  # as a user's shell has it
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert not any(noise in result.stderr for noise in STARTUP_NOISE), result.stderr
+    if not os.path.exists("/dev/nvidiactl"):
+        assert "cuInit" not in result.stderr
