@@ -34,9 +34,9 @@ import numpy as np
 
 from pipeline import paths
 from pipeline.config import flatten, load_params
-from pipeline.device import import_tensorflow
 from pipeline.errors import PipelineError, cli
 from pipeline.prepare import load_split
+from pipeline.startup import import_tensorflow
 
 EPSILON = 1e-7  # probabilities are clipped as Keras's cross-entropy clips them
 

@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import paths
-from pipeline.device import import_tensorflow
 from pipeline.errors import PipelineError, cli
+from pipeline.startup import import_tensorflow
 
 
 @dataclass(frozen=True)

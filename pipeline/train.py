@@ -20,10 +20,11 @@ import numpy as np
 
 from pipeline import paths
 from pipeline.config import Params, ParamsError, TrainParams, flatten, load_params
-from pipeline.device import Device, import_tensorflow, resolve_device
+from pipeline.device import Device, resolve_device
 from pipeline.distributed import Cluster
 from pipeline.errors import PipelineError, cli
 from pipeline.prepare import Split, load_meta, load_split
+from pipeline.startup import import_tensorflow
 
 HISTORY_COLUMNS = (
     "epoch", "loss", "accuracy", "val_loss", "val_accuracy", "learning_rate", "images_per_second",

@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-from pipeline.device import STARTUP_NOISE, filtered_stderr, is_startup_noise
+from pipeline.startup import STARTUP_NOISE, filtered_stderr, is_startup_noise
 from tests.repo import ROOT, stage_env
 
 # What TensorFlow 2.21 printed at every stage start on this CPU, TF_CPP_MIN_LOG_LEVEL=2 or not.
@@ -42,7 +42,7 @@ def test_filtered_stderr_holds_c_level_writes_and_passes_on_the_rest(capfd):
 
 
 def test_importing_tensorflow_prints_none_of_it():
-    command = [sys.executable, "-c", "from pipeline.device import import_tensorflow as t; t()"]
+    command = [sys.executable, "-c", "from pipeline.startup import import_tensorflow as t; t()"]
     env = stage_env()
     env.pop("TF_CPP_MIN_LOG_LEVEL")  # as a user's shell has it
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
