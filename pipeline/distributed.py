@@ -67,6 +67,13 @@ def make_strategy(gpus: int, cluster: Cluster):
     import tensorflow as tf
 
     if cluster.workers > 1:
+        # TensorFlow waits for every worker without end, and says so only in a log line
+        # TF_CPP_MIN_LOG_LEVEL hides: a worker that was never started would look like a hang.
+        print(
+            f"train: worker {cluster.index} of {cluster.workers}: waiting for every worker "
+            "in TF_CONFIG to start (each runs `dvc repro` with its own task index)",
+            flush=True,
+        )
         options = tf.distribute.experimental.CommunicationOptions(
             timeout_seconds=COLLECTIVE_TIMEOUT_S
         )

@@ -392,6 +392,7 @@ def test_two_workers_train_once_and_only_the_chief_writes(prepared_repo, tmp_pat
         outputs = background.wait(*processes, timeout=300)
     assert [process.returncode for process in processes] == [0, 0], outputs
     assert "on worker 0 of 2" in outputs[0] and "on worker 1 of 2" in outputs[1]
+    assert "train: worker 1 of 2: waiting for every worker in TF_CONFIG" in outputs[1]
     # Both print the same training figures, all-reduced over the two shards (BN moving
     # statistics are per worker, so validation figures may differ slightly).
     lines = [
