@@ -76,8 +76,8 @@ def _is_mlflow_model(model: str) -> bool:
         return True
     if Path(model).is_file():  # even with a colon in its name
         return False
-    scheme = model.split(":", 1)[0] if ":" in model else ""
-    return len(scheme) > 1 and scheme.replace("-", "").replace("+", "").isalnum()  # not C:
+    scheme, colon_slash, _ = model.partition(":/")
+    return bool(colon_slash) and len(scheme) > 1 and scheme.replace("-", "").isalnum()  # not C:/
 
 
 def _keras_predictor(path: Path) -> Predictor:
@@ -118,11 +118,12 @@ def _mlflow_predictor(uri: str) -> Predictor:
 
     from pipeline import tracking
 
-    # Reading a model must not create a store: a default SQLite store that is not
-    # there means the command runs outside the repository.
+    # Registry and run URIs are read through the tracking store; reading must not create
+    # one, and a default SQLite store that is not there means we run outside the repository.
     store = tracking.tracking_uri(tracking.repository_root())
     local = store.removeprefix("sqlite:///")
-    if store.startswith("sqlite:///") and not Path(local).is_file():
+    needs_store = uri.startswith(("models:/", "runs:/", "mlflow-artifacts:/"))
+    if needs_store and store.startswith("sqlite:///") and not Path(local).is_file():
         raise PipelineError(
             f"cannot load model {uri}: no MLflow store at {local}; run this from the "
             "repository root, or set MLFLOW_TRACKING_URI to the tracking server"
@@ -132,8 +133,9 @@ def _mlflow_predictor(uri: str) -> Predictor:
     try:
         model = mlflow.pyfunc.load_model(uri)
     except MlflowException as error:
+        where = f" from {store}" if needs_store else ""
         raise PipelineError(
-            f"cannot load model {uri} from {store}: {str(error).splitlines()[0]}"
+            f"cannot load model {uri}{where}: {str(error).splitlines()[0]}"
         ) from None
     class_names = (model.metadata.metadata or {}).get("class_names")
     if not class_names:

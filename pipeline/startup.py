@@ -10,66 +10,91 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
+import subprocess
 import sys
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 # TensorFlow's start-up lines: C++ logs written before its logging is set up, so
 # TF_CPP_MIN_LOG_LEVEL cannot silence them (TF 2.21, seen on every stage start).
 STARTUP_NOISE = (
     "All log messages before absl::InitializeLog() is called are written to STDERR",
     "oneDNN custom operations are on",
-    "Could not find cuda drivers on your machine, GPU will not be used",
     "This TensorFlow binary is optimized to use available CPU instructions",
     "To enable the following instructions:",
+)
+# CUDA's probe: noise where there is no NVIDIA device at all; with one, the reason
+# the GPU goes unused, and kept.
+NO_GPU_NOISE = (
+    "Could not find cuda drivers on your machine, GPU will not be used",
+    "failed call to cuInit",
 )
 
 
 def is_startup_noise(line: str, nvidia_device: bool) -> bool:
-    """A TensorFlow start-up line that says nothing on this machine.
-
-    CUDA's failed cuInit is noise only where there is no NVIDIA device at all; with
-    one, it is the reason the GPU is not used, and is kept.
-    """
-    if "failed call to cuInit" in line:
+    """A TensorFlow start-up line that says nothing on this machine."""
+    if any(noise in line for noise in NO_GPU_NOISE):
         return not nvidia_device
     return any(noise in line for noise in STARTUP_NOISE)
 
 
-@contextlib.contextmanager
-def filtered_stderr(drop: Callable[[str], bool]) -> Iterator[None]:
-    """Hold what is written to file descriptor 2 (C++ included), then pass on what `drop` keeps.
+def filter_lines(source: BinaryIO, sink: BinaryIO, nvidia_device: bool) -> None:
+    """Copy `source` to `sink` line by line as it comes, leaving out the start-up noise."""
+    for line in source:
+        if not is_startup_noise(line.decode(errors="replace"), nvidia_device):
+            sink.write(line)
+            sink.flush()
 
-    Held in a file, not a pipe, so a chatty library can never block on it.
+
+@contextlib.contextmanager
+def filtered_stderr(nvidia_device: bool) -> Iterator[None]:
+    """Send file descriptor 2 (C++ writes included) through a filter process for the block.
+
+    A process, not a thread or a held file: if TensorFlow aborts or hangs in the
+    block, every line before that still reaches the terminal, as it comes.
     """
     sys.stderr.flush()
     saved = os.dup(2)
-    with tempfile.TemporaryFile() as held:
-        os.dup2(held.fileno(), 2)
-        try:
-            yield
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-            held.seek(0)
-            lines = held.read().decode(errors="replace").splitlines(keepends=True)
-            sys.stderr.write("".join(line for line in lines if not drop(line)))
-            sys.stderr.flush()
+    try:
+        kind = "gpu" if nvidia_device else "cpu"
+        command = [sys.executable, "-m", "pipeline.startup", kind]
+        filter_ = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=saved, stderr=saved)
+    except OSError:  # no filter: the lines are shown, nothing is lost
+        os.close(saved)
+        yield
+        return
+    os.dup2(filter_.stdin.fileno(), 2)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        filter_.stdin.close()
+        filter_.wait()  # it has passed on all it keeps before anything else is written
 
 
 def import_tensorflow():
     """TensorFlow and Keras, imported and their devices listed, without the start-up chatter.
 
-    Stages call it first; TF_CPP_MIN_LOG_LEVEL=0 shows everything again.
+    Stages call it first. TF_CPP_MIN_LOG_LEVEL defaults to 1 (TensorFlow's own
+    info lines off, its warnings on); 0 shows everything, start-up lines included.
     """
-    nvidia = Path("/dev/nvidiactl").exists()
-    quiet = os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2") != "0"
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # the lines TF does filter
-    with filtered_stderr(lambda line: quiet and is_startup_noise(line, nvidia)):
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+    if os.environ["TF_CPP_MIN_LOG_LEVEL"] == "0":
+        quiet: contextlib.AbstractContextManager = contextlib.nullcontext()
+    else:
+        quiet = filtered_stderr(Path("/dev/nvidiactl").exists())
+    with quiet:
         import keras  # noqa: F401  (loads its backend: TensorFlow)
         import tensorflow as tf
 
         tf.config.list_physical_devices("GPU")  # CUDA's probe logs here
     return tf
+
+
+if __name__ == "__main__":  # the filter process of filtered_stderr
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the stage's; end of input ends this
+    filter_lines(sys.stdin.buffer, sys.stdout.buffer, nvidia_device=sys.argv[1:] == ["gpu"])

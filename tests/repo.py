@@ -118,9 +118,8 @@ class Background:
         return self
 
     def __exit__(self, *exc_info) -> None:
-        for process, _ in self.started:
-            if process.poll() is None:
-                _kill_group(process)
+        for process, _ in self.started:  # its group too, even if the process itself is gone
+            _kill_group(process)
 
 
 def stage_env(extra: dict | None = None) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 
 import numpy as np
@@ -75,9 +76,34 @@ def test_model_argument_picks_keras_file_or_mlflow_model(tmp_path):
     assert not _is_mlflow_model(str(odd))
     assert not _is_mlflow_model("models/model.keras")
     assert not _is_mlflow_model("C:/models/model.keras")
+    assert not _is_mlflow_model("v2:typo.keras")  # missing, so "no such model"
+
+
+def test_a_logged_model_folder_loads_outside_the_repository(tmp_path, monkeypatch):
+    from mlflow.exceptions import MlflowException
+
+    loaded = []
+
+    def load_model(uri):  # MLflow's loader, reached: no store is needed for a folder
+        loaded.append(uri)
+        raise MlflowException("stand-in loader")
+
+    # The module itself: `mlflow.pyfunc` is a lazy proxy that swaps itself out on first use.
+    monkeypatch.setattr(importlib.import_module("mlflow.pyfunc"), "load_model", load_model)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    logged = tmp_path / "logged"
+    logged.mkdir()
+    (logged / "MLmodel").write_text("flavors: {}\n")
+    for model in (str(logged), logged.as_uri()):
+        with pytest.raises(PipelineError, match="stand-in loader"):
+            load_predictor(model)
+    assert loaded == [str(logged), logged.as_uri()]
+    assert not (tmp_path / "mlflow.db").exists()
 
 
 def test_table_shows_each_failure_once_and_stderr_counts_them(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "2")  # main sets it; restored after the test
     import dataclasses
 
     from pipeline.config import load_params

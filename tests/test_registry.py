@@ -84,7 +84,7 @@ def test_an_unscored_champion_is_replaced_and_the_decision_says_why(store):
     )
 
 
-def test_a_store_error_reading_the_champion_fails_and_changes_nothing(store, monkeypatch):
+def test_a_store_error_reading_the_champion_fails_and_keeps_the_champion(store, monkeypatch):
     from mlflow import MlflowClient
     from mlflow.protos.databricks_pb2 import INTERNAL_ERROR
 

@@ -111,16 +111,14 @@ def test_the_admin_option_wins_and_a_missing_password_names_the_variable(
     tmp_path, monkeypatch, capsys
 ):
     from mlflow.cli import server as mlflow_server
-    from mlflow.exceptions import MlflowException
 
     seen = {}
 
-    def refuse(args, **kwargs):  # MLflow's own check, with its own words (MLflow 3.17)
+    def refuse(args, **kwargs):  # MLflow's own bootstrap check, with no password set
+        from mlflow.server.auth import _validate_bootstrap_admin_password
+
         seen["admin"] = os.environ["MLFLOW_AUTH_ADMIN_USERNAME"]
-        raise MlflowException(
-            "Set the MLFLOW_AUTH_ADMIN_PASSWORD environment variable, or set `admin_password` "
-            "in the configuration file"
-        )
+        _validate_bootstrap_admin_password(seen["admin"], None)
 
     monkeypatch.setattr(mlflow_server, "main", refuse)
     monkeypatch.setenv("MLFLOW_AUTH_ADMIN_USERNAME", "someone-else")
@@ -137,7 +135,10 @@ def test_the_admin_option_wins_and_a_missing_password_names_the_variable(
     ])  # fmt: skip
     assert status == 1 and seen["admin"] == "teamlead"
     last = capsys.readouterr().err.strip().splitlines()[-1]
-    assert last.startswith("error: mlflow server: Set the MLFLOW_AUTH_ADMIN_PASSWORD")
+    assert last.startswith(
+        "error: mlflow server: MLflow Authentication needs a password to create the admin user "
+        "'teamlead'"
+    )
     assert last.endswith("(use the variable: this command rewrites basic_auth.ini at each start)")
 
 

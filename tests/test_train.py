@@ -286,7 +286,7 @@ def test_sigkill_resumes_in_the_same_run_without_gaps(repo, tmp_path):
                 pass
             time.sleep(0.02)
         assert process.poll() is None, f"ended before the kill: {background.output(process)}"
-        assert state_file.exists(), f"no epoch done in 120 s: {background.output(process)}"
+        assert state_file.exists(), f"no recovery state in 120 s: {background.output(process)}"
         os.kill(process.pid, signal.SIGKILL)
         process.wait()
     killed_at = json.loads(state_file.read_text())["epochs_done"]
