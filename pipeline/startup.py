@@ -59,7 +59,9 @@ def filtered_stderr(nvidia_device: bool) -> Iterator[None]:
     saved = os.dup(2)
     try:
         kind = "gpu" if nvidia_device else "cpu"
-        command = [sys.executable, "-m", "pipeline.startup", kind]
+        # This file as a script, isolated (-I): it needs only the standard library, and
+        # runs whatever the working directory and sys.path of the stage.
+        command = [sys.executable, "-I", str(Path(__file__).resolve()), kind]
         filter_ = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=saved, stderr=saved)
     except OSError:  # no filter: the lines are shown, nothing is lost
         os.close(saved)
