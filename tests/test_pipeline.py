@@ -255,6 +255,7 @@ def test_queued_experiments_land_in_the_same_store(repo, client):
 
 
 def test_predict_and_pyfunc_agree_with_the_keras_model(repo, client, tmp_path):
+    # `client` points this process's MLflow at the repository's store, for pyfunc below.
     import keras
 
     rng = np.random.default_rng(1)
