@@ -2,8 +2,8 @@
 
 TF 2.21 writes its first lines before its logging is set up, so
 TF_CPP_MIN_LOG_LEVEL cannot silence them. train, evaluate and predict call
-import_tensorflow() first; it holds file descriptor 2 during the import and the
-device probe and passes on every line but the known ones.
+import_tensorflow() first; during the import and the device probe it sends file
+descriptor 2 through a filter process that passes on every line but the known ones.
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ import contextlib
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -120,6 +121,13 @@ class Background:
     def __exit__(self, *exc_info) -> None:
         for process, _ in self.started:  # its group too, even if the process itself is gone
             _kill_group(process)
+
+
+def free_port() -> int:
+    """A loopback port that was free a moment ago (nothing listens on it)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def stage_env(extra: dict | None = None) -> dict:

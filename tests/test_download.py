@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -14,6 +13,7 @@ import yaml
 from pipeline import download
 from pipeline.download import DownloadError, Progress, fetch
 from tests.http_server import PayloadServer
+from tests.repo import free_port
 
 NAME = "cifar-10-python.tar.gz"
 PAYLOAD = os.urandom(300_000)  # a few hundred KB: several reads, still instant
@@ -159,9 +159,7 @@ def test_403_fails_at_once(serve, tmp_path):
 
 
 def test_refused_connection_says_unreachable(tmp_path):
-    with socket.socket() as probe:  # a port that was free a moment ago: nothing listens
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()  # nothing listens on it
     url = f"http://127.0.0.1:{port}/{NAME}"
     with pytest.raises(DownloadError) as caught:
         fetch(url, MD5, tmp_path, retries=1, progress=quiet(), **FAST)

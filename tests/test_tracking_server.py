@@ -20,7 +20,6 @@ import pwd
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,7 +32,7 @@ import pytest
 
 from pipeline import server as launcher
 from pipeline.errors import PipelineError
-from tests.repo import ROOT, TINY, Background, dvc, make_repo, run, set_params, stage_env
+from tests.repo import ROOT, TINY, Background, dvc, free_port, make_repo, run, set_params, stage_env
 
 # MLflow's server module imports a deprecated Starlette module; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:starlette.middleware.wsgi is deprecated")
@@ -155,12 +154,6 @@ def test_an_unreachable_database_fails_in_one_line_without_its_password():
 
 
 # --- PostgreSQL and the server, for real -----------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def postgres_bin() -> Path | None:

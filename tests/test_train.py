@@ -29,7 +29,7 @@ from pipeline.train import (
     training_params,
 )
 from tests.cifar_archive import write_archive
-from tests.repo import ROOT, Background, dvc, make_repo, run, set_params, stage_env
+from tests.repo import ROOT, Background, dvc, free_port, make_repo, run, set_params, stage_env
 from tests.repo import TINY as BASE
 
 TINY = {**BASE, "train.batch_size": 64, "data.val_size": 200}
@@ -328,11 +328,7 @@ def test_deterministic_training_repeats_exactly(repo):
 
 @pytest.mark.slow
 def test_unreachable_tracking_server_fails_before_training(repo):
-    import socket
-
-    with socket.socket() as probe:  # a port nothing listens on
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()  # nothing listens on it
     started = time.monotonic()
     result = train(repo, {"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}"}, check=False)
     assert result.returncode == 1
@@ -355,14 +351,6 @@ def test_batch_size_and_missing_data_errors_name_the_fix(repo, tmp_path):
     result = train(empty, check=False)
     assert result.returncode == 1
     assert "run `dvc repro prepare` first" in result.stderr
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def worker_repos(prepared_repo, tmp_path) -> list:
