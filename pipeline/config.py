@@ -222,6 +222,9 @@ class TrainParams:
     optimizer: str = _field(choice("adam", "sgd"))  # sgd: momentum 0.9, Nesterov
     learning_rate: float = _field(number(0.0, 10.0, low_open=True))
     lr_schedule: str = _field(choice("constant", "cosine", "onecycle"))
+    # onecycle only: fraction of the training steps spent warming up linearly from
+    # learning_rate / 25 to learning_rate; the rest anneals on a cosine.
+    warmup: float = _field(number(0.0, 1.0, high_open=True))
     # Decoupled: each step every trainable weight shrinks by (the step's scheduled learning
     # rate) * weight_decay of itself: AdamW with adam. With sgd the decay bypasses the
     # momentum, so it is about 10x weaker than the same number as an L2 penalty under

@@ -13,9 +13,9 @@ def make_schedule(params: TrainParams, total_steps: int):
         return params.learning_rate
     if params.lr_schedule == "cosine":
         return keras.optimizers.schedules.CosineDecay(params.learning_rate, total_steps)
-    # onecycle: linear warm-up over the first 30% of steps from lr/25 to lr, then
-    # cosine annealing down to lr/1000 (alpha is a fraction of the peak).
-    warmup = max(1, int(0.3 * total_steps))
+    # onecycle: linear warm-up over the first `warmup` fraction of the steps from
+    # lr/25 to lr, then cosine annealing down to lr/1000 (alpha is a fraction of the peak).
+    warmup = max(1, int(params.warmup * total_steps))
     return keras.optimizers.schedules.CosineDecay(
         params.learning_rate / 25,
         decay_steps=max(1, total_steps - warmup),

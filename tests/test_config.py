@@ -163,7 +163,7 @@ def test_flatten_uses_dotted_names(raw_params):
     assert flat["model.filters"] == [32, 64, 128, 256]
     assert flat["data.format"] == "cifar10-python"
     assert flat["train.optimizer"] == "adam"
-    assert len(flat) == 31
+    assert len(flat) == 32
 
 
 def test_invalid_yaml_is_reported(tmp_path):

@@ -56,6 +56,12 @@ def test_schedules_follow_their_shape(raw_params):
     assert float(onecycle(0)) == pytest.approx(0.001 / 25)
     assert float(onecycle(30)) == pytest.approx(0.001)  # peak after 30% warm-up
     assert float(onecycle(100)) == pytest.approx(1e-6, rel=1e-3)
+    short = make_schedule(
+        params.__class__(**{**params.__dict__, "lr_schedule": "onecycle", "warmup": 0.1}), 100
+    )
+    assert float(short(5)) == pytest.approx(0.001 / 25 + 0.5 * (0.001 - 0.001 / 25))
+    assert float(short(10)) == pytest.approx(0.001)  # peak after 10% warm-up
+    assert float(short(55)) == pytest.approx(0.0005, rel=1e-2)  # half-way down the cosine
 
 
 def test_optimizers_and_decoupled_weight_decay(raw_params):
