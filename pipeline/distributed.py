@@ -71,7 +71,7 @@ def make_strategy(gpus: int, cluster: Cluster):
         # TF_CPP_MIN_LOG_LEVEL hides: a worker that was never started would look like a hang.
         print(
             f"train: worker {cluster.index} of {cluster.workers}: waiting for every worker "
-            "in TF_CONFIG to start (each runs `dvc repro` with its own task index)",
+            "in TF_CONFIG to start (each runs `python -m pipeline.train` with its own task index)",
             flush=True,
         )
         options = tf.distribute.experimental.CommunicationOptions(
@@ -95,7 +95,8 @@ def peers_reachable() -> Iterator[None]:
         raise PipelineError(
             "a training worker stopped or became unreachable "
             f"({type(error).__name__}: {str(error).splitlines()[0][:160]}); restart all "
-            "workers with `dvc repro`: training resumes from the last completed epoch"
+            "workers with `python -m pipeline.train`: training resumes from the last "
+            "completed epoch"
         ) from None
 
 

@@ -147,7 +147,7 @@ def test_a_failed_collective_becomes_one_clear_error():
         raise tf.errors.UnavailableError(None, None, "task 1 stopped sending heartbeats\nmore")
     assert str(error.value).startswith(
         "a training worker stopped or became unreachable (UnavailableError: task 1 stopped "
-        "sending heartbeats); restart all workers with `dvc repro`"
+        "sending heartbeats); restart all workers with `python -m pipeline.train`"
     )
 
 
