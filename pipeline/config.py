@@ -242,6 +242,9 @@ class EvaluateParams:
     batch_size: int = _field(integer(1))
     misclassified: int = _field(integer(0, 400))  # images in the error grid
     flip_tta: bool = _field(boolean())  # also score the mean prediction on image + mirror
+    # Pixels: also score the mean prediction over 10 views, the image and its mirror each
+    # as is and moved this far left, right, up and down (0 = off).
+    shift_tta: int = _field(integer(0, 1024))
     register: bool = _field(boolean())
 
 
@@ -263,6 +266,12 @@ class Params:
                 f"at most data.image_size ({side} pixels): a larger square erases "
                 "most or all of every training image",
                 cutout,
+            )
+        if self.evaluate.shift_tta >= side:
+            raise _fail(
+                "evaluate.shift_tta",
+                f"less than data.image_size ({side} pixels): the image must stay in view",
+                self.evaluate.shift_tta,
             )
 
 

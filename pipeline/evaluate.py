@@ -10,7 +10,10 @@ Every figure is of one forward pass per image, the way the saved model
 predicts. With `evaluate.flip_tta: true` test.json also gets `flip_tta`:
 accuracy, loss and macro F1 of the mean prediction on each image and its
 mirror (MLflow: `test_accuracy_flip_tta`, ...), at twice the inference time.
-The registry always compares single-pass accuracy.
+With `evaluate.shift_tta: p` (pixels) it also gets `shift_tta`: the same
+figures of the mean over 10 views, the image and its mirror each as is and
+moved p pixels left, right, up and down (`test_accuracy_shift_tta`, ...), at
+ten times the inference time. The registry always compares single-pass accuracy.
 
 How evaluations are recorded in MLflow: a trained model may be evaluated
 several times (re-running only this stage after an `evaluate.*` change).
@@ -29,6 +32,7 @@ import json
 import re
 import sys
 import time
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -76,6 +80,31 @@ def flip_tta(probabilities: np.ndarray, mirrored: np.ndarray) -> np.ndarray:
     return (probabilities + mirrored) / 2
 
 
+def shift(images: np.ndarray, right: int, down: int) -> np.ndarray:
+    """(N, H, W, C) images moved `right` and `down` pixels (negative: left, up).
+
+    The uncovered edge repeats the border pixels, as training's whole-pixel
+    shifts fill it (augment_batch, fill_mode NEAREST).
+    """
+    pad = max(abs(right), abs(down))
+    padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="edge")
+    height, width = images.shape[1:3]
+    return padded[:, pad - down : pad - down + height, pad - right : pad - right + width]
+
+
+SHIFT_TTA_VIEWS = 10  # image and mirror, each as is and moved 4 ways
+
+
+def shifted_views(images: np.ndarray, pixels: int) -> Iterator[np.ndarray]:
+    """The 8 shifted views of shift TTA: image and mirror, each moved `pixels` 4 ways.
+
+    One at a time, so only one extra copy of the test set is in memory.
+    """
+    for base in (images, mirror(images)):
+        for right, down in ((pixels, 0), (-pixels, 0), (0, pixels), (0, -pixels)):
+            yield shift(base, right, down)
+
+
 def tta_figures(figures: dict) -> dict:
     """The headline figures of a test-time-augmented score, kept beside the single-pass ones."""
     return {key: figures[key] for key in ("accuracy", "loss", "f1_macro")}
@@ -103,8 +132,9 @@ def mlflow_metrics(figures: dict) -> dict[str, float]:
             copies += 1
             key = f"{base}_{copies}"
         metrics[key] = accuracy
-    for key, value in figures.get("flip_tta", {}).items():
-        metrics[f"test_{key}_flip_tta"] = value
+    for tta in ("flip_tta", "shift_tta"):
+        for key, value in figures.get(tta, {}).items():
+            metrics[f"test_{key}_{tta}"] = value
     return metrics
 
 
@@ -157,12 +187,23 @@ def main(argv: list[str] | None = None) -> None:
     if not paths.MODEL_FILE.exists():
         raise PipelineError(f"{paths.MODEL_FILE}: not found; run `dvc repro train` first")
     model = keras.saving.load_model(paths.MODEL_FILE)
-    probabilities = model.predict(test.images, batch_size=cfg.batch_size, verbose=0)
+
+    def predict(images: np.ndarray) -> np.ndarray:
+        return model.predict(images, batch_size=cfg.batch_size, verbose=0)
+
+    probabilities = predict(test.images)
     figures = score(probabilities, test.labels, class_names)
+    if cfg.flip_tta or cfg.shift_tta:
+        mirrored = predict(mirror(test.images))
     if cfg.flip_tta:
-        mirrored = model.predict(mirror(test.images), batch_size=cfg.batch_size, verbose=0)
         tta = score(flip_tta(probabilities, mirrored), test.labels, class_names)
         figures["flip_tta"] = tta_figures(tta)
+    if cfg.shift_tta:
+        total = probabilities + mirrored
+        for view in shifted_views(test.images, cfg.shift_tta):
+            total += predict(view)
+        tta = score(total / SHIFT_TTA_VIEWS, test.labels, class_names)
+        figures["shift_tta"] = tta_figures(tta)
     matrix = confusion_matrix(test.labels, probabilities.argmax(axis=1), len(class_names))
     drawn = write_outputs(figures, matrix, probabilities, test, class_names, cfg)
     print(
@@ -175,6 +216,14 @@ def main(argv: list[str] | None = None) -> None:
         tta = figures["flip_tta"]
         print(
             f"evaluate: with flip test-time augmentation: accuracy {tta['accuracy']:.4f}, "
+            f"loss {tta['loss']:.4f}, macro F1 {tta['f1_macro']:.4f}",
+            flush=True,
+        )
+    if cfg.shift_tta:
+        tta = figures["shift_tta"]
+        print(
+            f"evaluate: with flip and {cfg.shift_tta}-pixel shift test-time augmentation "
+            f"({SHIFT_TTA_VIEWS} views): accuracy {tta['accuracy']:.4f}, "
             f"loss {tta['loss']:.4f}, macro F1 {tta['f1_macro']:.4f}",
             flush=True,
         )

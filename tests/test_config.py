@@ -110,6 +110,12 @@ IMAGEFOLDER = {"data.format": "imagefolder", "data.url": "file:///data/pets", "d
             {**IMAGEFOLDER, "data.image_size": 16, "train.augment.cutout": 20},
             "train.augment.cutout: must be at most data.image_size (16 pixels)",
         ),
+        (
+            {"evaluate.shift_tta": 32},
+            "evaluate.shift_tta: must be less than data.image_size (32 pixels): the image must "
+            "stay in view, got 32",
+        ),
+        ({"evaluate.shift_tta": -1}, "evaluate.shift_tta: must be an integer between 0 and"),
     ],
 )
 def test_checks_that_depend_on_the_format(raw_params, overrides, message):
@@ -163,7 +169,7 @@ def test_flatten_uses_dotted_names(raw_params):
     assert flat["model.filters"] == [32, 64, 128, 256]
     assert flat["data.format"] == "cifar10-python"
     assert flat["train.optimizer"] == "adam"
-    assert len(flat) == 32
+    assert len(flat) == 33
 
 
 def test_invalid_yaml_is_reported(tmp_path):

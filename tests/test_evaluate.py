@@ -11,6 +11,8 @@ from pipeline.evaluate import (
     mirror,
     mlflow_metrics,
     score,
+    shift,
+    shifted_views,
     tta_figures,
 )
 
@@ -64,6 +66,24 @@ def test_flip_tta_averages_the_two_views_and_can_change_the_decision():
     assert score(mean, labels, CLASSES)["accuracy"] == 1.0
 
 
+def test_shift_moves_the_content_and_repeats_the_border():
+    images = np.arange(9, dtype=np.uint8).reshape(1, 3, 3, 1)  # rows 0 1 2 / 3 4 5 / 6 7 8
+    right, up = shift(images, 1, 0)[0, :, :, 0], shift(images, 0, -1)[0, :, :, 0]
+    np.testing.assert_array_equal(right, [[0, 0, 1], [3, 3, 4], [6, 6, 7]])
+    np.testing.assert_array_equal(up, [[3, 4, 5], [6, 7, 8], [6, 7, 8]])
+    np.testing.assert_array_equal(shift(images, 0, 0), images)
+
+
+def test_shifted_views_are_the_image_and_its_mirror_moved_four_ways():
+    images = np.random.default_rng(0).integers(0, 256, (2, 5, 5, 3), dtype=np.uint8)
+    views = list(shifted_views(images, 2))
+    assert len(views) == 8 and all(view.shape == images.shape for view in views)
+    assert len({view.tobytes() for view in views}) == 8  # all different
+    np.testing.assert_array_equal(views[0][:, :, 2:], images[:, :, :3])  # 2 px right
+    np.testing.assert_array_equal(views[3][:, :3], images[:, 2:])  # 2 px up
+    np.testing.assert_array_equal(views[5][:, :, :3], mirror(images)[:, :, 2:])  # mirror, left
+
+
 def test_tta_figures_become_their_own_mlflow_metrics():
     labels = np.array([0, 1, 2])
     figures = score(one_hot([0, 1, 1]), labels, CLASSES)
@@ -76,6 +96,8 @@ def test_tta_figures_become_their_own_mlflow_metrics():
     assert metrics["test_accuracy"] == pytest.approx(2 / 3)  # the single-pass figure stays
     assert metrics["test_accuracy_flip_tta"] == 1.0
     assert {"test_loss_flip_tta", "test_f1_macro_flip_tta"} <= set(metrics)
+    figures["shift_tta"] = tta_figures(score(one_hot([0, 0, 2]), labels, CLASSES))
+    assert mlflow_metrics(figures)["test_accuracy_shift_tta"] == pytest.approx(2 / 3)
 
 
 def test_class_names_are_made_safe_for_mlflow():

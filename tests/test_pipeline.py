@@ -137,13 +137,18 @@ def test_a_mirror_of_the_same_archive_retrains_nothing(repo, served_archive, tmp
 
 
 def test_evaluate_change_reruns_only_evaluate_and_keeps_both_evaluations(repo, client):
-    set_params(repo, {"evaluate.misclassified": 6, "evaluate.flip_tta": True})
+    set_params(
+        repo, {"evaluate.misclassified": 6, "evaluate.flip_tta": True, "evaluate.shift_tta": 1}
+    )
     result = dvc(repo, "repro")
     assert ran(result.stdout) == ["evaluate"]
     assert "logged as evaluation 2 of MLflow run" in result.stdout
     assert "with flip test-time augmentation: accuracy" in result.stdout
     tta = json.loads((repo / "metrics/test.json").read_text())["flip_tta"]
     assert set(tta) == {"accuracy", "loss", "f1_macro"} and 0 <= tta["accuracy"] <= 1
+    assert "flip and 1-pixel shift test-time augmentation (10 views): accuracy" in result.stdout
+    shifted = json.loads((repo / "metrics/test.json").read_text())["shift_tta"]
+    assert set(shifted) == {"accuracy", "loss", "f1_macro"} and 0 <= shifted["accuracy"] <= 1
     assert "version 1 (test accuracy" in result.stdout and "is already @champion" in result.stdout
     (logged,) = client.search_runs([client.get_experiment_by_name("cifar10-resnet").experiment_id])
     history = client.get_metric_history(logged.info.run_id, "test_accuracy")
@@ -151,6 +156,10 @@ def test_evaluate_change_reruns_only_evaluate_and_keeps_both_evaluations(repo, c
     assert [
         m.step for m in client.get_metric_history(logged.info.run_id, "test_accuracy_flip_tta")
     ] == [2]
+    assert (
+        client.get_run(logged.info.run_id).data.metrics["test_accuracy_shift_tta"]
+        == (shifted["accuracy"])
+    )
     params = json.loads(
         mlflow.artifacts.load_text(f"runs:/{logged.info.run_id}/evaluation-2/params.json")
     )
