@@ -32,7 +32,7 @@ import json
 import re
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -83,8 +83,8 @@ def flip_tta(probabilities: np.ndarray, mirrored: np.ndarray) -> np.ndarray:
 def shift(images: np.ndarray, right: int, down: int) -> np.ndarray:
     """(N, H, W, C) images moved `right` and `down` pixels (negative: left, up).
 
-    The uncovered edge repeats the border pixels, as training's whole-pixel
-    shifts fill it (augment_batch, fill_mode NEAREST).
+    The uncovered edge repeats the border pixels, as training's augmentation
+    fills shifted edges (augment_batch, fill_mode NEAREST).
     """
     pad = max(abs(right), abs(down))
     padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="edge")
@@ -103,6 +103,23 @@ def shifted_views(images: np.ndarray, pixels: int) -> Iterator[np.ndarray]:
     for base in (images, mirror(images)):
         for right, down in ((pixels, 0), (-pixels, 0), (0, pixels), (0, -pixels)):
             yield shift(base, right, down)
+
+
+def shift_tta(
+    predict: Callable[[np.ndarray], np.ndarray],
+    images: np.ndarray,
+    pixels: int,
+    plain: np.ndarray,
+    mirrored: np.ndarray,
+) -> np.ndarray:
+    """Shift test-time augmentation: the mean probabilities over the 10 views.
+
+    plain, mirrored: the predictions on the unshifted image and mirror, already made.
+    """
+    total = plain + mirrored
+    for view in shifted_views(images, pixels):
+        total = total + predict(view)
+    return total / SHIFT_TTA_VIEWS
 
 
 def tta_figures(figures: dict) -> dict:
@@ -199,10 +216,8 @@ def main(argv: list[str] | None = None) -> None:
         tta = score(flip_tta(probabilities, mirrored), test.labels, class_names)
         figures["flip_tta"] = tta_figures(tta)
     if cfg.shift_tta:
-        total = probabilities + mirrored
-        for view in shifted_views(test.images, cfg.shift_tta):
-            total += predict(view)
-        tta = score(total / SHIFT_TTA_VIEWS, test.labels, class_names)
+        mean = shift_tta(predict, test.images, cfg.shift_tta, probabilities, mirrored)
+        tta = score(mean, test.labels, class_names)
         figures["shift_tta"] = tta_figures(tta)
     matrix = confusion_matrix(test.labels, probabilities.argmax(axis=1), len(class_names))
     drawn = write_outputs(figures, matrix, probabilities, test, class_names, cfg)

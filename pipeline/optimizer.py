@@ -15,7 +15,11 @@ def make_schedule(params: TrainParams, total_steps: int):
         return keras.optimizers.schedules.CosineDecay(params.learning_rate, total_steps)
     # onecycle: linear warm-up over the first `warmup` fraction of the steps from
     # lr/25 to lr, then cosine annealing down to lr/1000 (alpha is a fraction of the peak).
-    warmup = max(1, int(params.warmup * total_steps))
+    warmup = round(params.warmup * total_steps)
+    if warmup == 0:  # no warm-up: the cosine from the peak
+        return keras.optimizers.schedules.CosineDecay(
+            params.learning_rate, decay_steps=max(1, total_steps), alpha=1e-3
+        )
     return keras.optimizers.schedules.CosineDecay(
         params.learning_rate / 25,
         decay_steps=max(1, total_steps - warmup),

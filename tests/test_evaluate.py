@@ -12,6 +12,7 @@ from pipeline.evaluate import (
     mlflow_metrics,
     score,
     shift,
+    shift_tta,
     shifted_views,
     tta_figures,
 )
@@ -82,6 +83,24 @@ def test_shifted_views_are_the_image_and_its_mirror_moved_four_ways():
     np.testing.assert_array_equal(views[0][:, :, 2:], images[:, :, :3])  # 2 px right
     np.testing.assert_array_equal(views[3][:, :3], images[:, 2:])  # 2 px up
     np.testing.assert_array_equal(views[5][:, :, :3], mirror(images)[:, :, 2:])  # mirror, left
+
+
+def test_shift_tta_is_the_mean_over_all_ten_views():
+    images = np.random.default_rng(1).integers(0, 256, (4, 6, 6, 3), dtype=np.uint8)
+
+    def predict(batch):  # a fake model: a distribution that depends on every pixel
+        logits = batch.reshape(len(batch), 3, -1).astype(np.float64).mean(axis=2) / 30
+        return np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+
+    views = [images, mirror(images)] + [
+        shift(base, right, down)
+        for base in (images, mirror(images))
+        for right, down in ((1, 0), (-1, 0), (0, 1), (0, -1))
+    ]
+    expected = np.mean([predict(view) for view in views], axis=0)
+    mean = shift_tta(predict, images, 1, predict(images), predict(mirror(images)))
+    np.testing.assert_allclose(mean, expected)
+    np.testing.assert_allclose(mean.sum(axis=1), 1.0)
 
 
 def test_tta_figures_become_their_own_mlflow_metrics():

@@ -156,10 +156,8 @@ def test_evaluate_change_reruns_only_evaluate_and_keeps_both_evaluations(repo, c
     assert [
         m.step for m in client.get_metric_history(logged.info.run_id, "test_accuracy_flip_tta")
     ] == [2]
-    assert (
-        client.get_run(logged.info.run_id).data.metrics["test_accuracy_shift_tta"]
-        == (shifted["accuracy"])
-    )
+    metrics = client.get_run(logged.info.run_id).data.metrics
+    assert metrics["test_accuracy_shift_tta"] == shifted["accuracy"]
     params = json.loads(
         mlflow.artifacts.load_text(f"runs:/{logged.info.run_id}/evaluation-2/params.json")
     )

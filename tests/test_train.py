@@ -62,6 +62,11 @@ def test_schedules_follow_their_shape(raw_params):
     assert float(short(5)) == pytest.approx(0.001 / 25 + 0.5 * (0.001 - 0.001 / 25))
     assert float(short(10)) == pytest.approx(0.001)  # peak after 10% warm-up
     assert float(short(55)) == pytest.approx(0.0005, rel=1e-2)  # half-way down the cosine
+    none = make_schedule(
+        params.__class__(**{**params.__dict__, "lr_schedule": "onecycle", "warmup": 0.0}), 100
+    )
+    assert float(none(0)) == pytest.approx(0.001)  # no warm-up: starts at the peak
+    assert float(none(100)) == pytest.approx(1e-6, rel=1e-3)
 
 
 def test_optimizers_and_decoupled_weight_decay(raw_params):
