@@ -227,21 +227,18 @@ def main(argv: list[str] | None = None) -> None:
         f"({time.perf_counter() - started:.1f} s)",
         flush=True,
     )
-    if cfg.flip_tta:
-        tta = figures["flip_tta"]
-        print(
-            f"evaluate: with flip test-time augmentation: accuracy {tta['accuracy']:.4f}, "
-            f"loss {tta['loss']:.4f}, macro F1 {tta['f1_macro']:.4f}",
-            flush=True,
-        )
-    if cfg.shift_tta:
-        tta = figures["shift_tta"]
-        print(
-            f"evaluate: with flip and {cfg.shift_tta}-pixel shift test-time augmentation "
-            f"({SHIFT_TTA_VIEWS} views): accuracy {tta['accuracy']:.4f}, "
-            f"loss {tta['loss']:.4f}, macro F1 {tta['f1_macro']:.4f}",
-            flush=True,
-        )
+    for key, kind in (
+        ("flip_tta", "flip test-time augmentation"),
+        ("shift_tta", f"flip and {cfg.shift_tta}-pixel shift test-time augmentation "
+                      f"({SHIFT_TTA_VIEWS} views)"),
+    ):  # fmt: skip
+        if key in figures:
+            tta = figures[key]
+            print(
+                f"evaluate: with {kind}: accuracy {tta['accuracy']:.4f}, "
+                f"loss {tta['loss']:.4f}, macro F1 {tta['f1_macro']:.4f}",
+                flush=True,
+            )
     worst = sorted(figures["per_class_accuracy"].items(), key=lambda item: item[1])[:3]
     print(
         "evaluate: weakest classes: "
