@@ -210,6 +210,11 @@ class AugmentParams:
     # against the test images; nearest rounds shifts to whole pixels, which with
     # rotation 0 copies pixels unchanged (a random crop).
     interpolation: str = _field(choice("bilinear", "nearest"))
+    # What fills the pixels that rotations and shifts uncover: nearest repeats the
+    # edge pixel outwards (ImageDataGenerator's default, streaks at large shifts);
+    # reflect mirrors the image about its edge (with shifts only, the usual
+    # pad-and-random-crop of CIFAR training recipes).
+    fill: str = _field(choice("nearest", "reflect"))
     # Side in pixels of one square erased per training image at a random position
     # (it may hang off the edge), painted the training images' mean colour (0 = none).
     cutout: int = _field(integer(0, 1024))

@@ -86,7 +86,7 @@ def augment_batch(
     seed: tf.Tensor,
     fill_colour: np.ndarray | None = None,
 ) -> tf.Tensor:
-    """Augment a (batch, H, W, 3) uint8 batch; edges are filled with the nearest pixel.
+    """Augment a (batch, H, W, 3) uint8 batch; uncovered edges filled as augment.fill says.
 
     fill_colour: (3,) uint8 RGB of the cutout squares (default black); the
     pipeline passes the training images' mean, which the model normalises to ~0.
@@ -100,7 +100,9 @@ def augment_batch(
             output_shape=tf.shape(images)[1:3],
             fill_value=0.0,
             interpolation=augment.interpolation.upper(),
-            fill_mode="NEAREST",  # as ImageDataGenerator's default fill_mode
+            # NEAREST repeats the edge pixel; REFLECT mirrors about the edge, the edge
+            # pixel included (d c b a | a b c d), as numpy.pad's "symmetric".
+            fill_mode=augment.fill.upper(),
         )
     if augment.cutout:
         # Its own stream (seed folded with 1), so turning cutout on leaves the

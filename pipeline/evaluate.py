@@ -84,7 +84,7 @@ def shift(images: np.ndarray, right: int, down: int) -> np.ndarray:
     """(N, H, W, C) images moved `right` and `down` pixels (negative: left, up).
 
     The uncovered edge repeats the border pixels, as training's augmentation
-    fills shifted edges (augment_batch, fill_mode NEAREST).
+    fills shifted edges by default (train.augment.fill: nearest).
     """
     pad = max(abs(right), abs(down))
     padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="edge")

@@ -69,6 +69,11 @@ def with_value(raw: dict, dotted: str, value) -> dict:
             "cubic",
             "train.augment.interpolation: must be one of bilinear, nearest, got 'cubic'",
         ),
+        (
+            "train.augment.fill",
+            "wrap",
+            "train.augment.fill: must be one of nearest, reflect, got 'wrap'",
+        ),
         ("train.augment.cutout", 2.5, "train.augment.cutout: must be an integer between 0 and"),
         ("model.filters", [32, 0], "model.filters: must be a list of at least 1 integers"),
         ("model.dropout", 1.0, "model.dropout: must be a number in [0, 1), got 1.0"),
@@ -169,7 +174,7 @@ def test_flatten_uses_dotted_names(raw_params):
     assert flat["model.filters"] == [32, 64, 128, 256]
     assert flat["data.format"] == "cifar10-python"
     assert flat["train.optimizer"] == "adam"
-    assert len(flat) == 33
+    assert len(flat) == 34
 
 
 def test_invalid_yaml_is_reported(tmp_path):

@@ -13,8 +13,10 @@ from pipeline.prepare import Split
 SEED = tf.constant([7, 11], tf.int64)
 
 
-def aug(rotation=0.0, shift=0.0, flip=False, interpolation="bilinear", cutout=0) -> AugmentParams:
-    return AugmentParams(rotation, shift, flip, interpolation, cutout)
+def aug(
+    rotation=0.0, shift=0.0, flip=False, interpolation="bilinear", fill="nearest", cutout=0
+) -> AugmentParams:
+    return AugmentParams(rotation, shift, flip, interpolation, fill, cutout)
 
 
 def stripe_images(count: int = 16) -> np.ndarray:
@@ -67,6 +69,28 @@ def test_bilinear_shifts_blend_pixels_and_nearest_shifts_copy_them():
     # Whole-pixel shifts: every image is the bar moved by an integer offset.
     left_edges = {int(np.flatnonzero(o[16, :, 0] == 255)[0]) for o in copied.numpy()}
     assert left_edges <= set(range(4 - 5, 4 + 6)) and len(left_edges) > 3
+
+
+@pytest.mark.parametrize("fill", ["nearest", "reflect"])
+def test_fill_repeats_or_mirrors_the_uncovered_edge(fill):
+    # Each pixel holds its column index, so a row of the output names the source
+    # column of every output pixel.
+    ramp = np.broadcast_to(np.arange(32, dtype=np.uint8)[None, None, :, None], (64, 32, 32, 3))
+    out = augment_batch(
+        tf.constant(ramp), aug(shift=5 / 32, interpolation="nearest", fill=fill), SEED
+    ).numpy()
+    assert (out == out[:, :1]).all()  # vertical shifts leave the column pattern unchanged
+    shifts = set()
+    for row in out[:, 16, :, 0].astype(int):
+        right = 16 - row[16]  # pixels moved right (the centre's source is inside the image)
+        source = np.arange(32) - right  # where each output pixel was, before the shift
+        if fill == "nearest":
+            expected = np.clip(source, 0, 31)  # the edge pixel, repeated
+        else:
+            expected = np.where(source < 0, -source - 1, np.where(source > 31, 63 - source, source))
+        np.testing.assert_array_equal(row, expected)
+        shifts.add(right)
+    assert shifts <= set(range(-5, 6)) and len(shifts) > 3
 
 
 def test_cutout_mask_is_one_square_per_image_clipped_at_the_edges():
@@ -131,7 +155,7 @@ def test_training_order_is_seeded_per_epoch_and_full_batches():
 
 
 def test_resumed_epochs_see_exactly_the_same_batches():
-    data, augment = split(64), aug(10.0, 0.15625, True, "nearest", 8)
+    data, augment = split(64), aug(10.0, 0.15625, True, "nearest", cutout=8)
     full = list(make_dataset(data, 16, training=True, augment=augment, seed=3, epochs=3))
     resumed = list(
         make_dataset(data, 16, training=True, augment=augment, seed=3, first_epoch=2, epochs=3)

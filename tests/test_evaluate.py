@@ -48,7 +48,7 @@ def test_mirror_is_the_flip_training_augments_with():
 
     images = np.zeros((32, 32, 32, 3), np.uint8)
     images[:, 8:24, 4:10] = 255  # a bar left of centre: mirrored, it is right of centre
-    flip = AugmentParams(0.0, 0.0, True, "bilinear", 0)
+    flip = AugmentParams(0.0, 0.0, True, "bilinear", "nearest", 0)
     augmented = augment_batch(tf.constant(images), flip, tf.constant([7, 11], tf.int64)).numpy()
     mirrored = mirror(images)
     assert (mirrored[:, 16, 22:28] == 255).all() and (mirrored[:, 16, 4:10] == 0).all()
