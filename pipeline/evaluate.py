@@ -13,7 +13,8 @@ mirror (MLflow: `test_accuracy_flip_tta`, ...), at twice the inference time.
 With `evaluate.shift_tta: p` (pixels) it also gets `shift_tta`: the same
 figures of the mean over 10 views, the image and its mirror each as is and
 moved p pixels left, right, up and down (`test_accuracy_shift_tta`, ...), at
-ten times the inference time. The registry always compares single-pass accuracy.
+ten times the inference time; the uncovered edges are filled as training's
+shifts fill them (train.augment.fill). The registry always compares single-pass accuracy.
 
 How evaluations are recorded in MLflow: a trained model may be evaluated
 several times (re-running only this stage after an `evaluate.*` change).
@@ -80,14 +81,20 @@ def flip_tta(probabilities: np.ndarray, mirrored: np.ndarray) -> np.ndarray:
     return (probabilities + mirrored) / 2
 
 
-def shift(images: np.ndarray, right: int, down: int) -> np.ndarray:
+# train.augment.fill -> numpy.pad mode that fills an uncovered edge the same way:
+# nearest repeats the edge pixel; reflect mirrors about the edge, the edge pixel
+# included (d c b a | a b c d), which numpy calls "symmetric".
+PAD_MODES = {"nearest": "edge", "reflect": "symmetric"}
+
+
+def shift(images: np.ndarray, right: int, down: int, fill: str = "nearest") -> np.ndarray:
     """(N, H, W, C) images moved `right` and `down` pixels (negative: left, up).
 
-    The uncovered edge repeats the border pixels, as training's augmentation
-    fills shifted edges by default (train.augment.fill: nearest).
+    The uncovered edge is filled as training's augmentation fills it under
+    train.augment.fill `fill`, so the shifted views look like training images.
     """
     pad = max(abs(right), abs(down))
-    padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="edge")
+    padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode=PAD_MODES[fill])
     height, width = images.shape[1:3]
     return padded[:, pad - down : pad - down + height, pad - right : pad - right + width]
 
@@ -95,14 +102,14 @@ def shift(images: np.ndarray, right: int, down: int) -> np.ndarray:
 SHIFT_TTA_VIEWS = 10  # image and mirror, each as is and moved 4 ways
 
 
-def shifted_views(images: np.ndarray, pixels: int) -> Iterator[np.ndarray]:
+def shifted_views(images: np.ndarray, pixels: int, fill: str = "nearest") -> Iterator[np.ndarray]:
     """The 8 shifted views of shift TTA: image and mirror, each moved `pixels` 4 ways.
 
     One at a time, so only one extra copy of the test set is in memory.
     """
     for base in (images, mirror(images)):
         for right, down in ((pixels, 0), (-pixels, 0), (0, pixels), (0, -pixels)):
-            yield shift(base, right, down)
+            yield shift(base, right, down, fill)
 
 
 def shift_tta(
@@ -111,13 +118,15 @@ def shift_tta(
     pixels: int,
     plain: np.ndarray,
     mirrored: np.ndarray,
+    fill: str = "nearest",
 ) -> np.ndarray:
     """Shift test-time augmentation: the mean probabilities over the 10 views.
 
     plain, mirrored: the predictions on the unshifted image and mirror, already made.
+    fill: train.augment.fill of the model's training, which the shifted edges follow.
     """
     total = plain + mirrored
-    for view in shifted_views(images, pixels):
+    for view in shifted_views(images, pixels, fill):
         total = total + predict(view)
     return total / SHIFT_TTA_VIEWS
 
@@ -216,7 +225,8 @@ def main(argv: list[str] | None = None) -> None:
         tta = score(flip_tta(probabilities, mirrored), test.labels, class_names)
         figures["flip_tta"] = tta_figures(tta)
     if cfg.shift_tta:
-        mean = shift_tta(predict, test.images, cfg.shift_tta, probabilities, mirrored)
+        fill = params.train.augment.fill
+        mean = shift_tta(predict, test.images, cfg.shift_tta, probabilities, mirrored, fill)
         tta = score(mean, test.labels, class_names)
         figures["shift_tta"] = tta_figures(tta)
     matrix = confusion_matrix(test.labels, probabilities.argmax(axis=1), len(class_names))

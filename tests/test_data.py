@@ -93,6 +93,27 @@ def test_fill_repeats_or_mirrors_the_uncovered_edge(fill):
     assert shifts <= set(range(-5, 6)) and len(shifts) > 3
 
 
+@pytest.mark.parametrize("fill", ["nearest", "reflect"])
+def test_shift_tta_views_are_shifts_training_makes(fill):
+    """evaluate's shifted views fill the uncovered edge exactly as training's shifts do."""
+    from pipeline.evaluate import shift
+
+    images = np.random.default_rng(3).integers(0, 256, (32, 12, 12, 3), dtype=np.uint8)
+    out = augment_batch(
+        tf.constant(images), aug(shift=3 / 12, interpolation="nearest", fill=fill), SEED
+    ).numpy()
+    offsets = [(right, down) for right in range(-3, 4) for down in range(-3, 4)]
+    found = set()
+    for image, trained in zip(images, out, strict=True):
+        # Random pixels: exactly one whole-pixel offset, fill included, reproduces it.
+        matches = [
+            offset for offset in offsets if (shift(image[None], *offset, fill)[0] == trained).all()
+        ]
+        assert len(matches) == 1, matches
+        found.add(matches[0])
+    assert len(found) > 8  # many different offsets, most with an edge to fill
+
+
 def test_cutout_mask_is_one_square_per_image_clipped_at_the_edges():
     mask = cutout_mask(tf.constant(256), 32, 8, SEED).numpy()[..., 0]
     assert mask.shape == (256, 32, 32)

@@ -75,6 +75,15 @@ def test_shift_moves_the_content_and_repeats_the_border():
     np.testing.assert_array_equal(shift(images, 0, 0), images)
 
 
+def test_shift_with_reflect_fill_mirrors_the_border_edge_pixel_included():
+    images = np.arange(5, dtype=np.uint8).reshape(1, 1, 5, 1)  # one row: 0 1 2 3 4
+    row = shift(images, 2, 0, "reflect")[0, 0, :, 0]
+    np.testing.assert_array_equal(row, [1, 0, 0, 1, 2])  # (d c b a | a b c d), as training
+    np.testing.assert_array_equal(shift(images, -2, 0, "reflect")[0, 0, :, 0], [2, 3, 4, 4, 3])
+    # One pixel is the same under either fill: only wider shifts tell them apart.
+    np.testing.assert_array_equal(shift(images, 1, 0, "reflect"), shift(images, 1, 0))
+
+
 def test_shifted_views_are_the_image_and_its_mirror_moved_four_ways():
     images = np.random.default_rng(0).integers(0, 256, (2, 5, 5, 3), dtype=np.uint8)
     views = list(shifted_views(images, 2))
