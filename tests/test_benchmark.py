@@ -16,7 +16,7 @@ def test_benchmark_runs_every_mode_and_reports_consistent_ratios(tmp_path):
     out = tmp_path / "throughput.json"
     command = [sys.executable, "-m", "benchmarks.throughput", "--images", "128", "--epochs", "2",
                "--rounds", "2", "--batch-size", "32", "--out", str(out)]  # fmt: skip
-    # 140-200 s on 2 Xeon cores with bfloat16, about 6 minutes on 2 AVX2-only EPYC cores;
+    # 140-200 s on 2 Xeon cores with bfloat16, 295 s on 2 AVX2-only EPYC cores (float32);
     # killed with its child processes past 840 s (tests/repo.run), before pytest's 900 s.
     result = run(command, ROOT, stage_env(), timeout=840)
     report = json.loads(out.read_text())
