@@ -209,13 +209,27 @@ def main(argv: list[str] | None = None) -> None:
 
     import keras
 
+    from pipeline.model import predict_batches
+
     started = time.perf_counter()
     if not paths.MODEL_FILE.exists():
         raise PipelineError(f"{paths.MODEL_FILE}: not found; run `dvc repro train` first")
     model = keras.saving.load_model(paths.MODEL_FILE)
+    passes = SHIFT_TTA_VIEWS if cfg.shift_tta else 2 if cfg.flip_tta else 1
+    done = []  # seconds each pass over the test set took
 
     def predict(images: np.ndarray) -> np.ndarray:
-        return model.predict(images, batch_size=cfg.batch_size, verbose=0)
+        pass_started = time.perf_counter()
+        probabilities = predict_batches(model, images, cfg.batch_size)
+        done.append(time.perf_counter() - pass_started)
+        if passes > 1:  # test-time augmentation multiplies the time: show how far it is
+            left = (passes - len(done)) * sum(done) / len(done)
+            print(
+                f"evaluate: pass {len(done)}/{passes} over the {len(images)} test images "
+                f"in {done[-1]:.1f} s; about {left:.0f} s left",
+                flush=True,
+            )
+        return probabilities
 
     probabilities = predict(test.images)
     figures = score(probabilities, test.labels, class_names)

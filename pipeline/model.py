@@ -140,6 +140,29 @@ def count_params_without_normalization(model: keras.Model) -> int:
     )
 
 
+# --- inference -----------------------------------------------------------------------------------
+
+
+def predict_batches(model: keras.Model, images: np.ndarray, batch_size: int) -> np.ndarray:
+    """(N, classes) probabilities of (N, H, W, 3) images, `batch_size` images per forward pass.
+
+    Batch by batch through `predict_on_batch`, not `model.predict`: predict
+    feeds the images through tf.data, whose autotuning halved its speed in 7
+    of 12 calls on 2 AVX2 cores (97.5 img/s, against 155-192 batch by batch,
+    with the same outputs bit for bit; BENCHMARKS.md, "Inference").
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if not len(images):
+        return np.zeros((0, model.output_shape[-1]), dtype=np.float32)
+    return np.concatenate(
+        [
+            np.asarray(model.predict_on_batch(images[start : start + batch_size]))
+            for start in range(0, len(images), batch_size)
+        ]
+    )
+
+
 # --- the training loss --------------------------------------------------------------------------
 
 

@@ -24,6 +24,8 @@ from pipeline import paths
 from pipeline.errors import PipelineError, cli
 from pipeline.startup import import_tensorflow
 
+BATCH_SIZE = 256  # images per forward pass of a local .keras model (memory, not results)
+
 
 @dataclass(frozen=True)
 class Predictor:
@@ -109,7 +111,11 @@ def _keras_predictor(path: Path) -> Predictor:
             f"{str(error).splitlines()[0] if str(error) else ''}); "
             "it should be the .keras file train writes: `dvc repro train` or `dvc pull`"
         ) from None
-    return Predictor(lambda images: model.predict(images, verbose=0), class_names, image_size)
+    from pipeline.model import predict_batches
+
+    return Predictor(
+        lambda images: predict_batches(model, images, BATCH_SIZE), class_names, image_size
+    )
 
 
 def _mlflow_predictor(uri: str) -> Predictor:

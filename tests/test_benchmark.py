@@ -55,3 +55,27 @@ def test_comparison_precision_measures_float32_beside_reduced_and_bfloat16_only_
     # auto's float32 means no native bfloat16: emulated, so measured only when asked.
     assert comparison_precision("float32", with_bfloat16=False) is None
     assert comparison_precision("float32", with_bfloat16=True) == "mixed_bfloat16"
+
+
+@pytest.mark.slow
+def test_inference_benchmark_compares_both_ways_on_the_same_model(tmp_path):
+    out = tmp_path / "inference.json"
+    command = [sys.executable, "-m", "benchmarks.inference", "--images", "40", "--rounds", "2",
+               "--batch-size", "16", "--out", str(out)]  # fmt: skip
+    result = run(command, ROOT, stage_env(), timeout=300)
+    report = json.loads(out.read_text())
+
+    results = report["results"]
+    assert set(results) == {"keras", "pipeline"}
+    for way, measured in results.items():
+        assert len(measured["round_rates"]) == 2, way  # took its turn every round
+        assert measured["images_per_second"] > 0, way
+    assert report["pipeline_over_keras"] == pytest.approx(
+        results["pipeline"]["images_per_second"] / results["keras"]["images_per_second"]
+    )
+    # One model, one input, the same batches: the two ways must agree (bit for bit where
+    # measured, on 2 EPYC cores; a kernel choice on another CPU may move the last digits).
+    assert report["max_abs_difference"] <= 1e-5
+    assert report["identical"] == (report["max_abs_difference"] == 0)
+    assert "same probabilities: " in result.stdout
+    assert report["images"] == 40 and report["batch_size"] == 16

@@ -16,6 +16,7 @@ from pipeline.model import (
     build_model,
     count_params_without_normalization,
     crossentropy,
+    predict_batches,
 )
 
 PARAMS_FILE = Path(__file__).resolve().parents[1] / "params.yaml"
@@ -138,6 +139,17 @@ def test_saved_model_reloads_with_identical_predictions(tiny_params, tmp_path):
     reloaded_normalize = reloaded.get_layer(NORMALIZE_LAYER)
     np.testing.assert_allclose(reloaded_normalize.mean.numpy().ravel(), MEAN)
     np.testing.assert_allclose(reloaded_normalize.variance.numpy().ravel(), np.square(STD))
+
+
+def test_predict_batches_matches_predict_in_order_for_any_batch_size(tiny_params):
+    model = build_model(tiny_params, num_classes=3, image_size=16, mean=MEAN, std=STD)
+    images = random_images(7, 16)
+    expected = model.predict(images, verbose=0)
+    for batch_size in (1, 3, 7, 50):  # 3: a last batch of one image; 50: one short batch
+        np.testing.assert_allclose(predict_batches(model, images, batch_size), expected, atol=1e-6)
+    assert predict_batches(model, images[:0], 3).shape == (0, 3)
+    with pytest.raises(ValueError, match="batch_size must be at least 1"):
+        predict_batches(model, images, 0)
 
 
 def test_output_is_float32_under_mixed_precision(tiny_params, mixed_bfloat16):

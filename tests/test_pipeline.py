@@ -147,6 +147,10 @@ def test_evaluate_change_reruns_only_evaluate_and_keeps_both_evaluations(repo, c
     tta = json.loads((repo / "metrics/test.json").read_text())["flip_tta"]
     assert set(tta) == {"accuracy", "loss", "f1_macro"} and 0 <= tta["accuracy"] <= 1
     assert "flip and 1-pixel shift test-time augmentation (10 views): accuracy" in result.stdout
+    # Ten passes over the test set, each reported as it ends, with the time left.
+    passes = [line for line in result.stdout.splitlines() if line.startswith("evaluate: pass ")]
+    assert [line.split()[2] for line in passes] == [f"{k}/10" for k in range(1, 11)]
+    assert passes[-1].endswith("about 0 s left")
     shifted = json.loads((repo / "metrics/test.json").read_text())["shift_tta"]
     assert set(shifted) == {"accuracy", "loss", "f1_macro"} and 0 <= shifted["accuracy"] <= 1
     assert "version 1 (test accuracy" in result.stdout and "is already @champion" in result.stdout
