@@ -98,7 +98,8 @@ def main() -> None:
     import_tensorflow()
     import numpy as np
 
-    from benchmarks.throughput import device
+    from benchmarks.throughput import device, onednn_label
+    from pipeline.startup import onednn_enabled
 
     model = load_model(args.model)
     size = model.input_shape[1]
@@ -108,14 +109,15 @@ def main() -> None:
     report = {
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "device": device(),
+        "onednn": onednn_enabled(),
         "model": str(args.model) if args.model else "default network, fresh weights",
         "images": args.images, "rounds": args.rounds, "batch_size": args.batch_size,
         **measured,
         "pipeline_over_keras": rate["pipeline"] / rate["keras"],
     }  # fmt: skip
     print(
-        f"\n{report['device']}; {args.rounds} rounds of {args.images} images, "
-        f"batch {args.batch_size}"
+        f"\n{report['device']}, oneDNN {onednn_label(report['onednn'])}; {args.rounds} rounds "
+        f"of {args.images} images, batch {args.batch_size}"
     )
     for name, value in rate.items():
         print(f"{name:<10}{value:>8.1f} img/s (median)")

@@ -24,9 +24,12 @@ tracing, warm-up) is dropped. The modes take turns, `--rounds` times (a, b,
 c, b', a, b, c, b', ...), so that a machine that slows down or speeds up
 part-way (shared CPUs, clocks, a neighbour's job) weighs on every mode alike;
 each mode's figure is the median images/s of all its measured epochs.
-Prints a table with the ratios b/a and b/c and writes JSON. Random uint8
-images stand in for CIFAR-10 (throughput does not depend on pixel values);
-`--prepared data/prepared` uses the real prepared split.
+Every mode runs with the stages' TensorFlow switches
+(`pipeline.startup.set_tensorflow_environment`: oneDNN on x86-64), so the
+three differ only in their own code; TF_ENABLE_ONEDNN_OPTS=0 measures all of
+them without oneDNN. Prints a table with the ratios b/a and b/c and writes
+JSON. Random uint8 images stand in for CIFAR-10 (throughput does not depend
+on pixel values); `--prepared data/prepared` uses the real prepared split.
 """
 
 from __future__ import annotations
@@ -152,6 +155,9 @@ def child(mode: str, args: argparse.Namespace) -> None:
     """Run one measurement in this process and print its JSON on the last line."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from pipeline.config import load_params
+    from pipeline.startup import onednn_enabled, set_tensorflow_environment
+
+    set_tensorflow_environment()  # the stages' TensorFlow switches (oneDNN) for every mode
 
     params = load_params(ROOT / "params.yaml")
     split, meta = load_images(args.prepared, args.images)
@@ -161,6 +167,7 @@ def child(mode: str, args: argparse.Namespace) -> None:
     else:
         result = run_pipeline(mode.split(":")[1], params, split, meta, args.epochs, args.batch_size)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result["onednn"] = onednn_enabled()
     print(json.dumps(result))
 
 
@@ -217,6 +224,7 @@ def interleaved(args: argparse.Namespace) -> dict:
             "epoch_rates": rates,
             "precision": runs[0]["precision"],
             "peak_rss_mb": max(run["peak_rss_mb"] for run in runs),
+            "onednn": runs[0]["onednn"],
         }
     return results
 
@@ -234,6 +242,10 @@ def device() -> str:
          if line.startswith("model name")), platform.processor(),
     )  # fmt: skip
     return f"CPU: {model}, {os.cpu_count()} cores"
+
+
+def onednn_label(enabled: bool | None) -> str:
+    return {True: "on", False: "off", None: "unknown"}[enabled]
 
 
 def main() -> None:
@@ -265,6 +277,7 @@ def main() -> None:
     report = {
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "device": device(),
+        "onednn": results["pipeline:auto"]["onednn"],
         "images_per_epoch": args.images, "epochs": args.epochs, "rounds": args.rounds,
         "batch_size": args.batch_size,
         "results": results,
@@ -279,8 +292,8 @@ def main() -> None:
     report["pipeline_float32_over_bare"] = rate[float32] / rate["bare"]
 
     print(
-        f"\n{report['device']}; {args.rounds} rounds of {args.images} images x {args.epochs} "
-        f"epochs, batch {args.batch_size}"
+        f"\n{report['device']}, oneDNN {onednn_label(report['onednn'])}; {args.rounds} rounds "
+        f"of {args.images} images x {args.epochs} epochs, batch {args.batch_size}"
     )
     print(f"{'run':<26}{'precision':<16}{'img/s':>8}{'peak MB':>10}")
     for mode, r in results.items():

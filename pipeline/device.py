@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.config import TrainParams
+from pipeline.startup import onednn_enabled
 
 
 @dataclass(frozen=True)
@@ -14,6 +15,7 @@ class Device:
     count: int  # local accelerators used
     precision: str  # resolved Keras dtype policy
     jit_compile: bool  # XLA
+    onednn: bool | None = None  # CPU kernels through oneDNN (pipeline.startup); None: unknown
 
 
 def resolve_device(params: TrainParams) -> Device:
@@ -39,7 +41,7 @@ def resolve_device(params: TrainParams) -> Device:
     precision = params.precision
     if precision == "auto":
         precision = "mixed_bfloat16" if _cpu_has_bfloat16() else "float32"
-    return Device("CPU", 1, precision, jit_compile=False)
+    return Device("CPU", 1, precision, jit_compile=False, onednn=onednn_enabled())
 
 
 def _cpu_has_bfloat16() -> bool:

@@ -1,5 +1,8 @@
-"""TensorFlow imported without its start-up chatter: output plumbing, no effect on results.
+"""TensorFlow imported with its switches set and without its start-up chatter.
 
+Its switches (`set_tensorflow_environment`) are environment variables its C++
+reads once, on import: oneDNN's kernels on every x86-64 CPU, which changes
+speed, not results beyond float round-off. The rest is output plumbing:
 TF 2.21 writes its first lines before its logging is set up, so
 TF_CPP_MIN_LOG_LEVEL cannot silence them. train, evaluate and predict call
 import_tensorflow() first; during the import and the device probe it sends file
@@ -10,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import platform
 import signal
 import subprocess
 import sys
@@ -78,13 +82,39 @@ def filtered_stderr(nvidia_device: bool) -> Iterator[None]:
         filter_.wait()  # it has passed on all it keeps before anything else is written
 
 
+def set_tensorflow_environment() -> None:
+    """TensorFlow's switches that it reads once, on import: call before importing it.
+
+    oneDNN: on Linux, TensorFlow turns its oneDNN kernels on by itself only on CPUs
+    with AVX512-VNNI, AVX-VNNI, AVX512-BF16 or AMX (recent Intel, AMD Zen 4). On 2
+    AMD EPYC Zen 3 cores (AVX2 only) they made float32 inference 1.5 times and
+    training 1.4 times faster (BENCHMARKS.md, "oneDNN on CPUs without AVX-512"),
+    so on x86-64 they are on unless TF_ENABLE_ONEDNN_OPTS says otherwise (0 turns
+    them off). Elsewhere (ARM) TensorFlow's default stands: not measured there.
+    """
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
+
+
+def onednn_enabled() -> bool | None:
+    """Whether the imported TensorFlow runs its CPU kernels through oneDNN; None if unknown."""
+    try:
+        from tensorflow.python.util import _pywrap_util_port  # private: no public query
+
+        return bool(_pywrap_util_port.IsMklEnabled())
+    except (ImportError, AttributeError):
+        return None
+
+
 def import_tensorflow():
     """TensorFlow and Keras, imported and their devices listed, without the start-up chatter.
 
-    Stages call it first. TF_CPP_MIN_LOG_LEVEL defaults to 1 (TensorFlow's own
+    Stages call it first. It sets TensorFlow's environment first
+    (`set_tensorflow_environment`). TF_CPP_MIN_LOG_LEVEL defaults to 1 (TensorFlow's own
     info lines off, its warnings on); 0 shows everything, start-up lines included.
     """
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+    set_tensorflow_environment()
     if os.environ["TF_CPP_MIN_LOG_LEVEL"] == "0":
         quiet: contextlib.AbstractContextManager = contextlib.nullcontext()
     else:

@@ -296,7 +296,9 @@ def run_training(
     print(
         f"train: {len(train.labels)} train / {len(val.labels)} val images, {steps} steps of "
         f"{cfg.batch_size} per epoch on {where} ({device.precision}, XLA "
-        f"{'on' if device.jit_compile else 'off'})"
+        f"{'on' if device.jit_compile else 'off'}"
+        + ("" if device.onednn is None else f", oneDNN {'on' if device.onednn else 'off'}")
+        + ")"
         + (f"; MLflow run {state.run_id}" if cluster.chief else ""),
         flush=True,
     )

@@ -27,9 +27,10 @@ def test_stage_paths_match_pipeline_paths():
 
 
 # Plumbing every stage imports: listing it would re-run the whole DAG for a reworded error
-# message or a filtered log line. prepare.py also holds the reader of data/prepared
-# (load_split), whose format changes only with a new data/prepared, itself a dep of the
-# stages that read it.
+# message or a filtered log line. (startup.py's oneDNN switch changes speed and float
+# round-off, as another machine would, not what is computed.) prepare.py also holds the
+# reader of data/prepared (load_split), whose format changes only with a new
+# data/prepared, itself a dep of the stages that read it.
 NOT_DEPS = {"pipeline/config.py", "pipeline/paths.py", "pipeline/errors.py", "pipeline/startup.py"}
 READERS = {"pipeline/prepare.py"}
 

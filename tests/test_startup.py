@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import platform
 import subprocess
 import sys
 
@@ -75,3 +76,29 @@ def test_importing_tensorflow_prints_none_of_it():
     assert not any(noise in quiet for noise in STARTUP_NOISE), quiet
     if not os.path.exists("/dev/nvidiactl"):
         assert "cuInit" not in quiet and "cuda drivers" not in quiet, quiet
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    platform.machine().lower() not in ("x86_64", "amd64"), reason="oneDNN is switched on x86-64"
+)
+def test_stages_run_tensorflow_with_onednn_unless_the_user_turns_it_off():
+    # TensorFlow's own default is off on CPUs without AVX512-VNNI/BF16 or AMX (AMD EPYC).
+    code = (
+        "import os\nfrom pipeline.startup import import_tensorflow, onednn_enabled\n"
+        "import_tensorflow()\nprint(os.environ['TF_ENABLE_ONEDNN_OPTS'], onednn_enabled())\n"
+    )
+
+    def start(extra: dict) -> str:
+        env = stage_env(extra)
+        env.pop("TF_ENABLE_ONEDNN_OPTS", None)
+        env.update(extra)
+        result = subprocess.run(
+            [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+            timeout=120,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        return result.stdout.strip()
+
+    assert start({}) == "1 True"
+    assert start({"TF_ENABLE_ONEDNN_OPTS": "0"}) == "0 False"  # the user's choice stands
