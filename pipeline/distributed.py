@@ -116,11 +116,14 @@ def check_same_start(strategy, epochs_done: int) -> None:
         )
 
 
-def fit_workers(model, strategy, train, val, cfg, steps: int, first_epoch: int, end_epoch):
+def fit_workers(
+    model, strategy, train, val, cfg, steps: int, first_epoch: int, end_epoch, progress=None
+):
     """Train epochs first_epoch .. cfg.epochs - 1 across the workers.
 
     `end_epoch(epoch, logs, train_s, total_s)` is called on every worker after
     each epoch with the global loss and accuracy (and validation figures).
+    `progress` (a pipeline.train.StepProgress) gives the lines printed within an epoch.
     """
     import tensorflow as tf
 
@@ -170,8 +173,18 @@ def fit_workers(model, strategy, train, val, cfg, steps: int, first_epoch: int, 
         check_same_start(strategy, first_epoch)
     for epoch in range(first_epoch, cfg.epochs):
         started = time.perf_counter()
+        if progress is not None:
+            progress.start(epoch)
+        totals = 0
         with peers_reachable():
-            totals = sum(train_step(batches).numpy() for _ in range(steps))
+            for done in range(1, steps + 1):
+                totals = totals + train_step(batches).numpy()
+                if progress is None:
+                    continue
+                seen = done * batch  # images so far this epoch, all workers together
+                logs = {"loss": totals[0] / seen, "accuracy": totals[1] / seen}
+                if line := progress.step_done(done, logs):
+                    print(line, flush=True)
         train_s = time.perf_counter() - started
         logs = {"loss": totals[0] / (steps * batch), "accuracy": totals[1] / (steps * batch)}
         if validation is not None:

@@ -22,6 +22,7 @@ from pipeline.errors import PipelineError
 from pipeline.optimizer import make_optimizer, make_schedule
 from pipeline.train import (
     TRAINING_SECTIONS,
+    StepProgress,
     check_fits,
     epoch_line,
     logged_params,
@@ -177,6 +178,69 @@ def test_epoch_line_is_one_readable_line():
         "train: epoch 3/50  loss 1.2346  acc 0.5000  val_loss 1.5000  val_acc 0.4500  "
         "lr 1.00e-03  812 img/s  ETA 42m10s"
     )
+
+
+def test_progress_lines_come_every_interval_within_an_epoch_and_not_at_its_end():
+    now = [100.0]
+    progress = StepProgress(epochs=50, steps=390, batch_size=128, every_s=120, clock=lambda: now[0])
+    progress.start(2)  # the third epoch
+    lines = []
+    for done in range(1, 391):
+        now[0] += 2.5  # seconds per step: 51 img/s
+        lines.append(progress.step_done(done, {"loss": 1.23456, "accuracy": 0.5}))
+    shown = [(done, line) for done, line in enumerate(lines, 1) if line]
+    assert [done for done, _ in shown] == [48, 96, 144, 192, 240, 288, 336, 384]
+    assert shown[0][1] == (
+        "train: epoch 3/50  step 48/390  loss 1.2346  acc 0.5000  51 img/s  epoch ends in 14m15s"
+    )
+    progress.start(3)  # a new epoch starts its own interval, with or without logs
+    now[0] += 119
+    assert progress.step_done(1, {}) is None
+    now[0] += 2
+    assert progress.step_done(2, {}) == (
+        "train: epoch 4/50  step 2/390  2 img/s  epoch ends in 6h31m"
+    )
+
+
+def test_both_training_loops_print_progress_within_the_epoch(raw_params, capsys):
+    """Keras's fit (one worker) and the loop of several workers, here on the default strategy."""
+    import tensorflow as tf
+
+    from pipeline.device import Device
+    from pipeline.distributed import fit_workers
+    from pipeline.prepare import Split
+    from pipeline.resume import TrainState
+    from pipeline.train import compiled_model, keras_callbacks
+
+    params = parse_params(raw_params)
+    params = dataclasses.replace(
+        params,
+        model=dataclasses.replace(params.model, stem_filters=4, filters=(4,), units_per_stage=1),
+        train=dataclasses.replace(params.train, batch_size=8, epochs=1),
+    )  # fmt: skip
+    meta = {"class_names": ["a", "b"], "image_size": 8, "mean": [0.0] * 3, "std": [1.0] * 3}
+    rng = np.random.default_rng(0)
+    train = Split(rng.integers(0, 256, (40, 8, 8, 3), np.uint8), rng.integers(0, 2, 40, np.int32))
+    empty = Split(train.images[:0], train.labels[:0])
+    device = Device("CPU", 1, "float32", jit_compile=False)
+    model = compiled_model(params, meta, TrainState(fingerprint="-"), None, 5, device)
+    ended = []
+
+    class Recorder:  # the EpochRecorder's part the callbacks use
+        def end_epoch(self, model, epoch, logs, train_s, total_s):
+            ended.append(epoch)
+
+    progress = StepProgress(epochs=1, steps=5, batch_size=8, every_s=0)
+    callbacks = keras_callbacks(Recorder(), progress)
+    model.fit(train.images, train.labels, batch_size=8, epochs=1, callbacks=callbacks, verbose=0)
+    fit_workers(
+        model, tf.distribute.get_strategy(), train, empty, params.train, 5, 0,
+        lambda epoch, *_: ended.append(epoch), progress,
+    )  # fmt: skip
+    lines = capsys.readouterr().out.splitlines()
+    assert ended == [0, 0]
+    assert [line.split("  ")[1] for line in lines] == [f"step {i}/5" for i in (1, 2, 3, 4)] * 2
+    assert all(" loss " in line and " acc " in line for line in lines), lines
 
 
 # --- the stage, in a repository copy ---------------------------------------------------------
