@@ -2,10 +2,10 @@
 
     python -m pipeline.train     # reads model and train from params.yaml, data/prepared
 
-Prints one line per epoch, and a progress line every 2 minutes within a long one;
-checkpoints every epoch into .train-state/ so a
-killed run continues where it stopped (see pipeline/resume.py); logs params,
-per-epoch metrics, tags and the model to MLflow (see pipeline/tracking.py).
+Prints one line per epoch, and a progress line every 2 minutes within a long
+one; checkpoints every epoch into .train-state/ so a killed run continues where
+it stopped (see pipeline/resume.py); logs params, per-epoch metrics, tags and
+the model to MLflow (see pipeline/tracking.py).
 """
 
 from __future__ import annotations
