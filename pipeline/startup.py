@@ -91,9 +91,12 @@ def set_tensorflow_environment() -> None:
     training 1.4 times faster (BENCHMARKS.md, "oneDNN on CPUs without AVX-512"),
     so on x86-64 they are on unless TF_ENABLE_ONEDNN_OPTS says otherwise (0 turns
     them off). Elsewhere (ARM) TensorFlow's default stands: not measured there.
+    Nor beside an NVIDIA GPU, where TensorFlow advises against oneDNN (its CPU
+    kernels are untested with GPUs) and the GPU does the convolutions anyway.
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
-    if platform.machine().lower() in ("x86_64", "amd64"):
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    if x86 and not Path("/dev/nvidiactl").exists():
         os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
 

@@ -80,7 +80,8 @@ def test_importing_tensorflow_prints_none_of_it():
 
 @pytest.mark.slow
 @pytest.mark.skipif(
-    platform.machine().lower() not in ("x86_64", "amd64"), reason="oneDNN is switched on x86-64"
+    platform.machine().lower() not in ("x86_64", "amd64") or os.path.exists("/dev/nvidiactl"),
+    reason="oneDNN is switched on x86-64 without an NVIDIA GPU",
 )
 def test_stages_run_tensorflow_with_onednn_unless_the_user_turns_it_off():
     # TensorFlow's own default is off on CPUs without AVX512-VNNI/BF16 or AMX (AMD EPYC).
