@@ -1,8 +1,8 @@
 """TensorFlow imported with its switches set and without its start-up chatter.
 
 Its switches (`set_tensorflow_environment`) are environment variables its C++
-reads once, on import: oneDNN's kernels on every x86-64 CPU, which changes
-speed, not results beyond float round-off. The rest is output plumbing:
+reads once, on import: oneDNN's kernels on x86-64 machines without an NVIDIA
+GPU, which changes speed, not results beyond float round-off. The rest is output plumbing:
 TF 2.21 writes its first lines before its logging is set up, so
 TF_CPP_MIN_LOG_LEVEL cannot silence them. train, evaluate and predict call
 import_tensorflow() first; during the import and the device probe it sends file
@@ -82,6 +82,11 @@ def filtered_stderr(nvidia_device: bool) -> Iterator[None]:
         filter_.wait()  # it has passed on all it keeps before anything else is written
 
 
+def nvidia_device() -> bool:
+    """An NVIDIA driver is loaded here (its control device exists), GPU usable or not."""
+    return Path("/dev/nvidiactl").exists()
+
+
 def set_tensorflow_environment() -> None:
     """TensorFlow's switches that it reads once, on import: call before importing it.
 
@@ -96,7 +101,7 @@ def set_tensorflow_environment() -> None:
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
     x86 = platform.machine().lower() in ("x86_64", "amd64")
-    if x86 and not Path("/dev/nvidiactl").exists():
+    if x86 and not nvidia_device():
         os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
 
@@ -113,15 +118,15 @@ def onednn_enabled() -> bool | None:
 def import_tensorflow():
     """TensorFlow and Keras, imported and their devices listed, without the start-up chatter.
 
-    Stages call it first. It sets TensorFlow's environment first
-    (`set_tensorflow_environment`). TF_CPP_MIN_LOG_LEVEL defaults to 1 (TensorFlow's own
-    info lines off, its warnings on); 0 shows everything, start-up lines included.
+    Stages call it first; it sets TensorFlow's switches before the import
+    (`set_tensorflow_environment`). TF_CPP_MIN_LOG_LEVEL defaults to 1 (TensorFlow's
+    own info lines off, its warnings on); 0 shows everything, start-up lines included.
     """
     set_tensorflow_environment()
     if os.environ["TF_CPP_MIN_LOG_LEVEL"] == "0":
         quiet: contextlib.AbstractContextManager = contextlib.nullcontext()
     else:
-        quiet = filtered_stderr(Path("/dev/nvidiactl").exists())
+        quiet = filtered_stderr(nvidia_device())
     with quiet:
         import keras  # noqa: F401  (loads its backend: TensorFlow)
         import tensorflow as tf
