@@ -125,9 +125,17 @@ class Background:
 
 def free_port() -> int:
     """A loopback port that was free a moment ago (nothing listens on it)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` different loopback ports, free a moment ago: the probes stay bound until all are
+    picked, since a port released and asked for again can come back the same."""
+    with contextlib.ExitStack() as stack:
+        probes = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for probe in probes:
+            probe.bind(("127.0.0.1", 0))
+        return [probe.getsockname()[1] for probe in probes]
 
 
 def stage_env(extra: dict | None = None) -> dict:

@@ -30,7 +30,17 @@ from pipeline.train import (
     training_params,
 )
 from tests.cifar_archive import write_archive
-from tests.repo import ROOT, Background, dvc, free_port, make_repo, run, set_params, stage_env
+from tests.repo import (
+    ROOT,
+    Background,
+    dvc,
+    free_port,
+    free_ports,
+    make_repo,
+    run,
+    set_params,
+    stage_env,
+)
 from tests.repo import TINY as BASE
 
 TINY = {**BASE, "train.batch_size": 64, "data.val_size": 200}
@@ -439,7 +449,7 @@ def worker_repos(prepared_repo, tmp_path) -> list:
 
 
 def start_workers(background: Background, repos, epochs: int = 1, params: dict | None = None):
-    workers = [f"127.0.0.1:{free_port()}" for _ in repos]
+    workers = [f"127.0.0.1:{port}" for port in free_ports(len(repos))]
     processes = []
     for index, copy in enumerate(repos):
         set_params(copy, {"train.epochs": epochs, **(params or {})})
