@@ -14,6 +14,9 @@ comma := ,
 EXTRAS := dev$(if $(filter 1 yes true,$(GPU)),$(comma)gpu,)
 # Reinstall when the dependencies change; the stamp records which extras are in.
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
+# The venv's programs first on PATH, as `source .venv/bin/activate` would: dvc runs each
+# stage's `python -m pipeline...` from PATH, which must be the venv's, not the system's.
+IN_VENV := PATH="$(abspath $(BIN)):$$PATH"
 
 .PHONY: repro test test-fast lint bench ui tracking-server venv clean-venv
 
@@ -28,28 +31,28 @@ $(STAMP): pyproject.toml
 	touch $@
 
 repro: venv
-	$(BIN)/dvc repro
+	$(IN_VENV) $(BIN)/dvc repro
 
 test: venv
-	$(BIN)/python -m pytest --durations=10
+	$(IN_VENV) $(BIN)/python -m pytest --durations=10
 
 test-fast: venv
-	$(BIN)/python -m pytest -m 'not slow'
+	$(IN_VENV) $(BIN)/python -m pytest -m 'not slow'
 
 # The local MLflow store at the repository root: every run, experiment and model version.
 ui: venv
-	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --port $(or $(PORT),5000)
+	$(IN_VENV) $(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --port $(or $(PORT),5000)
 
 # A team's MLflow tracking server (README, "Scaling out"). Settings from the environment or
 # the command line, e.g. make tracking-server MLFLOW_BACKEND_STORE_URI=postgresql://... \
 #   MLFLOW_ARTIFACTS_DESTINATION=s3://... MLFLOW_SERVER_HOST=0.0.0.0 MLFLOW_SERVER_PORT=5000;
 # MLFLOW_AUTH_ADMIN_PASSWORD on the first start; ARGS='...' for any other option.
 tracking-server: venv
-	$(BIN)/python -m pipeline.server $(ARGS)
+	$(IN_VENV) $(BIN)/python -m pipeline.server $(ARGS)
 
 # Training throughput: bare Keras vs this pipeline vs the tutorial's recipe (BENCHMARKS.md).
 bench: venv
-	$(BIN)/python -m benchmarks.throughput $(ARGS)
+	$(IN_VENV) $(BIN)/python -m benchmarks.throughput $(ARGS)
 
 lint: venv
 	$(BIN)/ruff check pipeline tests benchmarks

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -29,3 +30,23 @@ def test_gpu_flag_adds_the_cuda_build(flag):
     out = planned(flag)
     assert "pip install --quiet -e '.[dev,gpu]'" in out
     assert "touch .venv/.installed-dev-gpu" in out
+
+
+def test_make_repro_runs_the_stages_with_the_venv_python(tmp_path):
+    """dvc runs each stage's `python` from PATH: make repro must put .venv/bin first on it,
+    since the user has not activated the venv (README: the two commands)."""
+    shutil.copy2(ROOT / "Makefile", tmp_path)
+    shutil.copy2(ROOT / "pyproject.toml", tmp_path)  # older than the venv's stamp: no install
+    (tmp_path / ".venv").symlink_to(ROOT / ".venv")
+    stage = "python -c 'import sys; print(sys.prefix)' > prefix.txt"
+    (tmp_path / "dvc.yaml").write_text(f'stages:\n  where:\n    cmd: "{stage}"\n')
+    subprocess.run(
+        [str(ROOT / ".venv/bin/dvc"), "init", "--no-scm", "-q"], cwd=tmp_path, check=True
+    )
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "DVC_NO_ANALYTICS": "1"}
+    result = subprocess.run(
+        ["make", "repro"], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    prefix = (tmp_path / "prefix.txt").read_text().strip()
+    assert Path(prefix).resolve() == (ROOT / ".venv").resolve()
