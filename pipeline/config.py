@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,18 @@ import yaml
 from pipeline.errors import PipelineError
 
 CIFAR10_TRAIN_IMAGES = 50_000  # images in the canonical training batches
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML as DVC reads params.yaml (YAML 1.2): `1e-3` is a number. PyYAML alone follows
+    YAML 1.1, where a float needs a dot (`1.0e-3`) and `1e-3` is a string."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
 
 
 class ParamsError(PipelineError):
@@ -319,7 +332,7 @@ def load_params(path: Path | str = "params.yaml") -> Params:
     except FileNotFoundError:
         raise ParamsError(f"{path}: not found; run from the repository root") from None
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as error:
         raise ParamsError(f"{path}: not valid YAML: {error}") from None
     return parse_params(raw)

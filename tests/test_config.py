@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 import subprocess
 import sys
 
@@ -180,6 +181,20 @@ def test_flatten_uses_dotted_names(raw_params):
 def test_invalid_yaml_is_reported(tmp_path):
     (tmp_path / "params.yaml").write_text("data: [unclosed\n")
     with pytest.raises(ParamsError, match="not valid YAML"):
+        load_params(tmp_path / "params.yaml")
+
+
+def test_exponents_without_a_dot_are_numbers_as_dvc_reads_them(tmp_path):
+    """`learning_rate: 1e-3` is a float to DVC (YAML 1.2); PyYAML's YAML 1.1 says string."""
+    text = (ROOT / "params.yaml").read_text()
+    text = re.sub(r"(?m)^  learning_rate: .*$", "  learning_rate: 1e-3", text)
+    text = re.sub(r"(?m)^  weight_decay: .*$", "  weight_decay: 5E-4", text)
+    (tmp_path / "params.yaml").write_text(text)
+    params = load_params(tmp_path / "params.yaml")
+    assert params.train.learning_rate == 1e-3 and params.train.weight_decay == 5e-4
+    text = re.sub(r"(?m)^  learning_rate: .*$", "  learning_rate: 1e-3x", text)
+    (tmp_path / "params.yaml").write_text(text)
+    with pytest.raises(ParamsError, match=r"train.learning_rate: must be a number .*got '1e-3x'"):
         load_params(tmp_path / "params.yaml")
 
 
