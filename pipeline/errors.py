@@ -24,10 +24,32 @@ def cli(main: Callable[..., int | None]) -> Callable[..., int]:
         try:
             return main(*args, **kwargs) or 0
         except PipelineError as error:
+            end_mlflow_run("FAILED")
             print(f"error: {error}", file=sys.stderr, flush=True)
             return 1
         except KeyboardInterrupt:
+            end_mlflow_run("KILLED")
             print("interrupted", file=sys.stderr, flush=True)
             return 130
+        except Exception:
+            end_mlflow_run("FAILED")
+            raise
 
     return wrapper
+
+
+def end_mlflow_run(status: str) -> None:
+    """End the stage's active MLflow run, if any, as FAILED or KILLED.
+
+    Otherwise MLflow's own exit hook ends it as FINISHED, and `mlflow ui` shows a
+    training stopped at epoch 10 of 50 as complete. A resumed training sets it
+    RUNNING again.
+    """
+    mlflow = sys.modules.get("mlflow")  # a stage that never imported MLflow has no run
+    if mlflow is None:
+        return
+    try:
+        if mlflow.active_run() is not None:
+            mlflow.end_run(status)
+    except Exception as error:  # the store is unreachable, say: the stage's error comes first
+        print(f"warning: could not mark the MLflow run {status}: {error}", file=sys.stderr)

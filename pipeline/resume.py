@@ -78,16 +78,17 @@ class StateStore:
             state = TrainState(**json.loads((self.directory / STATE_FILE).read_text()))
         except (OSError, ValueError, TypeError):
             return None
-        checkpoint_ok = state.checkpoint and (self.directory / state.checkpoint).is_file()
-        if state.fingerprint != expected_fingerprint or not checkpoint_ok:
-            print(
-                f"train: discarding recovery state in {self.directory} "
-                "(it belongs to other params or data)",
-                flush=True,
-            )
-            self.clear()
-            return None
-        return state
+        if state.fingerprint != expected_fingerprint:
+            reason = "it belongs to other params or data"
+        elif state.epochs_done and not (
+            state.checkpoint and (self.directory / state.checkpoint).is_file()
+        ):
+            reason = f"its checkpoint of epoch {state.epochs_done} is missing"
+        else:  # also a kill during epoch 1: no checkpoint yet, but its MLflow run goes on
+            return state
+        print(f"train: discarding recovery state in {self.directory} ({reason})", flush=True)
+        self.clear()
+        return None
 
     def start(self, state: TrainState) -> None:
         """Record the run before the first epoch, so even epoch 1's crash resumes its run."""
@@ -104,6 +105,8 @@ class StateStore:
         # Keras insists on the .keras suffix; the epoch in the name keeps the old one intact.
         state.checkpoint = f"epoch-{state.epochs_done:05d}.keras"
         model.save(self.directory / state.checkpoint)
+        with open(self.directory / state.checkpoint, "rb") as f:
+            os.fsync(f.fileno())  # on disk before state.json names it, even after a power loss
         _write_atomic(self.directory / STATE_FILE, json.dumps(asdict(state), indent=1))
         if old and old != state.checkpoint:
             (self.directory / old).unlink(missing_ok=True)

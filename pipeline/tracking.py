@@ -268,17 +268,40 @@ def run_tags() -> dict[str, str]:
 
 @retry_locked
 def start_run(run_id: str | None):
-    """Start a new run, or continue `run_id` (a resumed training), as the active run."""
-    import mlflow
+    """Start a new run, or continue `run_id` (a resumed training), as the active run.
 
+    A run the store no longer has (deleted in the UI, or MLFLOW_TRACKING_URI now names
+    another store) cannot be continued: a new run starts, and says so.
+    """
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    if run_id is not None:
+        try:
+            gone = mlflow.MlflowClient().get_run(run_id).info.lifecycle_stage == "deleted"
+        except MlflowException as error:
+            if error.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+            gone = True
+        if gone:
+            print(
+                f"train: MLflow run {run_id} is deleted or not in this tracking store; "
+                "the training goes on in a new run",
+                flush=True,
+            )
+            run_id = None
     return mlflow.start_run(run_id=run_id)
 
 
 @retry_locked
 def log_params(params: dict) -> None:
+    """Log the params the active run does not have yet (a run restarted after a kill has some;
+    MLflow refuses to change one, and a new data.url for the same images keeps the run)."""
     import mlflow
 
-    mlflow.log_params(params)
+    run = mlflow.active_run()
+    logged = mlflow.MlflowClient().get_run(run.info.run_id).data.params
+    mlflow.log_params({key: value for key, value in params.items() if key not in logged})
 
 
 @retry_locked

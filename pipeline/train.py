@@ -260,7 +260,14 @@ def compiled_model(params: Params, meta: dict, state, store, steps: int, device:
     cfg = params.train
     if state.checkpoint:
         # SmoothedCrossentropy, imported above, is registered with Keras: the loss reloads too.
-        model = keras.models.load_model(store.checkpoint_path(state))
+        try:
+            model = keras.models.load_model(store.checkpoint_path(state))
+        except Exception as error:  # a file cut short by a power loss, say
+            raise PipelineError(
+                f"cannot read the recovery checkpoint {store.checkpoint_path(state)} "
+                f"({type(error).__name__}: {error}); delete {store.directory} to train "
+                "from the start"
+            ) from None
         optimizer = model.optimizer  # restored with its state: moments and step count
     else:
         model = build_network(params, meta)
@@ -333,15 +340,19 @@ def run_training(
             tracking.log_epoch(row, step=row["epoch"])
 
     if cluster.chief:
+        previous = state.run_id
         state.run_id = tracking.start_run(state.run_id).info.run_id
-        if state.epochs_done:
-            print(f"train: resuming after epoch {state.epochs_done} in MLflow run {state.run_id}")
-            tracking.backfill_metrics(state.run_id, state.history)
-        else:
-            store.start(state)
+        if state.run_id != previous:  # a new run: the first try, or the old run is gone
+            store.start(state)  # recorded before epoch 1 ends, so a kill resumes this run
+        if state.run_id != previous or not state.epochs_done:  # those a kill kept it from logging
             tracking.log_params(
                 {**logged_params(params), "train.precision_resolved": device.precision}
             )
+        if state.epochs_done:
+            print(f"train: resuming after epoch {state.epochs_done} in MLflow run {state.run_id}")
+            tracking.backfill_metrics(state.run_id, state.history)
+        elif state.run_id == previous:
+            print(f"train: starting again in MLflow run {state.run_id} (stopped during epoch 1)")
         tracking.set_tags(tracking.run_tags())
     where = f"{device.count} {device.kind}"
     if cluster.workers > 1:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -253,6 +254,74 @@ def test_both_training_loops_print_progress_within_the_epoch(raw_params, capsys)
     assert all(" loss " in line and " acc " in line for line in lines), lines
 
 
+def test_recovery_state_is_kept_for_its_run_until_params_change(tmp_path, capsys):
+    from pipeline.resume import StateStore, TrainState
+
+    store = StateStore(tmp_path / "state")
+    store.start(TrainState(fingerprint="abc", run_id="RUN1"))  # killed during epoch 1
+    state = store.load("abc")
+    assert (state.run_id, state.epochs_done, state.checkpoint) == ("RUN1", 0, None)
+    assert capsys.readouterr().out == ""
+    store.start(TrainState(fingerprint="abc", run_id="RUN1", epochs_done=3, checkpoint="e3.keras"))
+    assert store.load("abc") is None  # its checkpoint is gone: nothing to resume from
+    assert "(its checkpoint of epoch 3 is missing)" in capsys.readouterr().out
+    assert not store.directory.exists()
+    store.start(TrainState(fingerprint="abc", run_id="RUN1"))
+    assert store.load("other") is None
+    assert "(it belongs to other params or data)" in capsys.readouterr().out
+    assert not store.directory.exists()
+
+
+@pytest.fixture
+def mlflow_store(tmp_path, request):
+    previous = mlflow.get_tracking_uri()
+    request.addfinalizer(lambda: mlflow.set_tracking_uri(previous))
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    return mlflow.MlflowClient()
+
+
+def test_a_run_the_store_no_longer_has_is_replaced_by_a_new_one(mlflow_store, capsys):
+    from pipeline import tracking
+
+    with mlflow.start_run() as kept, mlflow.start_run(nested=True) as deleted:
+        pass
+    mlflow_store.delete_run(deleted.info.run_id)
+    with tracking.start_run(kept.info.run_id) as run:  # a resumed training
+        assert run.info.run_id == kept.info.run_id
+    assert capsys.readouterr().out == ""
+    for gone in (deleted.info.run_id, "0123456789abcdef0123456789abcdef"):
+        with tracking.start_run(gone) as run:
+            assert run.info.run_id not in (gone, kept.info.run_id)
+        assert f"MLflow run {gone} is deleted or not in this tracking store" in (
+            capsys.readouterr().out
+        )
+
+
+@pytest.mark.parametrize(
+    ("raised", "status", "code"),
+    [(PipelineError("bad input"), "FAILED", 1), (KeyboardInterrupt(), "KILLED", 130),
+     (RuntimeError("a bug"), "FAILED", None)],
+)  # fmt: skip
+def test_a_stage_that_stops_early_marks_its_mlflow_run(mlflow_store, raised, status, code):
+    """Not FINISHED, as MLflow's exit hook would have it: `mlflow ui` shows what happened."""
+    from pipeline.errors import cli
+
+    started = []
+
+    @cli
+    def main():
+        started.append(mlflow.start_run().info.run_id)
+        raise raised
+
+    if code is None:
+        with pytest.raises(RuntimeError):
+            main()
+    else:
+        assert main() == code
+    assert mlflow.active_run() is None
+    assert mlflow_store.get_run(started[0]).info.status == status
+
+
 # --- the stage, in a repository copy ---------------------------------------------------------
 
 
@@ -356,7 +425,9 @@ def test_no_validation_split_trains_on_every_image(repo, tmp_path):
 
 
 @pytest.mark.slow
-def test_sigkill_resumes_in_the_same_run_without_gaps(repo, tmp_path):
+@pytest.mark.parametrize("run_deleted", [False, True])
+def test_sigkill_resumes_in_the_same_run_without_gaps(repo, tmp_path, run_deleted):
+    """And if the run was deleted in between: in a new run that gets every epoch's figures."""
     # The fast recipe's settings (README): its loss and optimizer state survive the kill too.
     # Warm-up over 1.8 of the 6 epochs, so the rates logged per epoch rise, then fall.
     set_params(
@@ -382,13 +453,19 @@ def test_sigkill_resumes_in_the_same_run_without_gaps(repo, tmp_path):
     assert not (repo / "models/model.keras").exists()
 
     set_params(repo, {"evaluate.batch_size": 250})  # evaluation settings do not restart it
+    killed_run = json.loads(state_file.read_text())["run_id"]
+    if run_deleted:
+        runs_of(repo)[0].delete_run(killed_run)
     result = dvc(repo, "repro", "train")
     assert f"resuming after epoch {killed_at}" in result.stdout
     assert result.stdout.count("train: epoch") == 6 - killed_at
+    assert ("is deleted or not in this tracking store" in result.stdout) == run_deleted
 
     client, runs = runs_of(repo)
-    assert len(runs) == 1  # the same MLflow run, continued
+    assert len(runs) == 1  # the same MLflow run, continued (or the new one)
     run_id = runs[0].info.run_id
+    assert (run_id == killed_run) != run_deleted
+    assert runs[0].data.params["train.epochs"] == "6"
     for metric in ("loss", "val_accuracy", "learning_rate"):
         steps = [m.step for m in client.get_metric_history(run_id, metric)]
         assert sorted(steps) == [1, 2, 3, 4, 5, 6], metric  # no gap, no duplicate
@@ -399,6 +476,38 @@ def test_sigkill_resumes_in_the_same_run_without_gaps(repo, tmp_path):
     peak = rates.index(max(rates))
     assert 0 < peak < 5 and rates[-1] < rates[peak] / 100
     assert not (repo / ".train-state").exists()
+
+
+@pytest.mark.slow
+def test_a_kill_during_the_first_epoch_starts_again_in_the_same_run(repo, tmp_path):
+    set_params(repo, {"train.epochs": 1})
+    state_file = repo / ".train-state/state.json"
+    with Background(tmp_path) as background:
+        process = background.start([sys.executable, "-m", "pipeline.train"], repo, stage_env())
+        deadline, logged = time.monotonic() + 120, {}
+        while time.monotonic() < deadline and process.poll() is None and not logged:
+            with contextlib.suppress(OSError, ValueError, KeyError, mlflow.MlflowException):
+                run_id = json.loads(state_file.read_text())["run_id"]
+                logged = runs_of(repo)[0].get_run(run_id).data.params
+            time.sleep(0.05)
+        assert process.poll() is None, f"ended before the kill: {background.output(process)}"
+        os.kill(process.pid, signal.SIGKILL)  # the state names the run; no checkpoint yet
+        process.wait()
+    killed = json.loads(state_file.read_text())
+    assert killed["epochs_done"] == 0 and killed["run_id"]
+    url = yaml.safe_load((repo / "params.yaml").read_text())["data"]["url"]
+    set_params(repo, {"data.url": "file:///moved/cifar-10-python.tar.gz"})  # same images
+
+    result = train(repo)
+    assert f"starting again in MLflow run {killed['run_id']} (stopped during epoch 1)" in (
+        result.stdout
+    )
+    assert "discarding" not in result.stdout
+    _, runs = runs_of(repo)
+    assert [run.info.run_id for run in runs] == [killed["run_id"]]
+    assert runs[0].info.status == "FINISHED"
+    assert runs[0].data.params["train.epochs"] == "1"
+    assert runs[0].data.params["data.url"] == url  # as the run started; MLflow keeps the first
 
 
 @pytest.mark.slow
