@@ -206,6 +206,7 @@ def main(argv: list[str] | None = None) -> None:
 
     root = tracking.repository_root()
     tracking.connect(root)  # fail before the work if the store is unreachable
+    tracking.check_run(info["run_id"], paths.MODEL_INFO)  # or does not have the training run
 
     import keras
 

@@ -393,6 +393,26 @@ def _pip_requirements() -> list[str]:
 
 
 @retry_locked
+def check_run(run_id: str, named_by: Path) -> None:
+    """Fail before the work if the training run an evaluation logs into is not in this store."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        gone = mlflow.MlflowClient().get_run(run_id).info.lifecycle_stage == "deleted"
+    except MlflowException as error:
+        if error.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        gone = True
+    if gone:
+        raise TrackingError(
+            f"{named_by} names MLflow run {run_id}, which is deleted or not in the tracking "
+            f"store {mlflow.get_tracking_uri()}: the evaluation is logged into the run that "
+            "trained the model. Point MLFLOW_TRACKING_URI at that run's store (a model from "
+            "`dvc pull` needs the team's server), or retrain with `dvc repro -f train`"
+        )
+
+
 def log_evaluation(run_id: str, metrics: dict[str, float], files: list[Path], params: dict) -> int:
     """Record evaluation k of training run `run_id`: metrics at step k, files under evaluation-k/.
 

@@ -10,6 +10,7 @@ import shutil
 import signal
 import sys
 import time
+from pathlib import Path
 
 import keras
 import mlflow
@@ -294,6 +295,22 @@ def test_a_run_the_store_no_longer_has_is_replaced_by_a_new_one(mlflow_store, ca
             assert run.info.run_id not in (gone, kept.info.run_id)
         assert f"MLflow run {gone} is deleted or not in this tracking store" in (
             capsys.readouterr().out
+        )
+
+
+def test_evaluate_stops_before_its_work_if_the_training_run_is_not_in_the_store(mlflow_store):
+    from pipeline import tracking
+
+    with mlflow.start_run() as run:
+        pass
+    tracking.check_run(run.info.run_id, Path("models/model_info.json"))  # there: no error
+    mlflow_store.delete_run(run.info.run_id)
+    for gone in (run.info.run_id, "0123456789abcdef0123456789abcdef"):
+        with pytest.raises(tracking.TrackingError) as error:
+            tracking.check_run(gone, Path("models/model_info.json"))
+        assert str(error.value).startswith(
+            f"models/model_info.json names MLflow run {gone}, which is deleted or not in the "
+            "tracking store sqlite:///"
         )
 
 
