@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import argparse
 import csv
+import math
 import sys
 from pathlib import Path
 
 COLUMNS = ("epoch", "accuracy", "learning_rate")
-OPTIONAL = ("val_accuracy",)  # absent when the run held out no validation images
+OPTIONAL = ("val_accuracy",)  # absent or all nan when the run held out no validation images
 
 
 def read_history(path: Path) -> dict[str, list[float]]:
@@ -31,7 +32,8 @@ def read_history(path: Path) -> dict[str, list[float]]:
     if missing:
         sys.exit(f"curves: {path}: no rows or missing columns {', '.join(missing)}")
     present = COLUMNS + tuple(c for c in OPTIONAL if c in rows[0])
-    return {c: [float(row[c]) for row in rows] for c in present}
+    history = {c: [float(row[c]) for row in rows] for c in present}
+    return {c: v for c, v in history.items() if c in COLUMNS or not all(map(math.isnan, v))}
 
 
 def parse_run(argument: str) -> tuple[str, Path]:

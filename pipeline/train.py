@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -216,8 +217,12 @@ def train_summary(state, train: Split, val: Split, device: Device) -> dict:
 
 
 def write_history(path: Path, history: list[dict]) -> None:
-    columns = [c for c in HISTORY_COLUMNS if all(c in row for row in history)]
-    lines = [",".join(columns)] + [",".join(f"{row[c]:.6g}" for c in columns) for row in history]
+    """One row per epoch. Without a validation split the val_* cells are `nan`: dvc.yaml's loss
+    and accuracy plots then draw the training curve alone (DVC drops a plot whose field is
+    missing, and draws an empty cell as 0)."""
+    lines = [",".join(HISTORY_COLUMNS)] + [
+        ",".join(f"{row.get(c, math.nan):.6g}" for c in HISTORY_COLUMNS) for row in history
+    ]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
 

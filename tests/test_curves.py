@@ -25,15 +25,22 @@ def test_draws_several_runs_into_one_png(tmp_path, capsys):
     )
 
 
-def test_a_run_without_validation_draws_its_train_curve(tmp_path):
-    # data.val_size 0: the train stage writes no val_* columns.
-    (tmp_path / "all.csv").write_text(
-        "epoch,loss,accuracy,learning_rate,images_per_second\n1,1.0,0.5,0.1,200\n2,0.9,0.6,0.01,200\n"
-    )
+@pytest.mark.parametrize(
+    "rows",
+    [
+        # data.val_size 0: the train stage writes nan into the val_* columns,
+        HEADER + "1,1.0,0.5,nan,nan,0.1,200\n2,0.9,0.6,nan,nan,0.01,200\n",
+        # and wrote no val_* columns before (benchmarks/fast-recipe/ C-H).
+        "epoch,loss,accuracy,learning_rate,images_per_second\n1,1.0,0.5,0.1,200\n2,0.9,0.6,0.01,200\n",
+    ],
+)
+def test_a_run_without_validation_draws_its_train_curve(tmp_path, rows):
+    (tmp_path / "all.csv").write_text(rows)
     out = tmp_path / "curve.png"
     curves.main([str(out), f"all={tmp_path / 'all.csv'}"])
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "val_accuracy" not in curves.read_history(tmp_path / "all.csv")
+    history = curves.read_history(tmp_path / "all.csv")
+    assert "val_accuracy" not in history and history["accuracy"] == [0.5, 0.6]
 
 
 def test_bad_input_names_the_problem(tmp_path):
