@@ -114,6 +114,20 @@ def choice(*options: str) -> Check:
     return check
 
 
+def model_name() -> Check:
+    """A name MLflow shows and searches by: letters, digits, '-', '_' and '.'."""
+    allowed = "a name of letters, digits, '-', '_' and '.' (at most 100, starting alphanumeric)"
+
+    def check(path: str, value: Any) -> str:
+        if not isinstance(value, str) or not re.fullmatch(
+            r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}", value
+        ):
+            raise _fail(path, allowed, value)
+        return value
+
+    return check
+
+
 def url() -> Check:
     schemes = ("https://", "http://", "file://")
 
@@ -264,6 +278,8 @@ class EvaluateParams:
     # as is and moved this far left, right, up and down (0 = off).
     shift_tta: int = _field(integer(0, 1024))
     register: bool = _field(boolean())
+    # The registered model its versions join; a model of another dataset needs its own.
+    registered_model: str = _field(model_name())
 
 
 @dataclass(frozen=True)

@@ -279,8 +279,12 @@ def main(argv: list[str] | None = None) -> None:
     print(f"evaluate: logged as evaluation {number} of MLflow run {info['run_id']}", flush=True)
     if cfg.register:
         from pipeline import registry
+        from pipeline.resume import data_digest
 
-        decision = registry.register(info["model_uri"], info["run_id"], figures["accuracy"])
+        decision = registry.register(
+            info["model_uri"], info["run_id"], figures["accuracy"], cfg.registered_model,
+            test_set=data_digest(test.images, test.labels),
+        )  # fmt: skip
         print(f"evaluate: registry: {decision.describe()}", flush=True)
         tracking.set_run_tags(info["run_id"], decision.tags())
 

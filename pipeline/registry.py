@@ -1,10 +1,13 @@
 """The MLflow model registry: every evaluated model a version, the best one `@champion`.
 
-A trained model is registered once as a version of `cifar10-resnet` (a
-re-evaluation of the same model reuses its version); the version carries its
-latest test accuracy as the tag `test_accuracy`. The alias `champion` moves
-to it only when that accuracy beats the current champion's: a tie keeps the
-old one, and a champion with no recorded accuracy (aliased by hand) is replaced.
+A trained model is registered once as a version of `evaluate.registered_model`
+(`cifar10-resnet`; a re-evaluation of the same model reuses its version); the
+version carries its latest test accuracy as the tag `test_accuracy` and a digest
+of the test images it was scored on as `test_set`. The alias `champion` moves
+to it only when that accuracy beats the current champion's on the same test
+images: a tie keeps the old one, a champion with no recorded accuracy (aliased
+by hand) is replaced, and one scored on other test images (another dataset
+registered under the same name) is not compared with and stays.
 """
 
 from __future__ import annotations
@@ -25,13 +28,22 @@ class Decision:
     champion_version: str | None  # the champion before this decision
     champion_accuracy: float | None
     promoted: bool
+    name: str = MODEL_NAME  # the registered model
+    other_test_set: bool = False  # the champion was scored on other test images
 
     def describe(self) -> str:
-        name = f"{MODEL_NAME} version {self.version} (test accuracy {self.accuracy:.4f})"
+        name = f"{self.name} version {self.version} (test accuracy {self.accuracy:.4f})"
         if self.champion_version is None:
             return f"{name} is the first champion: @{CHAMPION} -> version {self.version}"
         if self.champion_version == self.version:
             return f"{name} is already @{CHAMPION}"
+        if self.other_test_set:
+            return (
+                f"{name} is not compared with champion version {self.champion_version}, "
+                f"scored on other test images: @{CHAMPION} stays on version "
+                f"{self.champion_version} (a model of another dataset needs its own "
+                "evaluate.registered_model)"
+            )
         if self.champion_accuracy is None:  # registered outside the pipeline, never scored
             before = f"champion version {self.champion_version} (no recorded test accuracy)"
         else:
@@ -44,7 +56,7 @@ class Decision:
 
     def tags(self) -> dict[str, str]:
         return {
-            "registry.model": MODEL_NAME,
+            "registry.model": self.name,
             "registry.version": self.version,
             "registry.champion_before": str(self.champion_version),
             "registry.promoted": str(self.promoted).lower(),
@@ -92,21 +104,26 @@ def _not_found(error: Exception) -> bool:
 
 
 @retry_locked
-def register(model_uri: str, run_id: str, accuracy: float) -> Decision:
-    """Register (or find) the version of `model_uri` and decide on the champion alias."""
+def register(
+    model_uri: str, run_id: str, accuracy: float, name: str = MODEL_NAME, test_set: str = ""
+) -> Decision:
+    """Register (or find) the version of `model_uri` under `name` and decide on the champion
+    alias; `test_set` is a digest of the test images `accuracy` was measured on."""
     from mlflow import MlflowClient, register_model
     from mlflow.exceptions import MlflowException
 
     client = MlflowClient()
     with store_lock():  # two experiments finishing together must not both become champion
-        existing = client.search_model_versions(f"name = '{MODEL_NAME}' and run_id = '{run_id}'")
+        existing = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
         if existing:
             version = str(existing[0].version)
         else:
-            version = str(register_model(model_uri, MODEL_NAME).version)
-        client.set_model_version_tag(MODEL_NAME, version, "test_accuracy", f"{accuracy:.6f}")
+            version = str(register_model(model_uri, name).version)
+        client.set_model_version_tag(name, version, "test_accuracy", f"{accuracy:.6f}")
+        if test_set:
+            client.set_model_version_tag(name, version, "test_set", test_set)
         try:
-            champion = client.get_model_version_by_alias(MODEL_NAME, CHAMPION)
+            champion = client.get_model_version_by_alias(name, CHAMPION)
         except MlflowException as error:
             if not _not_found(error):  # locked (retried) or unreachable: never "no champion"
                 raise
@@ -115,10 +132,15 @@ def register(model_uri: str, run_id: str, accuracy: float) -> Decision:
         champion_accuracy = None
         if champion and champion_version != version:
             champion_accuracy = recorded_accuracy(client, champion)
-        if champion_version == version:
+        # Tagged by an earlier evaluation with other test images: accuracies not comparable.
+        other = bool(champion and test_set and champion.tags.get("test_set", test_set) != test_set)
+        if champion_version == version or (other and champion_version != version):
             promoted = False
         else:
             promoted = should_promote(accuracy, champion_accuracy)
         if promoted:
-            client.set_registered_model_alias(MODEL_NAME, CHAMPION, version)
-    return Decision(version, accuracy, champion_version, champion_accuracy, promoted)
+            client.set_registered_model_alias(name, CHAMPION, version)
+    return Decision(
+        version, accuracy, champion_version, champion_accuracy, promoted, name,
+        other and champion_version != version,
+    )  # fmt: skip

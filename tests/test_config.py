@@ -58,6 +58,11 @@ def with_value(raw: dict, dotted: str, value) -> dict:
             "train.lr_schedule: must be one of constant, cosine, onecycle",
         ),
         ("train.optimizer", "rmsprop", "train.optimizer: must be one of adam, sgd, got 'rmsprop'"),
+        (
+            "evaluate.registered_model",
+            "pets' or name = 'x",  # would end the registry's search filter early
+            "evaluate.registered_model: must be a name of letters, digits, '-', '_' and '.'",
+        ),
         ("train.weight_decay", -0.1, "train.weight_decay: must be a number in [0, 1], got -0.1"),
         (
             "train.label_smoothing",
@@ -175,7 +180,7 @@ def test_flatten_uses_dotted_names(raw_params):
     assert flat["model.filters"] == [32, 64, 128, 256]
     assert flat["data.format"] == "cifar10-python"
     assert flat["train.optimizer"] == "adam"
-    assert len(flat) == 34
+    assert len(flat) == 35
 
 
 def test_invalid_yaml_is_reported(tmp_path):

@@ -100,3 +100,31 @@ def test_a_store_error_reading_the_champion_fails_and_keeps_the_champion(store, 
         register(f"runs:/{run.info.run_id}/model", run.info.run_id, 0.5)
     monkeypatch.undo()
     assert str(client.get_model_version_by_alias("cifar10-resnet", "champion").version) == "1"
+
+
+def test_a_champion_scored_on_other_test_images_is_not_compared(store):
+    """Another dataset's model under the same name must not take @champion on its accuracy."""
+    import mlflow
+
+    from pipeline.registry import register
+
+    client, run = store
+    first = register(f"runs:/{run.info.run_id}/model", run.info.run_id, 0.5, test_set="cifar")
+    assert first.promoted and client.get_model_version("cifar10-resnet", "2").tags == {
+        "test_accuracy": "0.500000", "test_set": "cifar"
+    }  # fmt: skip
+    with mlflow.start_run() as pets:
+        mlflow.log_text("stand-in", "model/MLmodel")
+    decision = register(f"runs:/{pets.info.run_id}/model", pets.info.run_id, 0.95, test_set="pets")
+    assert not decision.promoted and decision.version == "3"
+    assert decision.describe() == (
+        "cifar10-resnet version 3 (test accuracy 0.9500) is not compared with champion version "
+        "2, scored on other test images: @champion stays on version 2 (a model of another "
+        "dataset needs its own evaluate.registered_model)"
+    )
+    assert str(client.get_model_version_by_alias("cifar10-resnet", "champion").version) == "2"
+    # Under its own name it is the first champion there; cifar10-resnet keeps its own.
+    own = register(f"runs:/{pets.info.run_id}/model", pets.info.run_id, 0.95, "pets-resnet", "pets")
+    assert own.promoted and own.describe().startswith("pets-resnet version 1 (test accuracy")
+    assert own.tags()["registry.model"] == "pets-resnet"
+    assert str(client.get_model_version_by_alias("cifar10-resnet", "champion").version) == "2"
