@@ -36,10 +36,13 @@ def misclassified_grid(
     """
     plt = _pyplot()
     wrong = np.flatnonzero(predictions != labels)
+    total = len(wrong)
     wrong = wrong[np.argsort(-confidences[wrong], kind="stable")][:count]
-    columns = max(1, min(6, len(wrong)))
+    columns = max(1, min(6, len(wrong)))  # inches: 2 per image, 4.5 at least for the title
     rows = max(1, -(-len(wrong) // columns))
-    figure, axes = plt.subplots(rows, columns, figsize=(2.0 * columns, 2.3 * rows), squeeze=False)
+    figure, axes = plt.subplots(
+        rows, columns, figsize=(max(4.5, 2.0 * columns), 2.3 * rows), squeeze=False
+    )
     for axis in axes.flat:
         axis.axis("off")
     for axis, index in zip(axes.flat, wrong, strict=False):
@@ -50,13 +53,26 @@ def misclassified_grid(
             fontsize=8,
             color="firebrick",
         )
-    if not len(wrong):
-        axes[0, 0].text(0.5, 0.5, "no misclassified images", ha="center", va="center")
-    figure.suptitle(f"Misclassified test images ({len(wrong)} most confident)", fontsize=10)
+    title, note = grid_text(total, len(wrong))
+    if note:
+        axes[0, 0].text(0.5, 0.5, note, ha="center", va="center")
+    figure.suptitle(title, fontsize=10)
     figure.tight_layout(rect=(0, 0, 1, 0.97))  # leave the title its own band
     figure.savefig(path, dpi=100)
     plt.close(figure)
     return len(wrong)
+
+
+def grid_text(total: int, drawn: int) -> tuple[str, str | None]:
+    """The error grid's title, and the note that stands in for an empty grid."""
+    if not total:
+        return "Misclassified test images: none", "no misclassified images"
+    if not drawn:  # evaluate.misclassified: 0
+        return (
+            f"Misclassified test images: {total}",
+            f"{total} misclassified, none drawn (evaluate.misclassified: 0)",
+        )
+    return f"Misclassified test images: the {drawn} most confident of {total}", None
 
 
 def per_class_chart(accuracies: dict[str, float], overall: float, path: Path) -> None:

@@ -133,3 +133,22 @@ def test_class_names_are_made_safe_for_mlflow():
     metrics = mlflow_metrics(figures)
     # Two folders that clean to one name keep a metric each, in class order.
     assert (metrics["test_accuracy_sea_lion"], metrics["test_accuracy_sea_lion_2"]) == (0.5, 0.0)
+
+
+def test_the_error_grid_says_how_many_it_leaves_out(tmp_path):
+    from pipeline import reports
+
+    assert reports.grid_text(120, 36) == (
+        "Misclassified test images: the 36 most confident of 120",
+        None,
+    )
+    assert (
+        reports.grid_text(120, 0)[1] == "120 misclassified, none drawn (evaluate.misclassified: 0)"
+    )
+    assert reports.grid_text(0, 0)[1] == "no misclassified images"
+    images = np.zeros((4, 8, 8, 3), np.uint8)
+    labels, predictions = np.array([0, 1, 1, 0]), np.array([1, 1, 0, 0])
+    args = (images, labels, predictions, np.full(4, 0.9), ["a", "b"], tmp_path / "grid.png")
+    assert reports.misclassified_grid(*args, count=0) == 0
+    assert reports.misclassified_grid(*args, count=36) == 2
+    assert (tmp_path / "grid.png").read_bytes()[:4] == b"\x89PNG"
