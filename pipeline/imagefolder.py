@@ -370,4 +370,13 @@ def read_imagefolder(source: Path, data: DataParams, workers: int | None = None)
             f"{source}: no {empty!r} image is left for training (all were skipped or held out "
             "for testing); add images to that class or lower data.test_size"
         )
+    # A class without test images would score 0 in the per-class figures and the macro F1.
+    counts = np.bincount(test.labels, minlength=len(layout.class_names))
+    if counts.min() == 0:
+        empty = layout.class_names[int(counts.argmin())]
+        fix = (
+            f"those in test/{empty}/ cannot be read: add readable ones" if has_test
+            else f"raise data.test_size ({data.test_size}) to at least one image per class"
+        )  # fmt: skip
+        raise LayoutError(f"{source}: no {empty!r} image is in the test split; {fix}")
     return Dataset(train, test, layout.class_names)

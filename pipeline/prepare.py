@@ -249,6 +249,13 @@ def prepare(dataset: Dataset, val_size: int, seed: int) -> tuple[dict[str, Split
         "val": Split(dataset.train.images[val_idx], dataset.train.labels[val_idx]),
         "test": dataset.test,
     }
+    counts = np.bincount(splits["train"].labels, minlength=len(dataset.class_names))
+    if counts.min() == 0:  # a class of a few images, all drawn for validation
+        empty = dataset.class_names[int(counts.argmin())]
+        raise PipelineError(
+            f"data.val_size: {val_size} leaves no {empty!r} image for training (validation took "
+            "all of them); lower data.val_size or add images to that class"
+        )
     mean, std = channel_stats(splits["train"].images)
     meta = {
         "class_names": list(dataset.class_names),

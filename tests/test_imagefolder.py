@@ -170,6 +170,14 @@ def test_corrupt_image_is_skipped_and_counted_when_asked(tmp_path, data, capsys)
     assert "skipped 2 images that cannot be read" in out
 
 
+def test_a_class_whose_test_images_were_all_skipped_is_an_error(tmp_path, data):
+    files = {k: (b"junk" if k.startswith("test/dog/") else v) for k, v in two_classes().items()}
+    with pytest.raises(LayoutError, match=r"no 'dog' image is in the test split; those in test/d"):
+        read_imagefolder(
+            write_folder(tmp_path / "set", files), dataclasses.replace(data, on_bad_image="skip")
+        )
+
+
 def test_without_test_folder_a_stratified_seeded_test_split_is_held_out(tmp_path, data):
     files = {f"train/cat/{i:02d}.png": grey_png(i) for i in range(10)}
     files |= {f"train/dog/{i:02d}.png": grey_png(100 + i) for i in range(20)}
@@ -191,6 +199,9 @@ def test_without_test_folder_a_stratified_seeded_test_split_is_held_out(tmp_path
         read_imagefolder(write_zip(tmp_path / "t.zip", two_classes()), split)
     with pytest.raises(PipelineError, match="data.test_size: must be an integer between 1 and 29"):
         read_imagefolder(source, dataclasses.replace(data, test_size=30))
+    # One test image cannot stand for both classes: cat would score 0 in the per-class figures.
+    with pytest.raises(LayoutError, match=r"no 'cat' image is in the test split; raise data.test"):
+        read_imagefolder(source, dataclasses.replace(split, test_size=1))
 
 
 @pytest.mark.parametrize(

@@ -94,6 +94,17 @@ def test_zero_validation_and_too_large_validation(archive):
         prepare(dataset, val_size=300, seed=0)
 
 
+def test_validation_may_not_take_every_training_image_of_a_class():
+    # Class 0's one image has the largest remainder (0.5): the stratified split gives it away.
+    images = np.zeros((100, 32, 32, 3), np.uint8)
+    labels = np.array([0] + [1] * 99)
+    dataset = Dataset(Split(images, labels), Split(images[:2], np.array([0, 1])), ("few", "many"))
+    with pytest.raises(PipelineError, match="data.val_size: 50 leaves no 'few' image for train"):
+        prepare(dataset, val_size=50, seed=0)
+    splits, _ = prepare(dataset, val_size=10, seed=0)
+    assert np.bincount(splits["train"].labels).tolist() == [1, 89]
+
+
 def test_written_files_round_trip(archive, tmp_path):
     splits, meta = prepare(read_cifar10(archive), val_size=20, seed=0)
     out = tmp_path / "prepared"
