@@ -138,25 +138,32 @@ def fetch(
     name = _file_name(url)
     dest_dir.mkdir(parents=True, exist_ok=True)
     final, part = dest_dir / name, dest_dir / f"{name}.part"
+    # data.url and data.md5 are checked before anything in data/raw is touched.
+    local = _local_path(url) if url.startswith("file://") else None
+    if local is not None and not local.exists():
+        raise DownloadError(
+            f"{url} (data.url): no such file or folder {local}. A local path needs three "
+            f"slashes, e.g. file:///path/to/{name}; fix data.url: {FIX_HINT}"
+        )
+    folder = local if local is not None and local.is_dir() else None
+    if folder is not None and md5:
+        raise DownloadError(
+            f'{url} (data.url) is a folder, which has no single md5: set data.md5 to "" '
+            f"or point data.url at an archive of it: {FIX_HINT}"
+        )
+    if folder is None and not md5:
+        raise DownloadError(
+            f'data.md5 is "" but {url} (data.url) is a file, not a folder: set data.md5 to '
+            f"the file's md5 (md5sum prints it): {FIX_HINT}"
+        )
     # dvc.yaml keeps data/raw across runs (persist) so a .part can be resumed;
     # anything else in it is left over from an earlier data.url.
     for stale in dest_dir.iterdir():
         if stale not in (final, part):
             print(f"download: removing {stale}, left over from an earlier data.url", flush=True)
             _remove(stale)
-    folder = _local_path(url) if url.startswith("file://") else None
-    if folder is not None and folder.is_dir():
-        if md5:
-            raise DownloadError(
-                f'{url} (data.url) is a folder, which has no single md5: set data.md5 to "" '
-                f"or point data.url at an archive of it: {FIX_HINT}"
-            )
+    if folder is not None:
         return copy_folder(folder, final)
-    if not md5:
-        raise DownloadError(
-            f'data.md5 is "" but {url} (data.url) is a file, not a folder: set data.md5 to '
-            f"the file's md5 (md5sum prints it): {FIX_HINT}"
-        )
     if final.is_dir():  # an earlier copy of a folder of the same name
         _remove(final)
     progress = progress if progress is not None else Progress()

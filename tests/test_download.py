@@ -197,7 +197,7 @@ def test_file_url(tmp_path):
 
 def test_missing_file_url(tmp_path):
     url = (tmp_path / NAME).as_uri()
-    with pytest.raises(DownloadError, match=f"no such file {tmp_path / NAME}.*file:///"):
+    with pytest.raises(DownloadError, match=f"no such file or folder {tmp_path / NAME}.*file:///"):
         fetch(url, MD5, tmp_path / "raw", progress=quiet(), **FAST)
 
 
@@ -309,3 +309,13 @@ def test_folder_with_an_md5_and_file_without_one_are_refused(tmp_path):
     with pytest.raises(DownloadError, match=r'data.md5 is "" but .* is a file, not a folder'):
         fetch((tmp_path / NAME).as_uri(), "", tmp_path / "raw", progress=quiet(), **FAST)
     assert os.listdir(tmp_path / "raw") == []
+
+
+def test_a_mistyped_local_path_says_so_and_keeps_the_earlier_download(tmp_path):
+    raw = tmp_path / "raw"
+    (tmp_path / NAME).write_bytes(PAYLOAD)
+    fetch((tmp_path / NAME).as_uri(), MD5, raw, progress=quiet(), **FAST)
+    for md5 in ("", MD5):  # a folder's empty md5, or an archive's
+        with pytest.raises(DownloadError, match=r"\(data.url\): no such file or folder /typo/pets"):
+            fetch("file:///typo/pets", md5, raw, progress=quiet(), **FAST)
+    assert os.listdir(raw) == [NAME]  # not removed as "left over" before the URL was checked
