@@ -194,7 +194,9 @@ def load_model_info() -> dict:
 
 @cli
 def main(argv: list[str] | None = None) -> None:
-    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args(argv)
+    argparse.ArgumentParser(
+        prog="python -m pipeline.evaluate", description=__doc__.splitlines()[0]
+    ).parse_args(argv)
     import_tensorflow()  # first, so its start-up chatter is filtered
     params = load_params(paths.PARAMS)
     cfg = params.evaluate

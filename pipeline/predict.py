@@ -189,7 +189,9 @@ def format_table(results: list[dict]) -> str:
 
 @cli
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.predict", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("images", nargs="+", type=Path, help="PNG, JPEG, ... files")
     parser.add_argument(
         "--model",

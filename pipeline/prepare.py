@@ -322,7 +322,9 @@ def load_meta(prepared_dir: Path) -> dict:
 
 @cli
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.prepare", description=__doc__.splitlines()[0]
+    )
     parser.parse_args(argv)
     params = load_params(paths.PARAMS).data
     start = time.perf_counter()

@@ -241,7 +241,9 @@ def save_model(model, path: Path) -> None:
 
 @cli
 def main(argv: list[str] | None = None) -> None:
-    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args(argv)
+    argparse.ArgumentParser(
+        prog="python -m pipeline.train", description=__doc__.splitlines()[0]
+    ).parse_args(argv)
     import_tensorflow()  # first, so its start-up chatter is filtered
     params = load_params(paths.PARAMS)
     meta = load_meta(paths.PREPARED_DIR)
