@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         help="a .keras file or an MLflow model URI such as models:/cifar10-resnet@champion "
         "(default: %(default)s)",
     )
-    parser.add_argument("--top", type=int, default=3, help="classes shown per image")
+    parser.add_argument("--top", type=int, default=3, help="classes shown per image (default 3)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)
     if args.top < 1:
