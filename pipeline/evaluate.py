@@ -281,7 +281,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"evaluate: logged as evaluation {number} of MLflow run {info['run_id']}", flush=True)
     if cfg.register:
         from pipeline import registry
-        from pipeline.resume import data_digest
+        from pipeline.prepare import data_digest
 
         decision = registry.register(
             info["model_uri"], info["run_id"], figures["accuracy"], cfg.registered_model,

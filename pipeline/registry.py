@@ -42,7 +42,8 @@ class Decision:
                 f"{name} is not compared with champion version {self.champion_version}, "
                 f"scored on other test images: @{CHAMPION} stays on version "
                 f"{self.champion_version} (a model of another dataset needs its own "
-                "evaluate.registered_model)"
+                "evaluate.registered_model; for new test images of the same dataset, move "
+                f"@{CHAMPION} by hand in mlflow ui)"
             )
         if self.champion_accuracy is None:  # registered outside the pipeline, never scored
             before = f"champion version {self.champion_version} (no recorded test accuracy)"

@@ -301,6 +301,9 @@ def log_params(params: dict) -> None:
 
     run = mlflow.active_run()
     logged = mlflow.MlflowClient().get_run(run.info.run_id).data.params
+    changed = sorted(k for k, v in params.items() if k in logged and logged[k] != str(v))
+    if changed:
+        print(f"train: the MLflow run keeps the values it started with for {', '.join(changed)}")
     mlflow.log_params({key: value for key, value in params.items() if key not in logged})
 
 

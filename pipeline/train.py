@@ -307,7 +307,8 @@ def resume_key(
     The data by content (data.url or data.md5 may change with the same images);
     evaluate.* not at all, so an evaluation edit never restarts a training.
     """
-    from pipeline.resume import data_digest, fingerprint
+    from pipeline.prepare import data_digest
+    from pipeline.resume import fingerprint
 
     data = data_digest(train.images, train.labels, val.images, val.labels)
     return fingerprint(training_params(params), meta, data, precision, workers)

@@ -120,7 +120,8 @@ def test_a_champion_scored_on_other_test_images_is_not_compared(store):
     assert decision.describe() == (
         "cifar10-resnet version 3 (test accuracy 0.9500) is not compared with champion version "
         "2, scored on other test images: @champion stays on version 2 (a model of another "
-        "dataset needs its own evaluate.registered_model)"
+        "dataset needs its own evaluate.registered_model; for new test images of the same "
+        "dataset, move @champion by hand in mlflow ui)"
     )
     assert str(client.get_model_version_by_alias("cifar10-resnet", "champion").version) == "2"
     # Under its own name it is the first champion there; cifar10-resnet keeps its own.

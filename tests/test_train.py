@@ -530,6 +530,7 @@ def test_a_kill_during_the_first_epoch_starts_again_in_the_same_run(repo, tmp_pa
         result.stdout
     )
     assert "discarding" not in result.stdout
+    assert "the MLflow run keeps the values it started with for data.url\n" in result.stdout
     _, runs = runs_of(repo)
     assert [run.info.run_id for run in runs] == [killed["run_id"]]
     assert runs[0].info.status == "FINISHED"
