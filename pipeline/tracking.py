@@ -267,6 +267,22 @@ def run_tags() -> dict[str, str]:
 
 
 @retry_locked
+def run_is_gone(run_id: str) -> bool:
+    """Whether the store has no such run, or has it deleted (`mlflow ui`'s delete).
+
+    MLflow refuses to continue or log to either; any other store error is raised.
+    """
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return mlflow.MlflowClient().get_run(run_id).info.lifecycle_stage == "deleted"
+    except MlflowException as error:
+        if error.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        return True
+
+
 def start_run(run_id: str | None):
     """Start a new run, or continue `run_id` (a resumed training), as the active run.
 
@@ -274,22 +290,14 @@ def start_run(run_id: str | None):
     another store) cannot be continued: a new run starts, and says so.
     """
     import mlflow
-    from mlflow.exceptions import MlflowException
 
-    if run_id is not None:
-        try:
-            gone = mlflow.MlflowClient().get_run(run_id).info.lifecycle_stage == "deleted"
-        except MlflowException as error:
-            if error.error_code != "RESOURCE_DOES_NOT_EXIST":
-                raise
-            gone = True
-        if gone:
-            print(
-                f"train: MLflow run {run_id} is deleted or not in this tracking store; "
-                "the training goes on in a new run",
-                flush=True,
-            )
-            run_id = None
+    if run_id is not None and run_is_gone(run_id):
+        print(
+            f"train: MLflow run {run_id} is deleted or not in this tracking store; "
+            "the training goes on in a new run",
+            flush=True,
+        )
+        run_id = None
     return mlflow.start_run(run_id=run_id)
 
 
@@ -399,15 +407,8 @@ def _pip_requirements() -> list[str]:
 def check_run(run_id: str, named_by: Path) -> None:
     """Fail before the work if the training run an evaluation logs into is not in this store."""
     import mlflow
-    from mlflow.exceptions import MlflowException
 
-    try:
-        gone = mlflow.MlflowClient().get_run(run_id).info.lifecycle_stage == "deleted"
-    except MlflowException as error:
-        if error.error_code != "RESOURCE_DOES_NOT_EXIST":
-            raise
-        gone = True
-    if gone:
+    if run_is_gone(run_id):
         raise TrackingError(
             f"{named_by} names MLflow run {run_id}, which is deleted or not in the tracking "
             f"store {mlflow.get_tracking_uri()}: the evaluation is logged into the run that "
