@@ -133,15 +133,17 @@ def register(
         champion_accuracy = None
         if champion and champion_version != version:
             champion_accuracy = recorded_accuracy(client, champion)
-        # Tagged by an earlier evaluation with other test images: accuracies not comparable.
-        other = bool(champion and test_set and champion.tags.get("test_set", test_set) != test_set)
-        if champion_version == version or (other and champion_version != version):
+        # Another version, tagged by its evaluation with other test images: not comparable.
+        other = bool(
+            champion
+            and champion_version != version
+            and test_set
+            and champion.tags.get("test_set", test_set) != test_set
+        )
+        if champion_version == version or other:
             promoted = False
         else:
             promoted = should_promote(accuracy, champion_accuracy)
         if promoted:
             client.set_registered_model_alias(name, CHAMPION, version)
-    return Decision(
-        version, accuracy, champion_version, champion_accuracy, promoted, name,
-        other and champion_version != version,
-    )  # fmt: skip
+    return Decision(version, accuracy, champion_version, champion_accuracy, promoted, name, other)

@@ -283,6 +283,7 @@ def run_is_gone(run_id: str) -> bool:
         return True
 
 
+@retry_locked
 def start_run(run_id: str | None):
     """Start a new run, or continue `run_id` (a resumed training), as the active run.
 
@@ -417,6 +418,7 @@ def check_run(run_id: str, named_by: Path) -> None:
         )
 
 
+@retry_locked
 def log_evaluation(run_id: str, metrics: dict[str, float], files: list[Path], params: dict) -> int:
     """Record evaluation k of training run `run_id`: metrics at step k, files under evaluation-k/.
 

@@ -282,6 +282,24 @@ def mlflow_store(tmp_path, request):
     return mlflow.MlflowClient()
 
 
+def test_every_public_store_call_waits_out_a_locked_sqlite_store():
+    """Two queued experiments share one mlflow.db: a call without retry_locked can fail."""
+    import ast
+
+    tree = ast.parse((ROOT / "pipeline/tracking.py").read_text())
+    unguarded = [
+        node.name
+        for node in tree.body
+        if isinstance(node, ast.FunctionDef)
+        and not node.name.startswith("_")
+        and "mlflow"
+        in {n.name for i in ast.walk(node) if isinstance(i, ast.Import) for n in i.names}
+        and "retry_locked" not in [ast.unparse(d) for d in node.decorator_list]
+    ]
+    # connect retries its one store call itself; store_lock is the file lock around writes.
+    assert unguarded == ["connect", "store_lock"]
+
+
 def test_a_run_the_store_no_longer_has_is_replaced_by_a_new_one(mlflow_store, capsys):
     from pipeline import tracking
 
