@@ -655,5 +655,11 @@ def test_a_dead_worker_ends_the_run_with_a_clear_error(prepared_repo, tmp_path):
         worker.kill()
         [output] = background.wait(chief, timeout=240)
     assert chief.returncode == 1
-    last = output.strip().splitlines()[-1]
-    assert last.startswith("error: a training worker stopped or became unreachable"), output[-2000:]
+    # The stage's own last word. The failed all-reduce can leave TensorFlow's ThreadPool
+    # (cross_device_ops.batch_reduce) unclosed; Python may finalise it at exit after its pipe
+    # is gone ("Exception ignored in: Pool.__del__ ... Bad file descriptor", once in CI).
+    errors = [line for line in output.splitlines() if line.startswith("error: ")]
+    assert errors, output[-2000:]
+    assert errors[-1].startswith("error: a training worker stopped or became unreachable"), output[
+        -2000:
+    ]
