@@ -138,7 +138,8 @@ def fetch(
     name = _file_name(url)
     dest_dir.mkdir(parents=True, exist_ok=True)
     final, part = dest_dir / name, dest_dir / f"{name}.part"
-    # data.url and data.md5 are checked before anything in data/raw is touched.
+    # data.url and data.md5 are checked before anything in data/raw is touched,
+    # and what an earlier data.url left there is removed only after success.
     local = _local_path(url) if url.startswith("file://") else None
     if local is not None and not local.exists():
         raise DownloadError(
@@ -156,23 +157,15 @@ def fetch(
             f'data.md5 is "" but {url} (data.url) is a file, not a folder: set data.md5 to '
             f"the file's md5 (md5sum prints it): {FIX_HINT}"
         )
-    # dvc.yaml keeps data/raw across runs (persist) so a .part can be resumed;
-    # anything else in it is left over from an earlier data.url.
-    for stale in dest_dir.iterdir():
-        if stale not in (final, part):
-            print(f"download: removing {stale}, left over from an earlier data.url", flush=True)
-            _remove(stale)
     if folder is not None:
-        return copy_folder(folder, final)
-    if final.is_dir():  # an earlier copy of a folder of the same name
-        _remove(final)
+        return _keep_only(copy_folder(folder, final))
     progress = progress if progress is not None else Progress()
 
-    if final.exists():
+    if final.is_file():
         found = _hash_file(final, hashlib.md5()).hexdigest()
         if found == md5:
             print(f"download: reusing {final} (md5 {md5} matches)", flush=True)
-            return final
+            return _keep_only(final)
         print(f"download: {final} has md5 {found}, expected {md5}; downloading again", flush=True)
         final.unlink()
 
@@ -201,6 +194,8 @@ def fetch(
             f"downloaded {url} but its md5 is {digest}, expected {md5} (data.md5). "
             f"If you use a mirror, set data.url to it and data.md5 to its checksum: {FIX_HINT}"
         )
+    if final.is_dir():  # an earlier copy of a folder of the same name
+        _remove(final)
     os.replace(part, final)  # atomic: the final name appears only with verified content
     with contextlib.suppress(OSError):  # make the rename itself durable (not on Windows)
         fd = os.open(dest_dir, os.O_RDONLY)
@@ -209,6 +204,21 @@ def fetch(
         finally:
             os.close(fd)
     print(f"download: saved {final} (md5 {md5})", flush=True)
+    return _keep_only(final)
+
+
+def _keep_only(final: Path) -> Path:
+    """Remove everything in `final`'s folder but `final`, and return `final`.
+
+    dvc.yaml keeps data/raw across runs (persist) so that a `.part` can be
+    resumed; anything else in it is left over from an earlier data.url. It goes
+    only once the new data is in place, so a data.url that fails (a typo, a
+    404, no network) leaves the earlier download where it was.
+    """
+    for stale in final.parent.iterdir():
+        if stale != final:
+            print(f"download: removing {stale}, left over from an earlier data.url", flush=True)
+            _remove(stale)
     return final
 
 

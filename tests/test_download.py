@@ -319,3 +319,20 @@ def test_a_mistyped_local_path_says_so_and_keeps_the_earlier_download(tmp_path):
         with pytest.raises(DownloadError, match=r"\(data.url\): no such file or folder /typo/pets"):
             fetch("file:///typo/pets", md5, raw, progress=quiet(), **FAST)
     assert os.listdir(raw) == [NAME]  # not removed as "left over" before the URL was checked
+
+
+def test_a_failing_http_url_keeps_the_earlier_download_until_a_new_one_is_in_place(
+    serve, tmp_path, capsys
+):
+    server = serve()
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "earlier.tar.gz").write_bytes(b"the archive of an earlier data.url")
+    with pytest.raises(DownloadError, match="HTTP 404"):
+        fetch(f"{server.base_url}/typo/{NAME}", MD5, raw, progress=quiet(), **FAST)
+    assert os.listdir(raw) == ["earlier.tar.gz"]  # the typo cost nothing
+    fetch(server.url, MD5, raw, progress=quiet(), **FAST)
+    assert os.listdir(raw) == [NAME]
+    assert f"removing {raw / 'earlier.tar.gz'}, left over from an earlier data.url" in (
+        capsys.readouterr().out
+    )
