@@ -342,16 +342,20 @@ def parse_params(raw: Any) -> Params:
 
 def load_params(path: Path | str = "params.yaml") -> Params:
     """Read and validate params.yaml; the one place any stage reads its knobs."""
+    return parse_params(read_yaml(path))
+
+
+def read_yaml(path: Path | str) -> Any:
+    """params.yaml as plain data, read as DVC reads it (YAML 1.2 numbers)."""
     path = Path(path)
     try:
         text = path.read_text()
     except FileNotFoundError:
         raise ParamsError(f"{path}: not found; run from the repository root") from None
     try:
-        raw = yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader)
+        return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as error:
         raise ParamsError(f"{path}: not valid YAML: {error}") from None
-    return parse_params(raw)
 
 
 def flatten(params: Params) -> dict[str, Any]:

@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import yaml
+
+from pipeline.config import read_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -13,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture
 def raw_params() -> dict:
     """params.yaml as the user has it, as a plain dict for the test to shrink."""
-    return yaml.safe_load((ROOT / "params.yaml").read_text())
+    return read_yaml(ROOT / "params.yaml")
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import yaml
 
+from pipeline.config import read_yaml
+
 ROOT = Path(__file__).resolve().parents[1]
 # The real params shrunk for tests: a tiny network, 2 epochs, a small validation split.
 TINY = {
@@ -176,7 +178,7 @@ def make_repo(dest: Path, overrides: dict[str, object]) -> Path:
 
 def set_params(repo: Path, overrides: dict[str, object]) -> None:
     params_file = repo / "params.yaml"
-    params = yaml.safe_load(params_file.read_text())
+    params = read_yaml(params_file)
     for dotted, value in overrides.items():
         *parents, last = dotted.split(".")
         node = params

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 from PIL import Image
 
 from pipeline import imagefolder
@@ -21,7 +20,7 @@ from pipeline.config import DataParams, parse_params
 from pipeline.errors import PipelineError
 from pipeline.imagefolder import LayoutError, read_imagefolder
 from pipeline.prepare import ArchiveError
-from tests.repo import dvc, make_repo
+from tests.repo import dvc, make_repo, set_params
 
 
 def encode(fmt: str, size: tuple[int, int], mode: str, colour) -> bytes:
@@ -294,9 +293,7 @@ def test_dvc_repro_prepares_an_image_folder_and_sees_a_changed_folder(tmp_path):
 
     # A local folder: copied into data/raw, so DVC sees what changed once it is copied again.
     folder = write_folder(tmp_path / "pets", files)
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["data"].update(url=folder.as_uri(), md5="")
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    set_params(repo, {"data.url": folder.as_uri(), "data.md5": ""})
     assert "Running stage 'prepare'" in dvc(repo, "repro", "prepare").stdout
     assert "Running stage 'download'" in dvc(repo, "repro", "--force", "download").stdout
     assert "Running stage" not in dvc(repo, "repro", "prepare").stdout  # same images
