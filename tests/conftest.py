@@ -17,6 +17,17 @@ def raw_params() -> dict:
     return read_yaml(ROOT / "params.yaml")
 
 
+@pytest.fixture
+def mlflow_store(tmp_path, request):
+    """MLflow pointed at a fresh SQLite store in tmp_path for the test; its client."""
+    import mlflow
+
+    previous = mlflow.get_tracking_uri()
+    request.addfinalizer(lambda: mlflow.set_tracking_uri(previous))
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    return mlflow.MlflowClient()
+
+
 @pytest.fixture(scope="module")
 def served_archive(tmp_path_factory):
     """A small CIFAR-10-layout archive on a local HTTP server; `.url` and `.md5` for params."""

@@ -50,16 +50,12 @@ def test_champion_accuracy_comes_from_its_tag_then_its_run():
 
 
 @pytest.fixture
-def store(tmp_path, monkeypatch, request):
+def store(mlflow_store, tmp_path, monkeypatch):
     """A real SQLite MLflow store with a champion aliased by hand (no tags), and a new run."""
     import mlflow
-    from mlflow import MlflowClient
 
     monkeypatch.chdir(tmp_path)
-    previous = mlflow.get_tracking_uri()
-    request.addfinalizer(lambda: mlflow.set_tracking_uri(previous))
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    client = MlflowClient()
+    client = mlflow_store
     client.create_registered_model("cifar10-resnet")
     handmade = client.create_model_version("cifar10-resnet", source=(tmp_path / "m").as_uri())
     client.set_registered_model_alias("cifar10-resnet", "champion", handmade.version)

@@ -274,14 +274,6 @@ def test_recovery_state_is_kept_for_its_run_until_params_change(tmp_path, capsys
     assert not store.directory.exists()
 
 
-@pytest.fixture
-def mlflow_store(tmp_path, request):
-    previous = mlflow.get_tracking_uri()
-    request.addfinalizer(lambda: mlflow.set_tracking_uri(previous))
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    return mlflow.MlflowClient()
-
-
 def test_every_public_store_call_waits_out_a_locked_sqlite_store():
     """Two queued experiments share one mlflow.db: a call without retry_locked can fail."""
     import ast
