@@ -9,10 +9,11 @@ out at its top or under one top-level folder (`pets/train/...`) as
 
 Class names are the train/ folder names, sorted. Images are PNG, JPEG, BMP or
 GIF (its first frame) of any size and colour mode; each becomes RGB exactly as
-`pipeline.predict.load_image` prepares an image to classify (transparency on
-white, centre crop to a square, Lanczos resize to data.image_size pixels), so
-training and prediction see the same pixels. Hidden entries (`.DS_Store`,
-`__MACOSX/`) and other files are counted and left out. An image that cannot be
+`pipeline.predict.load_image` prepares an image to classify (EXIF orientation
+applied, transparency on white, centre crop to a square, Lanczos resize to
+data.image_size pixels), so training and prediction see the same pixels.
+Hidden entries (`.DS_Store`, `__MACOSX/`) and other files are counted and left
+out. An image that cannot be
 decoded stops the stage, naming it, or with `data.on_bad_image: skip` is named,
 counted and left out.
 

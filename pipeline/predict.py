@@ -3,10 +3,11 @@
     python -m pipeline.predict cat.png dog.jpg
     python -m pipeline.predict --model models:/cifar10-resnet@champion --json photos/*.jpg
 
-Images of any size and colour mode (greyscale, palette, RGBA, CMYK) are
-converted to RGB, centre-cropped to a square and resized to the model's input
-size. A file that cannot be read is reported by name and the others still
-classified; the exit status is 1 if any failed.
+Images of any size and colour mode (greyscale, palette, RGBA, CMYK, 16-bit)
+are turned upright by their EXIF orientation, converted to RGB, centre-cropped
+to a square and resized to the model's input size. A file that cannot be read
+is reported by name and the others still classified; the exit status is 1 if
+any failed.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +43,18 @@ def load_image(path: Path, size: int) -> np.ndarray:
     try:
         with Image.open(path) as image:
             image.load()
-            if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
+            # Upright as a viewer shows it: phone photos are stored sideways with an
+            # EXIF orientation tag, and a centre crop of the sideways pixels cuts wrong.
+            image = ImageOps.exif_transpose(image)
+            if image.mode == "F":  # no range to scale from: 0-1, 0-255 and Kelvin all occur
+                raise ValueError(
+                    "a 32-bit floating-point image; save it with 8 or 16 bits per channel"
+                )
+            if image.mode.startswith("I"):  # 16-bit PNG/TIFF greyscale (I;16, I;16B, I)
+                # convert() would clip at 255 and turn all but the darkest pixels white.
+                levels = np.asarray(image, dtype=np.float64) / 257.0  # 0-65535 -> 0-255
+                image = Image.fromarray(np.clip(np.rint(levels), 0, 255).astype(np.uint8))
+            if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
                 # Transparent areas become white, not the black a plain convert gives.
                 rgba = image.convert("RGBA")
                 background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -96,7 +109,8 @@ def _keras_predictor(path: Path) -> Predictor:
         class_names, image_size = info["class_names"], info["image_size"]
     except FileNotFoundError:
         raise PipelineError(
-            f"{info_file}: not found beside {path}; run `dvc repro train`"
+            f"{info_file}: not found beside {path}; copy the model_info.json train wrote "
+            "with this model beside it, or run `dvc repro train`"
         ) from None
     except (ValueError, KeyError, TypeError) as error:  # not JSON, or not train's
         raise PipelineError(
@@ -111,6 +125,14 @@ def _keras_predictor(path: Path) -> Predictor:
             f"{str(error).splitlines()[0] if str(error) else ''}); "
             "it should be the .keras file train writes: `dvc repro train` or `dvc pull`"
         ) from None
+    # model_info.json from another training would name the wrong classes, or too few.
+    outputs, size = model.output_shape[-1], model.input_shape[1]
+    if len(class_names) != outputs or image_size != size:
+        raise PipelineError(
+            f"{info_file} ({len(class_names)} classes, {image_size} px) does not belong to "
+            f"{path} ({outputs} classes, {size} px); copy the model_info.json train wrote "
+            "with this model beside it, or run `dvc repro train`"
+        )
     from pipeline.model import predict_batches
 
     return Predictor(
@@ -136,12 +158,19 @@ def _mlflow_predictor(uri: str) -> Predictor:
         )
     tracking.quiet_mlflow_logs()
     mlflow.set_tracking_uri(store)
+    where = f" from {store}" if needs_store else ""
     try:
-        model = mlflow.pyfunc.load_model(uri)
+        # A model fetched from a server or bucket lands in a folder MLflow never removes
+        # (17 MB a call); this one goes once the weights are in memory.
+        with tempfile.TemporaryDirectory(prefix="pipeline-predict-") as download:
+            model = mlflow.pyfunc.load_model(uri, dst_path=download)
     except MlflowException as error:
-        where = f" from {store}" if needs_store else ""
         raise PipelineError(
             f"cannot load model {uri}{where}: {str(error).splitlines()[0]}"
+        ) from None
+    except ImportError as error:  # s3://, gs://, ... need their client package
+        raise PipelineError(
+            f"cannot load model {uri}: {error}; install the package it names"
         ) from None
     class_names = (model.metadata.metadata or {}).get("class_names")
     if not class_names:

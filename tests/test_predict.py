@@ -84,7 +84,7 @@ def test_a_logged_model_folder_loads_outside_the_repository(tmp_path, monkeypatc
 
     loaded = []
 
-    def load_model(uri):  # MLflow's loader, reached: no store is needed for a folder
+    def load_model(uri, **options):  # MLflow's loader, reached: no store is needed for a folder
         loaded.append(uri)
         raise MlflowException("stand-in loader")
 
@@ -102,22 +102,48 @@ def test_a_logged_model_folder_loads_outside_the_repository(tmp_path, monkeypatc
     assert not (tmp_path / "mlflow.db").exists()
 
 
-def test_table_shows_each_failure_once_and_stderr_counts_them(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "2")  # main sets it; restored after the test
+def save_tiny_model(folder, class_names, image_size=32):
+    """A one-unit network as train saves it: model.keras and model_info.json in `folder`."""
     import dataclasses
 
     from pipeline.config import load_params
     from pipeline.model import build_model
-    from pipeline.predict import main
     from tests.repo import ROOT
 
     model_params = dataclasses.replace(
         load_params(ROOT / "params.yaml").model, stem_filters=8, filters=(8,), units_per_stage=1
     )
-    model = build_model(model_params, num_classes=3, image_size=32, mean=[0.0] * 3, std=[1.0] * 3)
-    model.save(tmp_path / "model.keras")
-    info = {"class_names": ["cat", "dog", "frog"], "image_size": 32}
-    (tmp_path / "model_info.json").write_text(json.dumps(info))
+    model = build_model(
+        model_params,
+        num_classes=len(class_names),
+        image_size=image_size,
+        mean=[0.0] * 3,
+        std=[1.0] * 3,
+    )
+    model.save(folder / "model.keras")
+    info = {"class_names": class_names, "image_size": image_size}
+    (folder / "model_info.json").write_text(json.dumps(info))
+    return folder / "model.keras"
+
+
+def test_a_model_info_that_is_missing_or_of_another_model_is_refused(tmp_path):
+    model = save_tiny_model(tmp_path, ["cat", "dog", "frog"])
+    (tmp_path / "model_info.json").unlink()  # copied without it
+    with pytest.raises(PipelineError, match="copy the model_info.json train wrote with this"):
+        load_predictor(str(model))
+    for classes, size in ((["cat", "dog"], 32), (["cat", "dog", "frog"], 64)):
+        info = {"class_names": classes, "image_size": size}
+        (tmp_path / "model_info.json").write_text(json.dumps(info))
+        with pytest.raises(PipelineError, match=rf"\({len(classes)} classes, {size} px\) "
+                           r"does not belong to .*model.keras \(3 classes, 32 px\)"):  # fmt: skip
+            load_predictor(str(model))
+
+
+def test_table_shows_each_failure_once_and_stderr_counts_them(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "2")  # main sets it; restored after the test
+    from pipeline.predict import main
+
+    save_tiny_model(tmp_path, ["cat", "dog", "frog"])
     image = png(tmp_path / "cat.png")
     missing = tmp_path / "missing.png"
 
@@ -137,3 +163,30 @@ def test_a_missing_default_model_says_where_to_run_and_what_to_pass(tmp_path, mo
     with pytest.raises(PipelineError) as error:
         load_predictor("models/model.keras")
     assert "from the repository root), or pass --model" in str(error.value)
+
+
+def test_images_are_read_as_a_viewer_shows_them(tmp_path):
+    """EXIF orientation, 16-bit greyscale and a transparent colour key, each as it looks."""
+    # Stored 40x20 with red left and blue right; orientation 6 (rotate 90 degrees
+    # clockwise to view) makes it a portrait photo with red on top.
+    stored = np.zeros((20, 40, 3), np.uint8)
+    stored[:, :20] = (255, 0, 0)
+    stored[:, 20:] = (0, 0, 255)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation
+    Image.fromarray(stored).save(tmp_path / "phone.jpg", quality=95, exif=exif)
+    upright = load_image(tmp_path / "phone.jpg", 8).astype(int)
+    assert (upright[0, :, 0] > 200).all() and (upright[0, :, 2] < 60).all()  # top row red
+    assert (upright[-1, :, 2] > 200).all() and (upright[-1, :, 0] < 60).all()  # bottom blue
+
+    # 16-bit greyscale: mid-grey stays mid-grey (Pillow's convert alone gives white).
+    Image.fromarray(np.full((8, 8), 32768, np.uint16)).save(tmp_path / "scan.png")
+    assert (load_image(tmp_path / "scan.png", 4) == 128).all()
+    # A float image has no known range: refused by name rather than guessed.
+    Image.fromarray(np.full((8, 8), 0.5, np.float32)).save(tmp_path / "map.tiff")
+    with pytest.raises(ValueError, match="32-bit floating-point image"):
+        load_image(tmp_path / "map.tiff", 4)
+
+    # An RGB PNG whose black is marked transparent (no alpha channel): white, as RGBA is.
+    Image.new("RGB", (4, 4), (0, 0, 0)).save(tmp_path / "keyed.png", transparency=(0, 0, 0))
+    assert (load_image(tmp_path / "keyed.png", 4) == 255).all()

@@ -29,6 +29,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from pipeline import server as launcher
 from pipeline.errors import PipelineError
@@ -421,6 +422,17 @@ def test_pipeline_logs_everything_to_the_server(server, repo, tmp_path):
     stored = run_folder / "evaluation-1" / "test.json"
     assert stored.read_bytes() == (repo / "metrics/test.json").read_bytes()
     assert list(server.artifacts.glob(f"{experiment.experiment_id}/models/*/artifacts/MLmodel"))
+
+    # predict fetches the champion through the server, and leaves no copy of it behind.
+    image = tmp_path / "grey.png"
+    Image.new("RGB", (32, 32), (128, 128, 128)).save(image)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    env = server.env("alice", USERS["alice"]) | {"TMPDIR": str(scratch)}
+    command = [sys.executable, "-m", "pipeline.predict", "--json", "--model"]
+    predicted = run([*command, "models:/cifar10-resnet@champion", str(image)], repo, env)
+    assert len(json.loads(predicted.stdout)[0]["predictions"]) == 3
+    assert list(scratch.iterdir()) == []
 
 
 @pytest.mark.slow
