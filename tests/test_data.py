@@ -7,7 +7,13 @@ import pytest
 import tensorflow as tf
 
 from pipeline.config import AugmentParams
-from pipeline.data import augment_batch, cutout_mask, make_dataset, steps_per_epoch
+from pipeline.data import (
+    augment_batch,
+    augment_transforms,
+    cutout_mask,
+    make_dataset,
+    steps_per_epoch,
+)
 from pipeline.prepare import Split
 
 SEED = tf.constant([7, 11], tf.int64)
@@ -69,6 +75,25 @@ def test_bilinear_shifts_blend_pixels_and_nearest_shifts_copy_them():
     # Whole-pixel shifts: every image is the bar moved by an integer offset.
     left_edges = {int(np.flatnonzero(o[16, :, 0] == 255)[0]) for o in copied.numpy()}
     assert left_edges <= set(range(4 - 5, 4 + 6)) and len(left_edges) > 3
+
+
+def test_bilinear_blends_round_to_the_nearest_level_not_down():
+    """Augmented images keep the brightness of the originals the model is tested on."""
+    images = np.random.default_rng(5).integers(0, 256, (64, 32, 32, 3), dtype=np.uint8)
+    tutorial = aug(rotation=10.0, shift=5 / 32, flip=True)
+    out = augment_batch(tf.constant(images), tutorial, SEED).numpy()
+    exact = tf.raw_ops.ImageProjectiveTransformV3(  # the same transforms, in float
+        images=tf.constant(images, tf.float32),
+        transforms=augment_transforms(64, 32, tutorial, SEED),
+        output_shape=[32, 32],
+        fill_value=0.0,
+        interpolation="BILINEAR",
+        fill_mode="NEAREST",
+    ).numpy()
+    inner = np.s_[:, 8:24, 8:24]  # away from the filled edges
+    error = out[inner].astype(np.float64) - exact[inner]
+    assert abs(error.mean()) < 0.02  # truncation gave -0.5
+    assert np.abs(error).max() <= 0.5 + 1e-4
 
 
 @pytest.mark.parametrize("fill", ["nearest", "reflect"])
