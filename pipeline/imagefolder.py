@@ -87,7 +87,8 @@ class Layout:
     labels: np.ndarray  # (len(images),) int32
     num_train: int
     hidden: int  # hidden files left out
-    other: int  # files that are not images where images belong, or outside train/ and test/
+    other: int  # files that are not images where images belong, or beside train/ and test/
+    unread: dict[str, int]  # files per folder beside train/ and test/ (val/, say): not read
 
 
 # --- listing ----------------------------------------------------------------------------------
@@ -173,10 +174,14 @@ def find_layout(members: list[Member], source: Path) -> Layout:
         )
     found: dict[str, dict[str, list[Member]]] = {"train": {}, "test": {}}
     other = 0
+    unread: dict[str, int] = {}
     for parts, member in visible:
         if len(parts) <= depth:  # the top-level folder itself
             continue
         split, *rest = parts[depth:]
+        if split not in found and rest:
+            unread[split] = unread.get(split, 0) + (not member.is_dir)
+            continue
         if split in found and rest and (member.is_dir or len(rest) >= 2):
             images = found[split].setdefault(rest[0], [])  # a class folder, even an empty one
             if member.is_dir:
@@ -218,7 +223,33 @@ def find_layout(members: list[Member], source: Path) -> Layout:
             images += sorted(split.get(name, []), key=lambda member: member.name)
             labels += [label] * len(split.get(name, []))
     num_train = sum(len(train[name]) for name in names)
-    return Layout(names, images, np.array(labels, np.int32), num_train, hidden, other)
+    unread = {name: count for name, count in sorted(unread.items()) if count}
+    return Layout(names, images, np.array(labels, np.int32), num_train, hidden, other, unread)
+
+
+def check_test_size(test_size: int, num_train: int) -> None:
+    if not test_size < num_train:
+        raise PipelineError(
+            f"data.test_size: must be an integer between 1 and {num_train - 1} for this "
+            f"dataset's {num_train} images, got {test_size}"
+        )
+
+
+def check_val_size(val_size: int, available: int) -> None:
+    """Refuse, before any decoding, a data.val_size that leaves no training images;
+    warn about one that takes over a quarter of them (the default, 5000, suits CIFAR-10)."""
+    tenth = f"dvc exp run -S data.val_size={available // 10}"
+    if val_size >= available:
+        raise PipelineError(
+            f"data.val_size: {val_size} validation images leave none of this dataset's "
+            f"{available} training images to train on; hold out about a tenth: {tenth}"
+        )
+    if val_size > available / 4:
+        print(
+            f"prepare: warning: data.val_size holds out {val_size} of the {available} training "
+            f"images ({val_size / available:.0%}) for validation; for a tenth: {tenth}",
+            flush=True,
+        )
 
 
 # --- decoding ---------------------------------------------------------------------------------
@@ -338,6 +369,10 @@ def read_imagefolder(source: Path, data: DataParams, workers: int | None = None)
                 f"{source}: no test/ folder, so data.test_size must say how many train/ images "
                 f"to hold out for testing, got 0: e.g. dvc exp run -S data.test_size={suggestion}"
             )
+        # Sizes that cannot fit fail now, not after minutes of decoding.
+        if not has_test:
+            check_test_size(data.test_size, layout.num_train)
+        check_val_size(data.val_size, layout.num_train - (0 if has_test else data.test_size))
         counts = ((layout.hidden, "hidden"), (layout.other, "non-image"))
         left_out = [f"{count} {what}" for count, what in counts if count]
         print(
@@ -345,6 +380,13 @@ def read_imagefolder(source: Path, data: DataParams, workers: int | None = None)
             + (f"; left out {' and '.join(left_out)} files" if left_out else ""),
             flush=True,
         )
+        if layout.unread:  # a train/val/test layout, most often: say val/ is not used
+            folders = ", ".join(f"{name}/ ({count} files)" for name, count in layout.unread.items())
+            print(
+                f"prepare: not read: {folders}; only train/ and test/ are, and data.val_size "
+                "holds validation images out of train/ (move them there to train on them)",
+                flush=True,
+            )
         images, decoded = decode_images(
             layout, members, read, data.image_size, data.on_bad_image, workers
         )
@@ -357,11 +399,7 @@ def read_imagefolder(source: Path, data: DataParams, workers: int | None = None)
     if has_test:
         test = Split(images[num_train:], labels[num_train:])
     else:
-        if not data.test_size < num_train:
-            raise PipelineError(
-                f"data.test_size: must be an integer between 1 and {num_train - 1} for this "
-                f"dataset's {num_train} images, got {data.test_size}"
-            )
+        check_test_size(data.test_size, num_train)  # again: skipped images lower the count
         train_idx, test_idx = stratified_split(train.labels, data.test_size, data.seed)
         train, test = (Split(train.images[i], train.labels[i]) for i in (train_idx, test_idx))
     counts = np.bincount(train.labels, minlength=len(layout.class_names))

@@ -82,6 +82,7 @@ def data(raw_params) -> DataParams:
         url="file:///unused",
         md5="",
         image_size=8,
+        val_size=1,
     )
 
 
@@ -148,6 +149,40 @@ def test_hidden_and_non_image_files_are_left_out_and_counted(tmp_path, data, cap
     assert len(dataset.train.labels) == 6 and len(dataset.test.labels) == 4
     out = capsys.readouterr().out
     assert "10 images of 2 classes; left out 3 hidden and 3 non-image files" in out
+
+
+def test_a_val_folder_is_named_as_not_read(tmp_path, data, capsys):
+    files = {**two_classes(), "val/cat/00.png": grey_png(9), "val/dog/00.png": grey_png(99)}
+    dataset = read_imagefolder(write_zip(tmp_path / "set.zip", files), data)
+    assert len(dataset.train.labels) == 6  # val/ stays out: prepare's own split is the one
+    out = capsys.readouterr().out
+    assert "10 images of 2 classes\n" in out  # not counted as "non-image" files
+    assert "prepare: not read: val/ (2 files); only train/ and test/ are" in out
+
+
+def test_a_val_size_too_large_for_the_dataset_fails_before_decoding(
+    tmp_path, data, monkeypatch, capsys
+):
+    source = write_folder(tmp_path / "pets", two_classes(train=20, test=2))  # 40 to train on
+
+    def decode(*args):
+        raise AssertionError("decoded")
+
+    monkeypatch.setattr(imagefolder, "decode_images", decode)
+    for val_size in (40, 5000):  # the default is CIFAR-10's
+        with pytest.raises(PipelineError, match=(
+            rf"^data.val_size: {val_size} validation images leave none of this dataset's 40 "
+            r"training images to train on; hold out about a tenth: dvc exp run -S data.val_size=4$"
+        )):  # fmt: skip
+            read_imagefolder(source, dataclasses.replace(data, val_size=val_size))
+    with pytest.raises(AssertionError, match="decoded"):  # 11 of 40: allowed, with a warning
+        read_imagefolder(source, dataclasses.replace(data, val_size=11))
+    assert "warning: data.val_size holds out 11 of the 40 training images (28%)" in (
+        capsys.readouterr().out
+    )
+    with pytest.raises(PipelineError, match=r"^data.test_size: must be an integer between 1 and"):
+        read_imagefolder(write_folder(tmp_path / "flat", two_classes(train=20, test=0)),
+                         dataclasses.replace(data, test_size=40))  # fmt: skip
 
 
 def test_corrupt_image_stops_the_stage_naming_it(tmp_path, data):
