@@ -40,7 +40,7 @@ import numpy as np
 from pipeline import paths
 from pipeline.config import flatten, load_params
 from pipeline.errors import PipelineError, cli
-from pipeline.prepare import load_split
+from pipeline.prepare import load_meta, load_split
 from pipeline.startup import import_tensorflow
 
 EPSILON = 1e-7  # probabilities are clipped as Keras's cross-entropy clips them
@@ -185,6 +185,27 @@ def write_outputs(figures: dict, matrix_labels, probabilities, test, class_names
     return drawn
 
 
+def check_model_fits(info: dict, meta: dict) -> None:
+    """The model must have been trained on classes and an image size the test data has.
+
+    `dvc repro` keeps them in step; running this stage by hand after preparing other
+    data would otherwise fail deep in TensorFlow, or report figures under wrong names.
+    """
+    trained, prepared = info["class_names"], meta["class_names"]
+    differences = []
+    if len(trained) != len(prepared):
+        differences.append(f"{len(trained)} classes against {len(prepared)}")
+    elif trained != prepared:
+        differences.append("other class names")
+    if info["image_size"] != meta["image_size"]:
+        differences.append(f"{info['image_size']} px images against {meta['image_size']} px")
+    if differences:
+        raise PipelineError(
+            f"{paths.MODEL_INFO} was trained on other data than {paths.PREPARED_DIR} holds "
+            f"({', '.join(differences)}); run `dvc repro` to train on it first"
+        )
+
+
 def load_model_info() -> dict:
     try:
         return json.loads(paths.MODEL_INFO.read_text())
@@ -202,6 +223,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = params.evaluate
     info = load_model_info()
     test = load_split(paths.PREPARED_DIR, "test")
+    check_model_fits(info, load_meta(paths.PREPARED_DIR))
     class_names = info["class_names"]
 
     from pipeline import tracking

@@ -115,8 +115,14 @@ def open_dataset(source: Path) -> Iterator[tuple[list[Member], Callable[[Member]
                     lambda member: archive.extractfile(member.handle).read(),
                 )
     except (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, OSError) as error:
+        reason = error or type(error).__name__
+        if source.is_dir():  # the copy of a folder: a file in it cannot be read
+            raise ArchiveError(
+                f"{source}: a file cannot be read ({reason}); fix it in the folder data.url "
+                "names, then copy it again: `dvc repro --force download`"
+            ) from None
         raise ArchiveError(
-            f"{source}: truncated, corrupt or unreadable ({error or type(error).__name__}); "
+            f"{source}: truncated, corrupt or unreadable ({reason}); "
             "delete it and run `dvc repro download` to fetch it again"
         ) from None
 

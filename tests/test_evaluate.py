@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
+from pipeline.errors import PipelineError
 from pipeline.evaluate import (
     confusion_matrix,
     flip_tta,
@@ -152,3 +155,17 @@ def test_the_error_grid_says_how_many_it_leaves_out(tmp_path):
     assert reports.misclassified_grid(*args, count=0) == 0
     assert reports.misclassified_grid(*args, count=36) == 2
     assert (tmp_path / "grid.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_model_of_other_classes_or_image_size_is_not_evaluated():
+    from pipeline.evaluate import check_model_fits
+
+    cifar = {"class_names": ["airplane", "automobile", "bird"], "image_size": 32}
+    check_model_fits(cifar, dict(cifar, sizes={"test": 10}))  # meta.json has more keys
+    for other, says in (
+        ({"class_names": ["cat", "dog"], "image_size": 64}, "3 classes against 2, 32 px images"),
+        (dict(cifar, class_names=["a", "b", "c"]), "(other class names)"),
+        (dict(cifar, image_size=64), "(32 px images against 64 px)"),
+    ):
+        with pytest.raises(PipelineError, match=re.escape(says)):
+            check_model_fits(cifar, other)

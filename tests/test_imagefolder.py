@@ -293,6 +293,23 @@ def test_links_are_refused_in_tar_zip_and_folder(tmp_path, data):
             read_imagefolder(source, data)
 
 
+def test_an_unreadable_file_in_a_folder_says_to_copy_the_folder_again(tmp_path, data, monkeypatch):
+    folder = write_folder(tmp_path / "pets", two_classes())
+    listed = imagefolder._folder_members
+
+    def members_then_one_goes(root):  # removed between listing and reading, say
+        members = listed(root)
+        (folder / "train/dog/01.png").unlink()
+        return members
+
+    monkeypatch.setattr(imagefolder, "_folder_members", members_then_one_goes)
+    with pytest.raises(ArchiveError, match=(
+        r"pets: a file cannot be read \(.*No such file.*\); fix it in the folder data.url names, "
+        r"then copy it again: `dvc repro --force download`$"
+    )):  # fmt: skip
+        read_imagefolder(folder, data)
+
+
 def test_truncated_and_foreign_archives_are_reported(tmp_path, data):
     source = write_tar(tmp_path / "set.tar.gz", two_classes(train=30))
     source.write_bytes(source.read_bytes()[:-200])
