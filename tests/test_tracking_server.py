@@ -142,6 +142,21 @@ def test_the_admin_option_wins_and_a_missing_password_names_the_variable(
     assert last.endswith("(use the variable: this command rewrites basic_auth.ini at each start)")
 
 
+def test_passwords_are_redacted_wherever_a_uri_carries_them():
+    cases = {
+        "postgresql://mlflow:s3cret@db:5432/mlflow": "postgresql://mlflow:***@db:5432/mlflow",
+        "postgresql://:s3cret@db/mlflow": "postgresql://:***@db/mlflow",
+        "postgresql://mlflow:s3@cret@db/mlflow": "postgresql://mlflow:***@db/mlflow",
+        "postgresql://db/mlflow?user=mlflow&password=s3cret&sslmode=require": (
+            "postgresql://db/mlflow?user=mlflow&password=***&sslmode=require"
+        ),
+        "postgresql://mlflow@db/mlflow": "postgresql://mlflow@db/mlflow",
+        "sqlite:///srv/mlflow.db": "sqlite:///srv/mlflow.db",
+    }
+    for uri, shown in cases.items():
+        assert launcher.redact(uri) == shown
+
+
 def test_an_unreachable_database_fails_in_one_line_without_its_password():
     uri = f"postgresql://mlflow:hunter2-secret@127.0.0.1:{free_port()}/mlflow"
     with pytest.raises(PipelineError) as error:
