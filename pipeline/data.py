@@ -29,7 +29,8 @@ def augment_transforms(
     """Per-image projective transforms (batch, 8) mapping output pixels to input pixels.
 
     Each image gets a rotation in [-rotation, rotation] degrees about its
-    centre, a shift in [-shift, shift] * image_size pixels on each axis and,
+    centre, a shift in [-shift, shift] * image_size pixels on each axis (with
+    nearest interpolation a whole number of pixels, each equally likely) and,
     with probability 1/2, a horizontal flip.
     """
     seeds = tf.random.experimental.stateless_split(seed, num=4)
@@ -37,8 +38,17 @@ def augment_transforms(
         math.pi / 180.0
     )
     max_shift = augment.shift * image_size  # pixels
-    shift_x = tf.random.stateless_uniform([batch], seeds[1], -max_shift, max_shift)
-    shift_y = tf.random.stateless_uniform([batch], seeds[2], -max_shift, max_shift)
+    if augment.interpolation == "nearest":
+        # Whole pixels, every offset in -k..k equally likely, as pad-and-crop draws them
+        # (rounding a uniform draw would give the two largest half the others' share).
+        k = math.floor(max_shift + 1e-6)
+        shift_x, shift_y = (
+            tf.cast(tf.random.stateless_uniform([batch], s, -k, k + 1, tf.int32), tf.float32)
+            for s in (seeds[1], seeds[2])
+        )
+    else:
+        shift_x = tf.random.stateless_uniform([batch], seeds[1], -max_shift, max_shift)
+        shift_y = tf.random.stateless_uniform([batch], seeds[2], -max_shift, max_shift)
     if augment.flip:
         flip = tf.where(tf.random.stateless_uniform([batch], seeds[3]) < 0.5, -1.0, 1.0)
     else:

@@ -77,6 +77,16 @@ def test_bilinear_shifts_blend_pixels_and_nearest_shifts_copy_them():
     assert left_edges <= set(range(4 - 5, 4 + 6)) and len(left_edges) > 3
 
 
+def test_nearest_shifts_draw_every_whole_pixel_offset_equally_often():
+    """As pad-and-crop does: -2..2 pixels at shift 2/32, each about a fifth of the time."""
+    transforms = augment_transforms(5000, 32, aug(shift=2 / 32, interpolation="nearest"), SEED)
+    # No rotation or flip: output pixel x reads input pixel x - dx, so column 2 is -dx.
+    for column in (2, 5):
+        offsets, counts = np.unique(-transforms.numpy()[:, column], return_counts=True)
+        assert offsets.tolist() == [-2, -1, 0, 1, 2]
+        assert (np.abs(counts / 5000 - 0.2) < 0.025).all(), counts  # rounding gave 0.125 at +-2
+
+
 def test_bilinear_blends_round_to_the_nearest_level_not_down():
     """Augmented images keep the brightness of the originals the model is tested on."""
     images = np.random.default_rng(5).integers(0, 256, (64, 32, 32, 3), dtype=np.uint8)
