@@ -17,7 +17,7 @@ import logging
 import os
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
@@ -260,6 +260,30 @@ def run_tags() -> dict[str, str]:
     if data_hash:
         tags["data.prepared_md5"] = data_hash
     return tags
+
+
+def store_errors() -> tuple[type[Exception], ...]:
+    """What a store that does not answer raises: MLflow's errors (a server's 5xx, a
+    refused connection after MLflow's retries) and the network's (requests' are OSErrors)."""
+    from mlflow.exceptions import MlflowException
+
+    return (MlflowException, OSError)
+
+
+def short_reason(error: Exception) -> str:
+    text = str(error).splitlines()[0] if str(error) else ""
+    return f"{type(error).__name__}: {text[:200]}"
+
+
+@contextlib.contextmanager
+def few_retries() -> Iterator[None]:
+    """Give up on an HTTP store within seconds (MLflow alone retries for minutes).
+
+    For calls that can wait for a later try, such as one epoch's metrics: the
+    training must not stand still while a server restarts.
+    """
+    with _environment(MLFLOW_HTTP_REQUEST_MAX_RETRIES="2", MLFLOW_HTTP_REQUEST_TIMEOUT="30"):
+        yield
 
 
 # --- the training run ----------------------------------------------------------------------------

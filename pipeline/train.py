@@ -136,6 +136,37 @@ class StepProgress:
         return "train: " + "  ".join(parts)
 
 
+class EpochLogger:
+    """Logs each epoch's row to the MLflow run.
+
+    A store that does not answer (a server restarting, the network down) costs
+    a warning, not the training: the epochs it missed are logged with the next
+    epoch that gets through, and by `finish` at the latest. `history` is the
+    recovery state's, which holds every epoch so far.
+    """
+
+    def __init__(self, run_id: str, history: list[dict]) -> None:
+        self.run_id, self.history, self.behind = run_id, history, False
+
+    def __call__(self, row: dict) -> None:
+        from pipeline import tracking
+
+        try:
+            with tracking.few_retries():
+                if self.behind:
+                    tracking.backfill_metrics(self.run_id, self.history)
+                else:
+                    tracking.log_epoch(row, step=row["epoch"])
+            self.behind = False
+        except tracking.store_errors() as error:
+            self.behind = True
+            print(
+                f"train: warning: epoch {row['epoch']} is not logged to MLflow yet "
+                f"({tracking.short_reason(error)}); training goes on and logs it later",
+                flush=True,
+            )
+
+
 class EpochRecorder:
     """At each epoch's end: checkpoint, then log to MLflow, then print one line.
 
@@ -343,10 +374,6 @@ def run_training(
     with strategy.scope():
         model = compiled_model(params, meta, state, store, steps, device)
 
-    def log_epoch(row: dict) -> None:
-        if cluster.chief:
-            tracking.log_epoch(row, step=row["epoch"])
-
     if cluster.chief:
         previous = state.run_id
         state.run_id = tracking.start_run(state.run_id).info.run_id
@@ -375,6 +402,7 @@ def run_training(
         flush=True,
     )
 
+    log_epoch = EpochLogger(state.run_id, state.history) if cluster.chief else lambda row: None
     recorder = EpochRecorder(state, store, cfg.epochs, steps * cfg.batch_size, log_epoch)
     progress = StepProgress(cfg.epochs, steps, cfg.batch_size, PROGRESS_EVERY_S)
     if state.epochs_done < cfg.epochs and cluster.workers > 1:
@@ -413,8 +441,17 @@ def finish(params: Params, meta: dict, train: Split, val: Split, model, state, s
     paths.TRAIN_METRICS.parent.mkdir(parents=True, exist_ok=True)
     paths.TRAIN_METRICS.write_text(json.dumps(summary, indent=2) + "\n")
     write_history(paths.HISTORY_FILE, state.history)
-    model_uri = tracking.log_model(export, val if len(val.labels) else train, meta["class_names"])
-    tracking.log_final(summary, [paths.HISTORY_FILE, paths.TRAIN_METRICS])
+    try:
+        tracking.backfill_metrics(state.run_id, state.history)  # epochs a store outage missed
+        examples = val if len(val.labels) else train
+        model_uri = tracking.log_model(export, examples, meta["class_names"])
+        tracking.log_final(summary, [paths.HISTORY_FILE, paths.TRAIN_METRICS])
+    except tracking.store_errors() as error:
+        raise tracking.TrackingError(
+            f"the training finished but could not be logged to MLflow "
+            f"({tracking.short_reason(error)}); its recovery state is kept, so once the "
+            "store answers `dvc repro` logs it without training again"
+        ) from None
     info = {
         "run_id": state.run_id,
         "model_uri": model_uri,

@@ -10,6 +10,7 @@ import shutil
 import signal
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import keras
@@ -309,6 +310,39 @@ def test_a_run_the_store_no_longer_has_is_replaced_by_a_new_one(mlflow_store, ca
         )
 
 
+def test_a_store_that_stops_answering_costs_a_warning_and_the_epochs_follow_later(
+    mlflow_store, monkeypatch, capsys
+):
+    from mlflow.exceptions import MlflowException
+
+    from pipeline import tracking
+    from pipeline.train import EpochLogger
+
+    down = [True]
+    log_epoch = tracking.log_epoch
+
+    def flaky(row, step):  # a server restarting: refused until it is back
+        if down[0]:
+            raise MlflowException("API request to /api/2.0/mlflow/runs/log-batch failed")
+        return log_epoch(row, step)
+
+    monkeypatch.setattr(tracking, "log_epoch", flaky)
+    history = []
+    with mlflow.start_run() as run:
+        logger = EpochLogger(run.info.run_id, history)
+        for epoch in (1, 2, 3):
+            if epoch == 3:
+                down[0] = False
+            history.append({"epoch": epoch, "loss": 1.0 / epoch, "accuracy": 0.1 * epoch})
+            logger(history[-1])  # as the recorder calls it, after the checkpoint
+    out = capsys.readouterr().out
+    assert out.count("warning: epoch") == 2 and "warning: epoch 3" not in out
+    assert "train: warning: epoch 1 is not logged to MLflow yet (MlflowException: API " in out
+    assert "training goes on and logs it later" in out
+    logged = mlflow_store.get_metric_history(run.info.run_id, "loss")
+    assert sorted((m.step, m.value) for m in logged) == [(1, 1.0), (2, 0.5), (3, 1 / 3)]
+
+
 def test_evaluate_stops_before_its_work_if_the_training_run_is_not_in_the_store(mlflow_store):
     from pipeline import tracking
 
@@ -572,6 +606,67 @@ def test_unreachable_tracking_server_fails_before_training(repo):
     assert last.startswith(f"error: MLflow tracking store http://127.0.0.1:{port} is not usable")
     assert "Traceback" not in result.stderr
     assert time.monotonic() - started < 60
+
+
+def start_mlflow_server(background: Background, folder: Path, port: int):
+    """A plain `mlflow server` on a SQLite store in `folder`; the same folder, the same runs."""
+    command = [
+        str(Path(sys.executable).parent / "mlflow"), "server",
+        "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
+        "--artifacts-destination", str(folder / "artifacts"),
+        "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+    ]  # fmt: skip
+    process = background.start(command, folder, stage_env())
+    deadline = time.monotonic() + 180  # seconds: a first start creates the schema
+    while True:
+        with contextlib.suppress(OSError):
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5):
+                return process
+        assert process.poll() is None and time.monotonic() < deadline, background.output(process)
+        time.sleep(0.5)
+
+
+@pytest.mark.slow
+def test_a_tracking_server_outage_costs_warnings_not_the_training(repo, tmp_path):
+    """The server goes down after epoch 1: training goes on, and is logged once it is back."""
+    folder, port = tmp_path / "server", free_port()
+    folder.mkdir()
+    set_params(repo, {"train.epochs": 6})
+    # A refused call gives up at once (the few_retries of epoch logs included), not in minutes.
+    env = stage_env({
+        "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}",
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0",
+    })  # fmt: skip
+    with Background(tmp_path) as background:
+        server = start_mlflow_server(background, folder, port)
+        training = background.start([sys.executable, "-m", "pipeline.train"], repo, env)
+        deadline = time.monotonic() + 300
+        while "train: epoch 1/6" not in background.output(training):
+            assert training.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
+        os.killpg(server.pid, signal.SIGKILL)
+        out = background.wait(training, timeout=300)[0]
+    assert training.returncode == 1, out
+    assert "train: warning: epoch 6 is not logged to MLflow yet (" in out
+    assert "train: epoch 6/6" in out  # every epoch trained
+    assert (
+        out.strip()
+        .splitlines()[-1]
+        .startswith("error: the training finished but could not be logged to MLflow (")
+    )
+    assert "once the store answers `dvc repro` logs it without training again" in out
+
+    with Background(tmp_path) as background:
+        start_mlflow_server(background, folder, port)
+        again = train(repo, env)
+        client = mlflow.MlflowClient(f"http://127.0.0.1:{port}")
+        run_id = json.loads((repo / "models/model_info.json").read_text())["run_id"]
+        logged = client.get_run(run_id)
+        steps = sorted(m.step for m in client.get_metric_history(run_id, "loss"))
+    assert "resuming after epoch 6" in again.stdout and "train: epoch" not in again.stdout
+    assert steps == [1, 2, 3, 4, 5, 6] and logged.info.status == "FINISHED"
+    assert "final_images_per_second" in logged.data.metrics
 
 
 @pytest.mark.slow
