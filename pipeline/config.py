@@ -234,8 +234,8 @@ class AugmentParams:
     flip: bool = _field(boolean())  # random horizontal flips
     # How rotated and shifted images are resampled. bilinear (the tutorial's) blends
     # neighbouring pixels at fractional shifts, so training images come out blurred
-    # against the test images; nearest rounds shifts to whole pixels, which with
-    # rotation 0 copies pixels unchanged (a random crop).
+    # against the test images; nearest shifts by whole pixels, which with rotation 0
+    # copies pixels unchanged (a random crop).
     interpolation: str = _field(choice("bilinear", "nearest"))
     # What fills the pixels that rotations and shifts uncover: nearest repeats the
     # edge pixel outwards (ImageDataGenerator's default, streaks at large shifts);
@@ -300,6 +300,14 @@ class Params:
                 f"at most data.image_size ({side} pixels): a larger square erases "
                 "most or all of every training image",
                 cutout,
+            )
+        augment = self.train.augment
+        if augment.interpolation == "nearest" and 0 < augment.shift * side < 1:
+            raise _fail(
+                "train.augment.shift",
+                f"0 or at least 1/{side} with interpolation nearest, which shifts by whole "
+                f"pixels: {augment.shift} of {side} pixels is none",
+                augment.shift,
             )
         if self.evaluate.shift_tta >= side:
             raise _fail(

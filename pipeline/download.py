@@ -166,8 +166,8 @@ def fetch(
         if found == md5:
             print(f"download: reusing {final} (md5 {md5} matches)", flush=True)
             return _keep_only(final)
+        # Kept until the new one replaces it: a download that fails leaves it as it was.
         print(f"download: {final} has md5 {found}, expected {md5}; downloading again", flush=True)
-        final.unlink()
 
     for attempt in range(retries + 1):
         try:

@@ -186,9 +186,9 @@ def _integer(option: str, text: str, low: int, high: int) -> int:
 
 def redact(uri: str) -> str:
     """`uri` with its password replaced by ***, for messages and logs."""
-    # user:password@ up to the last @ of the host part (an empty user too), and a
-    # libpq-style ?password= query parameter.
-    uri = re.sub(r"(://[^:/@?#]*:)[^/?#]*@", r"\1***@", uri)
+    # user:password@ as SQLAlchemy splits it (the password runs to the first @, and may
+    # hold / ? #; the user may be empty), and a libpq-style ?password= query parameter.
+    uri = re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", uri)
     return re.sub(r"([?&]password=)[^&#]*", r"\1***", uri, flags=re.IGNORECASE)
 
 

@@ -280,9 +280,18 @@ def few_retries() -> Iterator[None]:
     """Give up on an HTTP store within seconds (MLflow alone retries for minutes).
 
     For calls that can wait for a later try, such as one epoch's metrics: the
-    training must not stand still while a server restarts.
+    training must not stand still while a server restarts, and the other workers
+    of a multi-worker training wait for the chief at most COLLECTIVE_TIMEOUT_S
+    (120 s). 3 tries of at most 10 s each; lower settings of the user's are kept.
     """
-    with _environment(MLFLOW_HTTP_REQUEST_MAX_RETRIES="2", MLFLOW_HTTP_REQUEST_TIMEOUT="30"):
+    limits = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": 2, "MLFLOW_HTTP_REQUEST_TIMEOUT": 10}
+    values = {}
+    for name, limit in limits.items():
+        try:
+            values[name] = str(min(int(os.environ.get(name, limit)), limit))
+        except ValueError:  # not a number: MLflow's own error, not ours to raise
+            values[name] = str(limit)
+    with _environment(**values):
         yield
 
 
@@ -356,13 +365,23 @@ def log_epoch(row: dict, step: int) -> None:
 
 @retry_locked
 def backfill_metrics(run_id: str, history: list[dict]) -> None:
-    """Log the epochs a killed run checkpointed but did not get to log; never twice."""
+    """Log the epochs a killed run checkpointed, or a store outage kept from the store,
+    but not yet logged; never twice. One request per 1000 values (MLflow's batch limit)."""
     import mlflow
+    from mlflow.entities import Metric
 
-    logged = {m.step for m in mlflow.MlflowClient().get_metric_history(run_id, "loss")}
-    for row in history:
-        if row["epoch"] not in logged:
-            log_epoch(row, step=row["epoch"])
+    client = mlflow.MlflowClient()
+    logged = {m.step for m in client.get_metric_history(run_id, "loss")}
+    now_ms = int(time.time() * 1000)
+    missing = [
+        Metric(key, value, now_ms, row["epoch"])
+        for row in history
+        if row["epoch"] not in logged
+        for key, value in row.items()
+        if key != "epoch"
+    ]
+    for start in range(0, len(missing), 1000):
+        client.log_batch(run_id, metrics=missing[start : start + 1000])
 
 
 @retry_locked

@@ -443,9 +443,10 @@ def finish(params: Params, meta: dict, train: Split, val: Split, model, state, s
     write_history(paths.HISTORY_FILE, state.history)
     try:
         tracking.backfill_metrics(state.run_id, state.history)  # epochs a store outage missed
+        # The model last: calls before it are harmless to repeat when a rerun logs the run.
+        tracking.log_final(summary, [paths.HISTORY_FILE, paths.TRAIN_METRICS])
         examples = val if len(val.labels) else train
         model_uri = tracking.log_model(export, examples, meta["class_names"])
-        tracking.log_final(summary, [paths.HISTORY_FILE, paths.TRAIN_METRICS])
     except tracking.store_errors() as error:
         raise tracking.TrackingError(
             f"the training finished but could not be logged to MLflow "

@@ -127,6 +127,11 @@ IMAGEFOLDER = {"data.format": "imagefolder", "data.url": "file:///data/pets", "d
             "stay in view, got 32",
         ),
         ({"evaluate.shift_tta": -1}, "evaluate.shift_tta: must be an integer between 0 and"),
+        (
+            {"train.augment.interpolation": "nearest", "train.augment.shift": 0.02},
+            "train.augment.shift: must be 0 or at least 1/32 with interpolation nearest, which "
+            "shifts by whole pixels: 0.02 of 32 pixels is none, got 0.02",
+        ),
     ],
 )
 def test_checks_that_depend_on_the_format(raw_params, overrides, message):

@@ -336,3 +336,7 @@ def test_a_failing_http_url_keeps_the_earlier_download_until_a_new_one_is_in_pla
     assert f"removing {raw / 'earlier.tar.gz'}, left over from an earlier data.url" in (
         capsys.readouterr().out
     )
+    # The same file name with another md5 (a new version at a mistyped address): kept too.
+    with pytest.raises(DownloadError, match="HTTP 404"):
+        fetch(f"{server.base_url}/typo/{NAME}", "0" * 32, raw, progress=quiet(), **FAST)
+    assert os.listdir(raw) == [NAME] and (raw / NAME).read_bytes() == PAYLOAD

@@ -179,9 +179,14 @@ def test_images_are_read_as_a_viewer_shows_them(tmp_path):
     assert (upright[0, :, 0] > 200).all() and (upright[0, :, 2] < 60).all()  # top row red
     assert (upright[-1, :, 2] > 200).all() and (upright[-1, :, 0] < 60).all()  # bottom blue
 
-    # 16-bit greyscale: mid-grey stays mid-grey (Pillow's convert alone gives white).
+    # 16-bit greyscale: mid-grey stays mid-grey (Pillow's convert alone gives white), and
+    # a level marked transparent becomes white; 8-bit values in a 32-bit TIFF stay as they are.
     Image.fromarray(np.full((8, 8), 32768, np.uint16)).save(tmp_path / "scan.png")
     assert (load_image(tmp_path / "scan.png", 4) == 128).all()
+    Image.fromarray(np.zeros((8, 8), np.uint16)).save(tmp_path / "keyed16.png", transparency=0)
+    assert (load_image(tmp_path / "keyed16.png", 4) == 255).all()
+    Image.fromarray(np.full((8, 8), 200, np.int32)).save(tmp_path / "wide.tiff")
+    assert (load_image(tmp_path / "wide.tiff", 4) == 200).all()
     # A float image has no known range: refused by name rather than guessed.
     Image.fromarray(np.full((8, 8), 0.5, np.float32)).save(tmp_path / "map.tiff")
     with pytest.raises(ValueError, match="32-bit floating-point image"):

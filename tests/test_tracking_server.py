@@ -146,7 +146,8 @@ def test_passwords_are_redacted_wherever_a_uri_carries_them():
     cases = {
         "postgresql://mlflow:s3cret@db:5432/mlflow": "postgresql://mlflow:***@db:5432/mlflow",
         "postgresql://:s3cret@db/mlflow": "postgresql://:***@db/mlflow",
-        "postgresql://mlflow:s3@cret@db/mlflow": "postgresql://mlflow:***@db/mlflow",
+        "postgresql://mlflow:Zm9v/YmFy+==@db/mlflow": "postgresql://mlflow:***@db/mlflow",
+        "postgresql://mlflow:a?b#c@db/mlflow": "postgresql://mlflow:***@db/mlflow",
         "postgresql://db/mlflow?user=mlflow&password=s3cret&sslmode=require": (
             "postgresql://db/mlflow?user=mlflow&password=***&sslmode=require"
         ),

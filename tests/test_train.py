@@ -319,14 +319,18 @@ def test_a_store_that_stops_answering_costs_a_warning_and_the_epochs_follow_late
     from pipeline.train import EpochLogger
 
     down = [True]
-    log_epoch = tracking.log_epoch
 
-    def flaky(row, step):  # a server restarting: refused until it is back
-        if down[0]:
-            raise MlflowException("API request to /api/2.0/mlflow/runs/log-batch failed")
-        return log_epoch(row, step)
+    def refused_while_down(call):  # a server restarting: every request refused until it is back
+        def wrapper(*args, **kwargs):
+            if down[0]:
+                raise MlflowException("API request to /api/2.0/mlflow/runs/log-batch failed")
+            return call(*args, **kwargs)
 
-    monkeypatch.setattr(tracking, "log_epoch", flaky)
+        return wrapper
+
+    monkeypatch.setattr(tracking, "log_epoch", refused_while_down(tracking.log_epoch))
+    history_call = mlflow.MlflowClient.get_metric_history  # the backfill's first request
+    monkeypatch.setattr(mlflow.MlflowClient, "get_metric_history", refused_while_down(history_call))
     history = []
     with mlflow.start_run() as run:
         logger = EpochLogger(run.info.run_id, history)
@@ -632,7 +636,7 @@ def test_a_tracking_server_outage_costs_warnings_not_the_training(repo, tmp_path
     folder, port = tmp_path / "server", free_port()
     folder.mkdir()
     set_params(repo, {"train.epochs": 6})
-    # A refused call gives up at once (the few_retries of epoch logs included), not in minutes.
+    # A refused call gives up at once, not in minutes: no retries (few_retries keeps that).
     env = stage_env({
         "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}",
         "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
