@@ -2,6 +2,7 @@
 
     python -m pipeline.predict cat.png dog.jpg
     python -m pipeline.predict --model models:/cifar10-resnet@champion --json photos/*.jpg
+    python -m pipeline.predict photos/     # a folder: the image files directly in it
 
 Images of any size and colour mode (greyscale, palette, RGBA, CMYK, 16-bit)
 are turned upright by their EXIF orientation, converted to RGB, centre-cropped
@@ -62,8 +63,8 @@ def load_image(path: Path, size: int) -> np.ndarray:
             return np.asarray(image, dtype=np.uint8)
     except FileNotFoundError:
         raise ValueError("no such file") from None
-    except IsADirectoryError:
-        raise ValueError("is a directory, not an image") from None
+    except IsADirectoryError:  # main expands folders: only one without images gets here
+        raise ValueError("a folder with no image files in it") from None
     except PermissionError:
         raise ValueError("cannot be read (permission denied)") from None
     except UnidentifiedImageError:
@@ -201,6 +202,30 @@ def _mlflow_predictor(uri: str) -> Predictor:
     return Predictor(lambda images: np.asarray(model.predict(images)), class_names, shape[1])
 
 
+def expand_folders(paths: list[Path]) -> list[Path]:
+    """Each folder replaced by the image files directly in it, by name; files kept as given.
+
+    Image files are those with an extension Pillow reads; hidden ones are left out.
+    A folder without any stays, to be reported.
+    """
+    from PIL import Image
+
+    readable = {suffix for suffix, plugin in Image.registered_extensions().items()
+                if plugin in Image.OPEN}  # fmt: skip
+    expanded = []
+    for path in paths:
+        if path.is_dir():
+            images = sorted(
+                entry for entry in path.iterdir()
+                if entry.is_file() and not entry.name.startswith(".")
+                and entry.suffix.lower() in readable
+            )  # fmt: skip
+            expanded += images or [path]
+        else:
+            expanded.append(path)
+    return expanded
+
+
 def classify(predictor: Predictor, files: list[Path], top: int) -> list[dict]:
     """One result per file, in order: its top classes, or the error that stopped it."""
     results: list[dict] = [{"image": str(f)} for f in files]
@@ -240,7 +265,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m pipeline.predict", description=__doc__.splitlines()[0]
     )
-    parser.add_argument("images", nargs="+", type=Path, help="PNG, JPEG, ... files")
+    parser.add_argument(
+        "images", nargs="+", type=Path, help="PNG, JPEG, ... files, or folders of them"
+    )
     parser.add_argument(
         "--model",
         default=str(paths.MODEL_FILE),
@@ -254,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--top must be at least 1")
     import_tensorflow()  # without its start-up chatter between the results
     predictor = load_predictor(args.model)
-    results = classify(predictor, args.images, args.top)
+    results = classify(predictor, expand_folders(args.images), args.top)
     print(json.dumps(results, indent=2) if args.json else format_table(results))
     failed = [r for r in results if "error" in r]
     if failed and not args.json:  # the table names each failure already

@@ -195,3 +195,23 @@ def test_images_are_read_as_a_viewer_shows_them(tmp_path):
     # An RGB PNG whose black is marked transparent (no alpha channel): white, as RGBA is.
     Image.new("RGB", (4, 4), (0, 0, 0)).save(tmp_path / "keyed.png", transparency=(0, 0, 0))
     assert (load_image(tmp_path / "keyed.png", 4) == 255).all()
+
+
+def test_a_folder_stands_for_the_images_in_it(tmp_path):
+    from pipeline.predict import expand_folders
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("b.JPG", "a.png", "c.tiff"):
+        png(photos / name)  # Pillow reads the content whatever the extension says
+    (photos / ".hidden.png").write_bytes(b"")
+    (photos / "notes.txt").write_text("not an image")
+    (photos / "nested").mkdir()  # not descended into
+    png(photos / "nested" / "d.png")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    single = png(tmp_path / "single.png")
+    expanded = expand_folders([single, photos, empty])
+    assert expanded == [single, photos / "a.png", photos / "b.JPG", photos / "c.tiff", empty]
+    with pytest.raises(ValueError, match="^a folder with no image files in it$"):
+        load_image(empty, 32)
