@@ -230,7 +230,8 @@ def main(argv: list[str] | None = None) -> None:
 
     root = tracking.repository_root()
     tracking.connect(root)  # fail before the work if the store is unreachable
-    tracking.check_run(info["run_id"], paths.MODEL_INFO)  # or does not have the training run
+    with tracking.reported(f"cannot read MLflow run {info['run_id']}", "nothing was evaluated"):
+        tracking.check_run(info["run_id"], paths.MODEL_INFO)  # the store may not have it
 
     import keras
 
@@ -299,18 +300,23 @@ def main(argv: list[str] | None = None) -> None:
         paths.TEST_METRICS, paths.CONFUSION_FILE, paths.PER_CLASS_PNG, paths.CONFUSION_PNG,
     ] + ([paths.MISCLASSIFIED_PNG] if drawn else [])  # fmt: skip
     used = {key: value for key, value in flatten(params).items() if key.startswith("evaluate.")}
-    number = tracking.log_evaluation(info["run_id"], mlflow_metrics(figures), files, used)
-    print(f"evaluate: logged as evaluation {number} of MLflow run {info['run_id']}", flush=True)
-    if cfg.register:
-        from pipeline import registry
-        from pipeline.prepare import data_digest
+    with tracking.reported(
+        "the evaluation is done but could not be logged to MLflow",
+        f"its figures are in {paths.TEST_METRICS}; once the store answers, `dvc repro` "
+        "evaluates again and logs it",
+    ):
+        number = tracking.log_evaluation(info["run_id"], mlflow_metrics(figures), files, used)
+        print(f"evaluate: logged as evaluation {number} of MLflow run {info['run_id']}", flush=True)
+        if cfg.register:
+            from pipeline import registry
+            from pipeline.prepare import data_digest
 
-        decision = registry.register(
-            info["model_uri"], info["run_id"], figures["accuracy"], cfg.registered_model,
-            test_set=data_digest(test.images, test.labels),
-        )  # fmt: skip
-        print(f"evaluate: registry: {decision.describe()}", flush=True)
-        tracking.set_run_tags(info["run_id"], decision.tags())
+            decision = registry.register(
+                info["model_uri"], info["run_id"], figures["accuracy"], cfg.registered_model,
+                test_set=data_digest(test.images, test.labels),
+            )  # fmt: skip
+            print(f"evaluate: registry: {decision.describe()}", flush=True)
+            tracking.set_run_tags(info["run_id"], decision.tags())
 
 
 if __name__ == "__main__":

@@ -276,6 +276,19 @@ def short_reason(error: Exception) -> str:
 
 
 @contextlib.contextmanager
+def reported(what: str, then: str) -> Iterator[None]:
+    """Turn a store error in the block into one line: `what` failed (why); `then`.
+
+    For store calls after connect() succeeded, when the store goes down or refuses
+    one request (a 403 on another user's run, say): no traceback after the work.
+    """
+    try:
+        yield
+    except store_errors() as error:
+        raise TrackingError(f"{what} ({short_reason(error)}); {then}") from None
+
+
+@contextlib.contextmanager
 def few_retries() -> Iterator[None]:
     """Give up on an HTTP store within seconds (MLflow alone retries for minutes).
 

@@ -441,18 +441,16 @@ def finish(params: Params, meta: dict, train: Split, val: Split, model, state, s
     paths.TRAIN_METRICS.parent.mkdir(parents=True, exist_ok=True)
     paths.TRAIN_METRICS.write_text(json.dumps(summary, indent=2) + "\n")
     write_history(paths.HISTORY_FILE, state.history)
-    try:
+    with tracking.reported(
+        "the training finished but could not be logged to MLflow",
+        "its recovery state is kept, so once the store answers `dvc repro` logs it without "
+        "training again",
+    ):
         tracking.backfill_metrics(state.run_id, state.history)  # epochs a store outage missed
         # The model last: calls before it are harmless to repeat when a rerun logs the run.
         tracking.log_final(summary, [paths.HISTORY_FILE, paths.TRAIN_METRICS])
         examples = val if len(val.labels) else train
         model_uri = tracking.log_model(export, examples, meta["class_names"])
-    except tracking.store_errors() as error:
-        raise tracking.TrackingError(
-            f"the training finished but could not be logged to MLflow "
-            f"({tracking.short_reason(error)}); its recovery state is kept, so once the "
-            "store answers `dvc repro` logs it without training again"
-        ) from None
     info = {
         "run_id": state.run_id,
         "model_uri": model_uri,

@@ -347,6 +347,23 @@ def test_a_store_that_stops_answering_costs_a_warning_and_the_epochs_follow_late
     assert sorted((m.step, m.value) for m in logged) == [(1, 1.0), (2, 0.5), (3, 1 / 3)]
 
 
+def test_a_store_error_after_the_work_is_one_line_saying_what_is_kept():
+    from mlflow.exceptions import MlflowException
+
+    from pipeline import tracking
+
+    with pytest.raises(tracking.TrackingError) as error:
+        with tracking.reported("the evaluation is done but not logged", "its figures are kept"):
+            raise MlflowException("API request failed with error code 503 != 200\nResponse: ...")
+    assert str(error.value) == (
+        "the evaluation is done but not logged (MlflowException: API request failed with error "
+        "code 503 != 200); its figures are kept"
+    )
+    with pytest.raises(KeyError):  # a bug is not dressed up as the store's trouble
+        with tracking.reported("the evaluation is done but not logged", "its figures are kept"):
+            raise KeyError("class_names")
+
+
 def test_evaluate_stops_before_its_work_if_the_training_run_is_not_in_the_store(mlflow_store):
     from pipeline import tracking
 
