@@ -61,7 +61,7 @@ from pipeline.prepare import ArchiveError, Dataset, Split, check_member, stratif
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif"})
 CHUNK_IMAGES = 256  # images per decode task: (256, 32, 32, 3) uint8 is 0.8 MB to send back
-CHUNK_BYTES = 32 << 20  # ... or fewer, so a task of large photos stays under 32 MB encoded
+CHUNK_BYTES = 32 << 20  # ... or fewer, so a task stays under 32 MB encoded and decoded
 PROGRESS_S = 10.0  # seconds between progress lines while decoding
 SHOWN_SKIPS = 10  # skipped images named one by one; the rest only counted
 
@@ -316,7 +316,7 @@ def decode_images(
     done, shown_s = 0, time.monotonic()
     pool = ProcessPoolExecutor(workers, initializer=_ignore_sigint)
     try:
-        for slots, names, payloads in _chunks(todo, read, slot_of):
+        for slots, names, payloads in _chunks(todo, read, slot_of, size):
             pending.append((slots, names, pool.submit(_decode_chunk, payloads, size)))
             while len(pending) > 2 * workers:  # bounds the encoded and decoded bytes in flight
                 slots, names, future = pending.popleft()
@@ -335,16 +335,19 @@ def decode_images(
 
 
 def _chunks(
-    todo: list[Member], read: Callable[[Member], bytes], slot_of: dict[int, int]
+    todo: list[Member], read: Callable[[Member], bytes], slot_of: dict[int, int], side: int
 ) -> Iterator[tuple[np.ndarray, list[str], list[bytes]]]:
-    """(slots, names, encoded bytes) of up to CHUNK_IMAGES members or CHUNK_BYTES bytes."""
+    """(slots, names, encoded bytes) of up to CHUNK_IMAGES members, fewer when their encoded
+    bytes or their decoded (side, side, 3) arrays would pass CHUNK_BYTES: with 2 * workers + 1
+    tasks in flight, 256 images of 1024 px would hold 26 GB on 16 CPUs."""
+    most = min(CHUNK_IMAGES, max(1, CHUNK_BYTES // (side * side * 3)))
     slots, names, payloads, size = [], [], [], 0
     for member in todo:
         payloads.append(read(member))
         slots.append(slot_of[id(member)])
         names.append(member.name)
         size += len(payloads[-1])
-        if len(payloads) == CHUNK_IMAGES or size >= CHUNK_BYTES:
+        if len(payloads) == most or size >= CHUNK_BYTES:
             yield np.array(slots), names, payloads
             slots, names, payloads, size = [], [], [], 0
     if payloads:

@@ -135,6 +135,20 @@ def test_folder_zip_and_tar_with_a_top_folder_give_the_same_dataset(tmp_path, da
         assert dataset.test.images[:, 0, 0, 0].tolist() == [50, 51, 52, 200, 201, 202]
 
 
+def test_decode_tasks_of_large_images_hold_fewer_of_them():
+    members = [imagefolder.Member(f"train/a/{i}.png", False, None) for i in range(600)]
+    slot_of = {id(m): i for i, m in enumerate(members)}
+
+    def sizes(side):
+        return [
+            len(names)
+            for _, names, _ in imagefolder._chunks(members, lambda m: b"x", slot_of, side)
+        ]
+
+    assert sizes(32) == [256, 256, 88]  # 0.8 MB decoded each
+    assert set(sizes(1024)[:-1]) == {10}  # 10 x 3 MB decoded: under 32 MB
+
+
 def test_hidden_and_non_image_files_are_left_out_and_counted(tmp_path, data, capsys):
     files = {
         **two_classes(),
