@@ -306,17 +306,24 @@ def main(argv: list[str] | None = None) -> None:
         "evaluates again and logs it",
     ):
         number = tracking.log_evaluation(info["run_id"], mlflow_metrics(figures), files, used)
-        print(f"evaluate: logged as evaluation {number} of MLflow run {info['run_id']}", flush=True)
-        if cfg.register:
-            from pipeline import registry
-            from pipeline.prepare import data_digest
+    print(f"evaluate: logged as evaluation {number} of MLflow run {info['run_id']}", flush=True)
+    if not cfg.register:
+        return
+    from pipeline import registry
+    from pipeline.prepare import data_digest
 
-            decision = registry.register(
-                info["model_uri"], info["run_id"], figures["accuracy"], cfg.registered_model,
-                test_set=data_digest(test.images, test.labels),
-            )  # fmt: skip
-            print(f"evaluate: registry: {decision.describe()}", flush=True)
-            tracking.set_run_tags(info["run_id"], decision.tags())
+    with tracking.reported(
+        f"evaluation {number} is logged, but the model could not be registered",
+        "`dvc repro` evaluates again (evaluation "
+        f"{number + 1}) and registers it once the registry takes it; "
+        "evaluate.register: false skips the registry",
+    ):
+        decision = registry.register(
+            info["model_uri"], info["run_id"], figures["accuracy"], cfg.registered_model,
+            test_set=data_digest(test.images, test.labels),
+        )  # fmt: skip
+        print(f"evaluate: registry: {decision.describe()}", flush=True)
+        tracking.set_run_tags(info["run_id"], decision.tags())
 
 
 if __name__ == "__main__":

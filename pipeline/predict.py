@@ -2,7 +2,7 @@
 
     python -m pipeline.predict cat.png dog.jpg
     python -m pipeline.predict --model models:/cifar10-resnet@champion --json photos/*.jpg
-    python -m pipeline.predict photos/     # a folder: the image files directly in it
+    python -m pipeline.predict photos/     # a folder: its PNG, JPEG, BMP and GIF files
 
 Images of any size and colour mode (greyscale, palette, RGBA, CMYK, 16-bit)
 are turned upright by their EXIF orientation, converted to RGB, centre-cropped
@@ -205,24 +205,23 @@ def _mlflow_predictor(uri: str) -> Predictor:
 def expand_folders(paths: list[Path]) -> list[Path]:
     """Each folder replaced by the image files directly in it, by name; files kept as given.
 
-    Image files are those with an extension Pillow reads; hidden ones are left out.
-    A folder without any stays, to be reported.
+    Image files are those prepare reads from a class folder (PNG, JPEG, BMP, GIF, by
+    extension), hidden ones left out. A folder without any, or one that cannot be
+    listed, stays as given, for classify to report.
     """
-    from PIL import Image
+    from pipeline.imagefolder import IMAGE_SUFFIXES  # imagefolder imports this module
 
-    readable = {suffix for suffix, plugin in Image.registered_extensions().items()
-                if plugin in Image.OPEN}  # fmt: skip
     expanded = []
     for path in paths:
-        if path.is_dir():
+        try:
             images = sorted(
                 entry for entry in path.iterdir()
-                if entry.is_file() and not entry.name.startswith(".")
-                and entry.suffix.lower() in readable
-            )  # fmt: skip
-            expanded += images or [path]
-        else:
-            expanded.append(path)
+                if not entry.name.startswith(".") and entry.suffix.lower() in IMAGE_SUFFIXES
+                and entry.is_file()
+            ) if path.is_dir() else []  # fmt: skip
+        except OSError:  # permission denied: load_image names it
+            images = []
+        expanded += images or [path]
     return expanded
 
 

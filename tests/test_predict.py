@@ -206,12 +206,14 @@ def test_a_folder_stands_for_the_images_in_it(tmp_path):
         png(photos / name)  # Pillow reads the content whatever the extension says
     (photos / ".hidden.png").write_bytes(b"")
     (photos / "notes.txt").write_text("not an image")
+    (photos / "model.h5").write_bytes(b"HDF")  # a format Pillow knows, but no photo
     (photos / "nested").mkdir()  # not descended into
     png(photos / "nested" / "d.png")
     empty = tmp_path / "empty"
     empty.mkdir()
     single = png(tmp_path / "single.png")
     expanded = expand_folders([single, photos, empty])
-    assert expanded == [single, photos / "a.png", photos / "b.JPG", photos / "c.tiff", empty]
+    # The formats prepare reads from a class folder; a TIFF is classified when named.
+    assert expanded == [single, photos / "a.png", photos / "b.JPG", empty]
     with pytest.raises(ValueError, match="^a folder with no image files in it$"):
         load_image(empty, 32)
