@@ -13,9 +13,9 @@ GIF (its first frame) of any size and colour mode; each becomes RGB exactly as
 applied, transparency on white, centre crop to a square, Lanczos resize to
 data.image_size pixels), so training and prediction see the same pixels.
 Hidden entries (`.DS_Store`, `__MACOSX/`) and other files are counted and left
-out. An image that cannot be
-decoded stops the stage, naming it, or with `data.on_bad_image: skip` is named,
-counted and left out.
+out, and folders beside train/ and test/ (val/, say) are named as not read. An
+image that cannot be decoded stops the stage, naming it, or with
+`data.on_bad_image: skip` is named, counted and left out.
 
 A folder is read from the copy the download stage makes of it in data/raw
 (see `pipeline.download` for why a copy). As for CIFAR-10, an archive is never
