@@ -186,7 +186,8 @@ def find_layout(members: list[Member], source: Path) -> Layout:
             continue
         split, *rest = parts[depth:]
         if split not in found and rest:
-            unread[split] = unread.get(split, 0) + (not member.is_dir)
+            if not member.is_dir:
+                unread[split] = unread.get(split, 0) + 1
             continue
         if split in found and rest and (member.is_dir or len(rest) >= 2):
             images = found[split].setdefault(rest[0], [])  # a class folder, even an empty one
@@ -229,7 +230,7 @@ def find_layout(members: list[Member], source: Path) -> Layout:
             images += sorted(split.get(name, []), key=lambda member: member.name)
             labels += [label] * len(split.get(name, []))
     num_train = sum(len(train[name]) for name in names)
-    unread = {name: count for name, count in sorted(unread.items()) if count}
+    unread = dict(sorted(unread.items()))
     return Layout(names, images, np.array(labels, np.int32), num_train, hidden, other, unread)
 
 

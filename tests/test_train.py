@@ -347,6 +347,26 @@ def test_a_store_that_stops_answering_costs_a_warning_and_the_epochs_follow_late
     assert sorted((m.step, m.value) for m in logged) == [(1, 1.0), (2, 0.5), (3, 1 / 3)]
 
 
+def test_epoch_logs_give_up_within_the_workers_collective_timeout(monkeypatch):
+    """3 tries of at most 10 s (the other workers wait 120 s); a lower setting of the user's
+    stays, and the user's settings are back afterwards."""
+    import os
+
+    from pipeline import tracking
+
+    names = ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")
+    for name in names:
+        monkeypatch.delenv(name, raising=False)
+    with tracking.few_retries():
+        assert [os.environ[name] for name in names] == ["2", "10"]
+    assert not any(name in os.environ for name in names)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "300")
+    with tracking.few_retries():
+        assert [os.environ[name] for name in names] == ["0", "10"]
+    assert [os.environ[name] for name in names] == ["0", "300"]
+
+
 def test_a_store_error_after_the_work_is_one_line_saying_what_is_kept():
     from mlflow.exceptions import MlflowException
 
