@@ -264,10 +264,18 @@ def run_tags() -> dict[str, str]:
 
 def store_errors() -> tuple[type[Exception], ...]:
     """What a store that does not answer raises: MLflow's errors (a server's 5xx, a
-    refused connection after MLflow's retries) and the network's (requests' are OSErrors)."""
+    refused connection after MLflow's retries), the network's (requests' are OSErrors)
+    and, where boto3 is installed, botocore's: a client writing artifacts straight to
+    S3 (a server without --serve-artifacts) meets an expired token or a missing bucket
+    as a ClientError, a dropped connection as a BotoCoreError."""
     from mlflow.exceptions import MlflowException
 
-    return (MlflowException, OSError)
+    errors: tuple[type[Exception], ...] = (MlflowException, OSError)
+    try:
+        from botocore.exceptions import BotoCoreError, ClientError
+    except ImportError:  # no boto3: no S3 artifact store to fail
+        return errors
+    return (*errors, BotoCoreError, ClientError)
 
 
 def short_reason(error: Exception) -> str:

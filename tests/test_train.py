@@ -384,6 +384,29 @@ def test_a_store_error_after_the_work_is_one_line_saying_what_is_kept():
             raise KeyError("class_names")
 
 
+def test_s3_errors_count_as_store_errors_where_boto3_is_installed(monkeypatch):
+    """A client writing artifacts straight to S3 fails with botocore's errors, which are
+    not OSErrors: they get the same one line. Without botocore there is nothing to add."""
+    import types
+
+    from pipeline import tracking
+
+    monkeypatch.setitem(sys.modules, "botocore.exceptions", None)  # import fails
+    assert len(tracking.store_errors()) == 2
+    fake = types.ModuleType("botocore.exceptions")
+    fake.BotoCoreError = type("BotoCoreError", (Exception,), {})
+    fake.ClientError = type("ClientError", (Exception,), {})
+    monkeypatch.setitem(sys.modules, "botocore", types.ModuleType("botocore"))
+    monkeypatch.setitem(sys.modules, "botocore.exceptions", fake)
+    with pytest.raises(tracking.TrackingError) as error:
+        with tracking.reported("the model is trained but not logged", "it is kept"):
+            raise fake.ClientError("An error occurred (ExpiredToken) when calling PutObject")
+    assert str(error.value) == (
+        "the model is trained but not logged (ClientError: An error occurred (ExpiredToken) "
+        "when calling PutObject); it is kept"
+    )
+
+
 def test_evaluate_stops_before_its_work_if_the_training_run_is_not_in_the_store(mlflow_store):
     from pipeline import tracking
 
