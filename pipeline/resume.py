@@ -35,6 +35,9 @@ class TrainState:
     history: list[dict] = field(default_factory=list)  # one row per completed epoch
     checkpoint: str | None = None  # file name in the state dir
     wall_time_s: float = 0.0  # training time of the completed epochs
+    # Set once the trained model is logged: a rerun after a later failure (the store
+    # down when the run is marked finished) does not log a second copy.
+    model_uri: str | None = None
 
 
 def fingerprint(*parts: object) -> str:
@@ -86,8 +89,9 @@ class StateStore:
         self.clear()
         return None
 
-    def start(self, state: TrainState) -> None:
-        """Record the run before the first epoch, so even epoch 1's crash resumes its run."""
+    def record(self, state: TrainState) -> None:
+        """Write `state` without a new checkpoint: the run before the first epoch (so even
+        epoch 1's crash resumes it), the logged model's URI after training."""
         if not self.writable:
             return
         self.directory.mkdir(parents=True, exist_ok=True)

@@ -378,7 +378,8 @@ def run_training(
         previous = state.run_id
         state.run_id = tracking.start_run(state.run_id).info.run_id
         if state.run_id != previous:  # a new run: the first try, or the old run is gone
-            store.start(state)  # recorded before epoch 1 ends, so a kill resumes this run
+            state.model_uri = None  # a model logged to the old run is not this run's
+            store.record(state)  # recorded before epoch 1 ends, so a kill resumes this run
         if state.run_id != previous or not state.epochs_done:  # those a kill kept it from logging
             tracking.log_params(
                 {**logged_params(params), "train.precision_resolved": device.precision}
@@ -441,24 +442,31 @@ def finish(params: Params, meta: dict, train: Split, val: Split, model, state, s
     paths.TRAIN_METRICS.parent.mkdir(parents=True, exist_ok=True)
     paths.TRAIN_METRICS.write_text(json.dumps(summary, indent=2) + "\n")
     write_history(paths.HISTORY_FILE, state.history)
-    with tracking.reported(
-        "the training finished but could not be logged to MLflow",
+    kept = (
         "its recovery state is kept, so once the store answers `dvc repro` logs it without "
-        "training again",
-    ):
-        tracking.backfill_metrics(state.run_id, state.history)  # epochs a store outage missed
-        # The model last: calls before it are harmless to repeat when a rerun logs the run.
-        tracking.log_final(summary, [paths.HISTORY_FILE, paths.TRAIN_METRICS])
-        examples = val if len(val.labels) else train
-        model_uri = tracking.log_model(export, examples, meta["class_names"])
+        "training again"
+    )
+    if state.model_uri is None:  # else a rerun: all was logged but the run's end
+        with tracking.reported("the training finished but could not be logged to MLflow", kept):
+            tracking.backfill_metrics(state.run_id, state.history)  # epochs an outage missed
+            # The model last: calls before it are harmless to repeat when a rerun logs the run.
+            tracking.log_final(summary, [paths.HISTORY_FILE, paths.TRAIN_METRICS])
+            examples = val if len(val.labels) else train
+            state.model_uri = tracking.log_model(export, examples, meta["class_names"])
+        store.record(state)
     info = {
         "run_id": state.run_id,
-        "model_uri": model_uri,
+        "model_uri": state.model_uri,
         "class_names": meta["class_names"],
         "image_size": meta["image_size"],
     }
     paths.MODEL_INFO.write_text(json.dumps(info, indent=2) + "\n")
-    mlflow.end_run()
+    with tracking.reported(
+        "the training is logged to MLflow but its run could not be marked finished",
+        "its recovery state is kept, so once the store answers `dvc repro` marks it without "
+        "training or logging again",
+    ):
+        mlflow.end_run()
     store.clear()
     print(
         f"train: done, {state.epochs_done} epochs in {_duration(state.wall_time_s)}; "

@@ -261,15 +261,15 @@ def test_recovery_state_is_kept_for_its_run_until_params_change(tmp_path, capsys
     from pipeline.resume import StateStore, TrainState
 
     store = StateStore(tmp_path / "state")
-    store.start(TrainState(fingerprint="abc", run_id="RUN1"))  # killed during epoch 1
+    store.record(TrainState(fingerprint="abc", run_id="RUN1"))  # killed during epoch 1
     state = store.load("abc")
     assert (state.run_id, state.epochs_done, state.checkpoint) == ("RUN1", 0, None)
     assert capsys.readouterr().out == ""
-    store.start(TrainState(fingerprint="abc", run_id="RUN1", epochs_done=3, checkpoint="e3.keras"))
+    store.record(TrainState(fingerprint="abc", run_id="RUN1", epochs_done=3, checkpoint="e3.keras"))
     assert store.load("abc") is None  # its checkpoint is gone: nothing to resume from
     assert "(its checkpoint of epoch 3 is missing)" in capsys.readouterr().out
     assert not store.directory.exists()
-    store.start(TrainState(fingerprint="abc", run_id="RUN1"))
+    store.record(TrainState(fingerprint="abc", run_id="RUN1"))
     assert store.load("other") is None
     assert "(it belongs to other params or data)" in capsys.readouterr().out
     assert not store.directory.exists()
@@ -405,6 +405,55 @@ def test_s3_errors_count_as_store_errors_where_boto3_is_installed(monkeypatch):
         "the model is trained but not logged (ClientError: An error occurred (ExpiredToken) "
         "when calling PutObject); it is kept"
     )
+
+
+def test_a_run_the_store_could_not_end_is_ended_by_a_rerun_without_a_second_model(
+    raw_params, mlflow_store, tmp_path, monkeypatch, capsys
+):
+    """The model is logged, then the store fails as the run is marked finished: the rerun
+    marks it, without training or logging the model a second time."""
+    from mlflow.exceptions import MlflowException
+
+    from pipeline import tracking
+    from pipeline.prepare import Split
+    from pipeline.train import run_training
+
+    params = parse_params(raw_params)
+    params = dataclasses.replace(
+        params,
+        model=dataclasses.replace(params.model, stem_filters=4, filters=(4,), units_per_stage=1),
+        train=dataclasses.replace(params.train, batch_size=8, epochs=1, precision="float32"),
+    )  # fmt: skip
+    meta = {"class_names": ["a", "b"], "image_size": 8, "mean": [0.0] * 3, "std": [1.0] * 3}
+    rng = np.random.default_rng(0)
+    train = Split(rng.integers(0, 256, (40, 8, 8, 3), np.uint8), rng.integers(0, 2, 40, np.int32))
+    empty = Split(train.images[:0], train.labels[:0])
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # connect sets it
+    experiment = tracking.connect(tmp_path)
+
+    def refuse(self, run_id, *args, **kwargs):
+        raise MlflowException("API request failed with error code 503 != 200")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(mlflow.MlflowClient, "set_terminated", refuse)
+        with pytest.raises(tracking.TrackingError) as error:
+            run_training(params, meta, train, empty)
+    assert str(error.value) == (
+        "the training is logged to MLflow but its run could not be marked finished "
+        "(MlflowException: API request failed with error code 503 != 200); its recovery "
+        "state is kept, so once the store answers `dvc repro` marks it without training or "
+        "logging again"
+    )
+    first = json.loads(Path("models/model_info.json").read_text())
+    run_training(params, meta, train, empty)
+    out = capsys.readouterr().out
+    assert out.count("train: epoch 1/1") == 1 and "resuming after epoch 1" in out
+    assert json.loads(Path("models/model_info.json").read_text()) == first
+    assert mlflow_store.get_run(first["run_id"]).info.status == "FINISHED"
+    models = mlflow.search_logged_models(experiment_ids=[experiment], output_format="list")
+    assert [model.model_id for model in models] == [first["model_uri"].split("/")[-1]]
+    assert not Path(".train-state").exists()
 
 
 def test_evaluate_stops_before_its_work_if_the_training_run_is_not_in_the_store(mlflow_store):
