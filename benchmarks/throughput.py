@@ -2,10 +2,10 @@
 
     python -m benchmarks.throughput [--images 1280] [--epochs 3] [--rounds 3] [--batch-size 128]
                                     [--prepared data/prepared] [--out results.json]
-                                    [--with-bfloat16]
+                                    [--with-bfloat16] [--params params.yaml]
 
-Measures the default network (params.yaml's `model`) three ways, each in its
-own process so peak memory is its own:
+Measures the default network (params.yaml's `model`; `--params` reads another
+file's) three ways, each in its own process so peak memory is its own:
 
   a. bare   `model.fit` on in-memory float32 tensors, no augmentation: what
             Keras itself reaches here, the upper bound;
@@ -159,7 +159,7 @@ def child(mode: str, args: argparse.Namespace) -> None:
 
     set_tensorflow_environment()  # the stages' TensorFlow switches (oneDNN) for every mode
 
-    params = load_params(ROOT / "params.yaml")
+    params = load_params(args.params)
     split, meta = load_images(args.prepared, args.images)
     if mode in ("bare", "tutorial"):
         result = run_keras(mode, params, split, meta, args.epochs, args.batch_size)
@@ -174,7 +174,8 @@ def child(mode: str, args: argparse.Namespace) -> None:
 def measure(mode: str, args: argparse.Namespace, label: str = "") -> dict:
     command = [sys.executable, "-m", "benchmarks.throughput", "--child", mode,
                "--images", str(args.images), "--epochs", str(args.epochs),
-               "--batch-size", str(args.batch_size)]  # fmt: skip
+               "--batch-size", str(args.batch_size),
+               "--params", str(args.params.resolve())]  # fmt: skip
     if args.prepared:
         command += ["--prepared", str(Path(args.prepared).resolve())]
     print(f"bench: {label}{mode} ...", flush=True)
@@ -262,6 +263,10 @@ def main() -> None:
         "--with-bfloat16", action="store_true",
         help="also measure mixed_bfloat16 where auto picked float32 (emulated there: slow)",
     )  # fmt: skip
+    parser.add_argument(
+        "--params", type=Path, default=ROOT / "params.yaml",
+        help="params file whose model (and train settings) to measure",
+    )  # fmt: skip
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.rounds < 1 or args.epochs < 2 or args.batch_size < 1 or args.images < args.batch_size:
@@ -279,7 +284,7 @@ def main() -> None:
         "device": device(),
         "onednn": results["pipeline:auto"]["onednn"],
         "images_per_epoch": args.images, "epochs": args.epochs, "rounds": args.rounds,
-        "batch_size": args.batch_size,
+        "batch_size": args.batch_size, "params": str(args.params),
         "results": results,
         "pipeline_over_bare": rate["pipeline:auto"] / rate["bare"],
         "pipeline_over_tutorial": rate["pipeline:auto"] / rate["tutorial"],

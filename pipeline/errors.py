@@ -46,10 +46,17 @@ def end_mlflow_run(status: str) -> None:
     RUNNING again.
     """
     mlflow = sys.modules.get("mlflow")  # a stage that never imported MLflow has no run
-    if mlflow is None:
+    if mlflow is None or mlflow.active_run() is None:
         return
+    from pipeline.tracking import few_retries, short_reason
+
     try:
-        if mlflow.active_run() is not None:
+        # Within seconds: after a store error MLflow's own retries would hold the
+        # stage's error back for minutes.
+        with few_retries():
             mlflow.end_run(status)
     except Exception as error:  # the store is unreachable, say: the stage's error comes first
-        print(f"warning: could not mark the MLflow run {status}: {error}", file=sys.stderr)
+        print(
+            f"warning: could not mark the MLflow run {status} ({short_reason(error)})",
+            file=sys.stderr,
+        )

@@ -36,7 +36,7 @@ class TrainState:
     checkpoint: str | None = None  # file name in the state dir
     wall_time_s: float = 0.0  # training time of the completed epochs
     # Set once the trained model is logged: a rerun after a later failure (the store
-    # down when the run is marked finished) does not log a second copy.
+    # down when the run is marked finished) does not log it again.
     model_uri: str | None = None
 
 
@@ -70,6 +70,7 @@ class StateStore:
     def __init__(self, directory: Path, writable: bool = True):
         self.directory = directory
         self.writable = writable
+        self.discarded: TrainState | None = None  # what load() threw away, for its MLflow run
 
     def load(self, expected_fingerprint: str) -> TrainState | None:
         """The saved state if it belongs to these params and data, else None (and discard it)."""
@@ -87,6 +88,7 @@ class StateStore:
             return state
         print(f"train: discarding recovery state in {self.directory} ({reason})", flush=True)
         self.clear()
+        self.discarded = state
         return None
 
     def record(self, state: TrainState) -> None:

@@ -265,17 +265,19 @@ def run_tags() -> dict[str, str]:
 def store_errors() -> tuple[type[Exception], ...]:
     """What a store that does not answer raises: MLflow's errors (a server's 5xx, a
     refused connection after MLflow's retries), the network's (requests' are OSErrors)
-    and, where boto3 is installed, botocore's: a client writing artifacts straight to
-    S3 (a server without --serve-artifacts) meets an expired token or a missing bucket
-    as a ClientError, a dropped connection as a BotoCoreError."""
+    and, where boto3 is installed, its own: a client writing artifacts straight to S3
+    (a server without --serve-artifacts) meets an expired token or a missing bucket as
+    boto3's S3UploadFailedError (a Boto3Error wrapping botocore's ClientError), other
+    calls as a ClientError, a dropped connection as a BotoCoreError."""
     from mlflow.exceptions import MlflowException
 
     errors: tuple[type[Exception], ...] = (MlflowException, OSError)
     try:
+        from boto3.exceptions import Boto3Error
         from botocore.exceptions import BotoCoreError, ClientError
     except ImportError:  # no boto3: no S3 artifact store to fail
         return errors
-    return (*errors, BotoCoreError, ClientError)
+    return (*errors, Boto3Error, BotoCoreError, ClientError)
 
 
 def short_reason(error: Exception) -> str:
@@ -387,42 +389,72 @@ def log_epoch(row: dict, step: int) -> None:
 @retry_locked
 def backfill_metrics(run_id: str, history: list[dict]) -> None:
     """Log the epochs a killed run checkpointed, or a store outage kept from the store,
-    but not yet logged; never twice. One request per 1000 values (MLflow's batch limit)."""
+    but not yet logged; never twice. Each metric's steps are looked up on their own, and
+    each request (at most 1000 values, MLflow's batch limit) holds whole epochs, so a
+    request that fails part-way through a long backfill leaves nothing half-logged."""
     import mlflow
     from mlflow.entities import Metric
 
+    if not history:
+        return
     client = mlflow.MlflowClient()
-    logged = {m.step for m in client.get_metric_history(run_id, "loss")}
+    keys = sorted({key for row in history for key in row if key != "epoch"})
+    logged = {key: {m.step for m in client.get_metric_history(run_id, key)} for key in keys}
     now_ms = int(time.time() * 1000)
-    missing = [
-        Metric(key, value, now_ms, row["epoch"])
-        for row in history
-        if row["epoch"] not in logged
-        for key, value in row.items()
-        if key != "epoch"
-    ]
-    for start in range(0, len(missing), 1000):
-        client.log_batch(run_id, metrics=missing[start : start + 1000])
+    batch: list[Metric] = []
+    for row in history:
+        epoch = [
+            Metric(key, value, now_ms, row["epoch"])
+            for key, value in row.items()
+            if key != "epoch" and row["epoch"] not in logged[key]
+        ]
+        if len(batch) + len(epoch) > 1000:
+            client.log_batch(run_id, metrics=batch)
+            batch = []
+        batch += epoch
+    if batch:
+        client.log_batch(run_id, metrics=batch)
 
 
 @retry_locked
 def log_final(summary: dict, files: list[Path]) -> None:
+    """The training's summary figures as final_* metrics (those the run lacks: a rerun
+    after a failed log does not add a second value) and its files under train/."""
     import mlflow
 
-    mlflow.log_metrics({f"final_{k}": v for k, v in summary.items() if isinstance(v, int | float)})
+    run_id = mlflow.active_run().info.run_id
+    logged = mlflow.MlflowClient().get_run(run_id).data.metrics
+    final = {f"final_{k}": v for k, v in summary.items() if isinstance(v, int | float)}
+    mlflow.log_metrics({key: value for key, value in final.items() if key not in logged})
     for file in files:
         mlflow.log_artifact(str(file), artifact_path="train")
 
 
 @retry_locked
 def log_model(model, examples, class_names: list[str]) -> str:
-    """Log `model` with the keras flavor as `model`; returns its model URI.
+    """Log `model` with the keras flavor as the active run's `model`; its model URI.
 
     The signature says what a caller sends: a batch of raw uint8 images
     (batch, H, W, 3), and gets back class probabilities (batch, classes).
+    Once per run: a try cut short (a busy SQLite store, which retry_locked waits
+    out, a kill, a store error) leaves a model PENDING or FAILED, which the next
+    try deletes before it logs; one that finished (READY) is the run's model.
     """
     import mlflow
+    from mlflow.entities import LoggedModelStatus
     from mlflow.models import infer_signature
+
+    run = mlflow.active_run().info
+    earlier = mlflow.search_logged_models(
+        experiment_ids=[run.experiment_id],
+        filter_string=f"source_run_id = '{run.run_id}'",
+        output_format="list",
+    )
+    for found in earlier:
+        if found.status == LoggedModelStatus.READY:
+            return found.model_uri
+    for found in earlier:
+        mlflow.MlflowClient().delete_logged_model(found.model_id)
 
     sample = examples.images[:4]  # (4, H, W, 3) uint8
     signature = infer_signature(sample, model.predict(sample, verbose=0))
@@ -437,6 +469,46 @@ def log_model(model, examples, class_names: list[str]) -> str:
             metadata={"class_names": list(class_names)},
         )
     return info.model_uri
+
+
+@retry_locked
+def end_run(run_id: str) -> None:
+    """Mark the active run `run_id` FINISHED and end it.
+
+    mlflow.end_run alone takes the run off its stack before it writes the status, so
+    a retry after a busy SQLite store would find no run and leave it RUNNING: the
+    status is written first, through the client, and retried; the end after it only
+    drops the run from the stack (its second write of the same status may fail).
+    """
+    import mlflow
+
+    mlflow.MlflowClient().set_terminated(run_id, "FINISHED")
+    with contextlib.suppress(*store_errors()):
+        mlflow.end_run()
+
+
+@retry_locked
+def end_abandoned(run_id: str, logged: bool) -> None:
+    """End a run that discarded recovery state leaves behind, if it is still RUNNING
+    (a SIGKILL leaves it so): FINISHED when its model was logged, else KILLED. Best
+    effort, within seconds: its training is not coming back either way."""
+    import mlflow
+
+    status = "FINISHED" if logged else "KILLED"
+    try:
+        with few_retries():
+            client = mlflow.MlflowClient()
+            run = client.get_run(run_id)
+            if run.info.lifecycle_stage == "deleted" or run.info.status != "RUNNING":
+                return
+            client.set_terminated(run_id, status)
+    except store_errors() as error:
+        if _is_locked(error):
+            raise  # retry_locked waits for the other writer
+        if getattr(error, "error_code", "") != "RESOURCE_DOES_NOT_EXIST":  # another store's
+            print(f"train: could not mark MLflow run {run_id} {status} ({short_reason(error)})")
+        return
+    print(f"train: marked MLflow run {run_id} of the discarded state {status}", flush=True)
 
 
 @contextlib.contextmanager

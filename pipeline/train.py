@@ -375,21 +375,10 @@ def run_training(
         model = compiled_model(params, meta, state, store, steps, device)
 
     if cluster.chief:
-        previous = state.run_id
-        state.run_id = tracking.start_run(state.run_id).info.run_id
-        if state.run_id != previous:  # a new run: the first try, or the old run is gone
-            state.model_uri = None  # a model logged to the old run is not this run's
-            store.record(state)  # recorded before epoch 1 ends, so a kill resumes this run
-        if state.run_id != previous or not state.epochs_done:  # those a kill kept it from logging
-            tracking.log_params(
-                {**logged_params(params), "train.precision_resolved": device.precision}
-            )
-        if state.epochs_done:
-            print(f"train: resuming after epoch {state.epochs_done} in MLflow run {state.run_id}")
-            tracking.backfill_metrics(state.run_id, state.history)
-        elif state.run_id == previous:
-            print(f"train: starting again in MLflow run {state.run_id} (stopped during epoch 1)")
-        tracking.set_tags(tracking.run_tags())
+        with tracking.reported(
+            "cannot start the MLflow run", "nothing was trained; rerun once the store answers"
+        ):
+            start_run(params, state, store, device)
     where = f"{device.count} {device.kind}"
     if cluster.workers > 1:
         where = f"worker {cluster.index} of {cluster.workers} ({where} each)"
@@ -426,10 +415,30 @@ def run_training(
         finish(params, meta, train, val, model, state, store, device)
 
 
+def start_run(params: Params, state, store, device: Device) -> None:
+    """Chief only: start the MLflow run, or continue the recovery state's."""
+    from pipeline import tracking
+
+    if store.discarded and store.discarded.run_id:  # its training is not coming back
+        tracking.end_abandoned(store.discarded.run_id, store.discarded.model_uri is not None)
+    previous = state.run_id
+    state.run_id = tracking.start_run(state.run_id).info.run_id
+    if state.run_id != previous:  # a new run: the first try, or the old run is gone
+        state.model_uri = None  # a model logged to the old run is not this run's
+        store.record(state)  # recorded before epoch 1 ends, so a kill resumes this run
+    if state.run_id != previous or not state.epochs_done:  # those a kill kept it from logging
+        tracking.log_params({**logged_params(params), "train.precision_resolved": device.precision})
+    if state.epochs_done:
+        print(f"train: resuming after epoch {state.epochs_done} in MLflow run {state.run_id}")
+        tracking.backfill_metrics(state.run_id, state.history)
+    elif state.run_id == previous:
+        print(f"train: starting again in MLflow run {state.run_id} (stopped during epoch 1)")
+    tracking.set_tags(tracking.run_tags())
+
+
 def finish(params: Params, meta: dict, train: Split, val: Split, model, state, store, device):
     """Chief only: save the model and metrics, log them to MLflow, clear the recovery state."""
     import keras
-    import mlflow
 
     from pipeline import tracking
 
@@ -466,7 +475,7 @@ def finish(params: Params, meta: dict, train: Split, val: Split, model, state, s
         "its recovery state is kept, so once the store answers `dvc repro` marks it without "
         "training or logging again",
     ):
-        mlflow.end_run()
+        tracking.end_run(state.run_id)
     store.clear()
     print(
         f"train: done, {state.epochs_done} epochs in {_duration(state.wall_time_s)}; "

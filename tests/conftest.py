@@ -18,14 +18,24 @@ def raw_params() -> dict:
 
 
 @pytest.fixture
-def mlflow_store(tmp_path, request):
-    """MLflow pointed at a fresh SQLite store in tmp_path for the test; its client."""
-    import mlflow
+def mlflow_store(tmp_path, monkeypatch):
+    """MLflow pointed at a fresh SQLite store in tmp_path for the test; its client.
 
+    What the test leaves in MLflow's process-wide state is undone: the tracking URI,
+    the active experiment (pipeline.tracking.connect sets one, and MLflow exports it
+    as MLFLOW_EXPERIMENT_ID to every later subprocess) and an active run.
+    """
+    import mlflow
+    import mlflow.tracking.fluent as fluent
+
+    monkeypatch.setattr(fluent, "_active_experiment_id", None)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
     previous = mlflow.get_tracking_uri()
-    request.addfinalizer(lambda: mlflow.set_tracking_uri(previous))
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    return mlflow.MlflowClient()
+    yield mlflow.MlflowClient()
+    while mlflow.active_run() is not None:
+        mlflow.end_run("KILLED")
+    mlflow.set_tracking_uri(previous)
 
 
 @pytest.fixture(scope="module")

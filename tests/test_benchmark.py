@@ -7,17 +7,20 @@ import json
 import sys
 
 import pytest
+import yaml
 
 from tests.repo import ROOT, run, stage_env
 
 
 @pytest.mark.slow
-def test_benchmark_runs_every_mode_and_reports_consistent_ratios(tmp_path):
-    out = tmp_path / "throughput.json"
+def test_benchmark_runs_every_mode_and_reports_consistent_ratios(tmp_path, raw_params):
+    out, params = tmp_path / "throughput.json", tmp_path / "params.yaml"
+    raw_params["model"].update(stem_filters=8, filters=[8, 16])  # the real config, shrunk
+    params.write_text(yaml.safe_dump(raw_params))
     command = [sys.executable, "-m", "benchmarks.throughput", "--images", "128", "--epochs", "2",
-               "--rounds", "2", "--batch-size", "32", "--out", str(out)]  # fmt: skip
-    # 140-200 s on 2 Xeon cores with bfloat16, 295 s on 2 AVX2-only EPYC cores (float32);
-    # killed with its child processes past 840 s (tests/repo.run), before pytest's 900 s.
+               "--rounds", "2", "--batch-size", "32", "--out", str(out),
+               "--params", str(params)]  # fmt: skip
+    # Killed with its child processes past 840 s (tests/repo.run), before pytest's 900 s.
     result = run(command, ROOT, stage_env(), timeout=840)
     report = json.loads(out.read_text())
 
@@ -40,6 +43,7 @@ def test_benchmark_runs_every_mode_and_reports_consistent_ratios(tmp_path):
         rate["pipeline:auto"] / rate["tutorial"]
     )
     assert report["batch_size"] == 32 and report["rounds"] == 2
+    assert report["params"] == str(params)
     assert "b/a" in result.stdout and "b/c" in result.stdout
     assert report["pipeline_float32_over_bare"] == pytest.approx(
         rate["pipeline:float32" if others else "pipeline:auto"] / rate["bare"]

@@ -385,38 +385,38 @@ def test_a_store_error_after_the_work_is_one_line_saying_what_is_kept():
 
 
 def test_s3_errors_count_as_store_errors_where_boto3_is_installed(monkeypatch):
-    """A client writing artifacts straight to S3 fails with botocore's errors, which are
-    not OSErrors: they get the same one line. Without botocore there is nothing to add."""
+    """A client writing artifacts straight to S3 fails with boto3's and botocore's errors,
+    which are not OSErrors: they get the same one line. Without boto3 nothing is added."""
     import types
 
     from pipeline import tracking
 
-    monkeypatch.setitem(sys.modules, "botocore.exceptions", None)  # import fails
+    monkeypatch.setitem(sys.modules, "boto3.exceptions", None)  # import fails
     assert len(tracking.store_errors()) == 2
-    fake = types.ModuleType("botocore.exceptions")
-    fake.BotoCoreError = type("BotoCoreError", (Exception,), {})
-    fake.ClientError = type("ClientError", (Exception,), {})
-    monkeypatch.setitem(sys.modules, "botocore", types.ModuleType("botocore"))
-    monkeypatch.setitem(sys.modules, "botocore.exceptions", fake)
-    with pytest.raises(tracking.TrackingError) as error:
-        with tracking.reported("the model is trained but not logged", "it is kept"):
-            raise fake.ClientError("An error occurred (ExpiredToken) when calling PutObject")
-    assert str(error.value) == (
-        "the model is trained but not logged (ClientError: An error occurred (ExpiredToken) "
-        "when calling PutObject); it is kept"
-    )
+    errors = {}
+    fakes = {"boto3": ["Boto3Error"], "botocore": ["BotoCoreError", "ClientError"]}
+    for module, names in fakes.items():
+        fake = types.ModuleType(f"{module}.exceptions")
+        for name in names:
+            errors[name] = type(name, (Exception,), {})
+            setattr(fake, name, errors[name])
+        monkeypatch.setitem(sys.modules, module, types.ModuleType(module))
+        monkeypatch.setitem(sys.modules, f"{module}.exceptions", fake)
+    # What S3's upload_file raises for an expired token: boto3 wraps botocore's ClientError.
+    upload_failed = type("S3UploadFailedError", (errors["Boto3Error"],), {})
+    for error in (upload_failed, errors["ClientError"], errors["BotoCoreError"]):
+        with pytest.raises(tracking.TrackingError) as raised:
+            with tracking.reported("the model is trained but not logged", "it is kept"):
+                raise error("An error occurred (ExpiredToken) when calling PutObject")
+        assert str(raised.value) == (
+            f"the model is trained but not logged ({error.__name__}: An error occurred "
+            "(ExpiredToken) when calling PutObject); it is kept"
+        )
 
 
-def test_a_run_the_store_could_not_end_is_ended_by_a_rerun_without_a_second_model(
-    raw_params, mlflow_store, tmp_path, monkeypatch, capsys
-):
-    """The model is logged, then the store fails as the run is marked finished: the rerun
-    marks it, without training or logging the model a second time."""
-    from mlflow.exceptions import MlflowException
-
-    from pipeline import tracking
+def tiny_training(raw_params):
+    """A network, data and params small enough to train in-process in seconds."""
     from pipeline.prepare import Split
-    from pipeline.train import run_training
 
     params = parse_params(raw_params)
     params = dataclasses.replace(
@@ -427,33 +427,180 @@ def test_a_run_the_store_could_not_end_is_ended_by_a_rerun_without_a_second_mode
     meta = {"class_names": ["a", "b"], "image_size": 8, "mean": [0.0] * 3, "std": [1.0] * 3}
     rng = np.random.default_rng(0)
     train = Split(rng.integers(0, 256, (40, 8, 8, 3), np.uint8), rng.integers(0, 2, 40, np.int32))
-    empty = Split(train.images[:0], train.labels[:0])
+    return params, meta, train, Split(train.images[:0], train.labels[:0])
+
+
+def fail_once(monkeypatch, owner, name: str, message: str, when=lambda *args: True):
+    """Make owner.name raise MlflowException(message) the first time `when(*args)` holds."""
+    from mlflow.exceptions import MlflowException
+
+    original, failed = getattr(owner, name), []
+
+    def patched(*args, **kwargs):
+        if not failed and when(*args):
+            failed.append(args)
+            raise MlflowException(message)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, patched)
+    return failed
+
+
+def test_store_failures_at_the_end_of_training_leave_one_model_and_a_finished_run(
+    raw_params, mlflow_store, tmp_path, monkeypatch, capsys
+):
+    """Three tries at logging one training: the model upload fails; then the store is
+    busy (retried) and fails as the run is marked finished; then all goes through. One
+    training, one logged model, one value per final metric, a FINISHED run."""
+    import mlflow.tracking.fluent as fluent
+
+    from pipeline import tracking
+    from pipeline.errors import end_mlflow_run
+    from pipeline.train import run_training
+
+    params, meta, train, empty = tiny_training(raw_params)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # connect sets it
     experiment = tracking.connect(tmp_path)
-
-    def refuse(self, run_id, *args, **kwargs):
-        raise MlflowException("API request failed with error code 503 != 200")
+    ready = lambda model_id, status: str(status) == "READY"  # noqa: E731
 
     with monkeypatch.context() as patch:
-        patch.setattr(mlflow.MlflowClient, "set_terminated", refuse)
+        fail_once(patch, fluent, "finalize_logged_model", "error code 503 != 200", ready)
         with pytest.raises(tracking.TrackingError) as error:
             run_training(params, meta, train, empty)
+    assert str(error.value).startswith(
+        "the training finished but could not be logged to MLflow (MlflowException: error code "
+        "503 != 200); its recovery state is kept"
+    )
+    end_mlflow_run("FAILED")  # as the stage's error handler does
+    with monkeypatch.context() as patch:
+        busy = fail_once(patch, fluent, "finalize_logged_model", "database is locked", ready)
+        fail_once(patch, mlflow.MlflowClient, "set_terminated", "error code 503 != 200")
+        with pytest.raises(tracking.TrackingError) as error:
+            run_training(params, meta, train, empty)
+    assert busy, str(error.value)  # and retried
     assert str(error.value) == (
         "the training is logged to MLflow but its run could not be marked finished "
-        "(MlflowException: API request failed with error code 503 != 200); its recovery "
-        "state is kept, so once the store answers `dvc repro` marks it without training or "
-        "logging again"
+        "(MlflowException: error code 503 != 200); its recovery state is kept, so once the "
+        "store answers `dvc repro` marks it without training or logging again"
     )
+    end_mlflow_run("FAILED")
     first = json.loads(Path("models/model_info.json").read_text())
     run_training(params, meta, train, empty)
     out = capsys.readouterr().out
-    assert out.count("train: epoch 1/1") == 1 and "resuming after epoch 1" in out
+    assert out.count("train: epoch 1/1") == 1 and out.count("resuming after epoch 1") == 2
     assert json.loads(Path("models/model_info.json").read_text()) == first
     assert mlflow_store.get_run(first["run_id"]).info.status == "FINISHED"
     models = mlflow.search_logged_models(experiment_ids=[experiment], output_format="list")
-    assert [model.model_id for model in models] == [first["model_uri"].split("/")[-1]]
+    assert [(m.model_id, str(m.status)) for m in models] == [
+        (first["model_uri"].split("/")[-1], "READY")
+    ]
+    assert len(mlflow_store.get_metric_history(first["run_id"], "final_accuracy")) == 1
     assert not Path(".train-state").exists()
+
+
+def test_a_store_error_as_the_run_starts_is_one_line(
+    raw_params, mlflow_store, tmp_path, monkeypatch
+):
+    from pipeline import tracking
+    from pipeline.errors import end_mlflow_run
+    from pipeline.train import run_training
+
+    params, meta, train, empty = tiny_training(raw_params)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    tracking.connect(tmp_path)
+    fail_once(monkeypatch, mlflow.MlflowClient, "log_batch", "error code 403 != 200")  # params
+    with pytest.raises(tracking.TrackingError) as error:
+        run_training(params, meta, train, empty)
+    assert str(error.value) == (
+        "cannot start the MLflow run (MlflowException: error code 403 != 200); nothing was "
+        "trained; rerun once the store answers"
+    )
+    assert not Path("models").exists()
+    end_mlflow_run("FAILED")  # as the stage's error handler does
+    assert (
+        not Path(".train-state").exists()
+        or json.loads(Path(".train-state/state.json").read_text())["epochs_done"] == 0
+    )
+
+
+def test_discarded_recovery_state_ends_its_run_if_nothing_else_did(mlflow_store, capsys):
+    from pipeline import tracking
+
+    client = mlflow_store
+    experiment = client.create_experiment("e")
+    killed, logged, failed, deleted = (client.create_run(experiment) for _ in range(4))
+    client.set_terminated(failed.info.run_id, "FAILED")
+    client.delete_run(deleted.info.run_id)
+    tracking.end_abandoned(killed.info.run_id, logged=False)
+    tracking.end_abandoned(logged.info.run_id, logged=True)
+    tracking.end_abandoned(failed.info.run_id, logged=False)  # its status stays
+    tracking.end_abandoned(deleted.info.run_id, logged=False)
+    tracking.end_abandoned("0123456789abcdef0123456789abcdef", logged=False)  # not in this store
+    status = {r: client.get_run(r.info.run_id).info.status for r in (killed, logged, failed)}
+    assert list(status.values()) == ["KILLED", "FINISHED", "FAILED"]
+    assert client.get_run(deleted.info.run_id).info.status == "RUNNING"
+    assert capsys.readouterr().out.splitlines() == [
+        f"train: marked MLflow run {killed.info.run_id} of the discarded state KILLED",
+        f"train: marked MLflow run {logged.info.run_id} of the discarded state FINISHED",
+    ]
+
+
+def test_recovery_state_discarded_for_new_params_is_kept_for_its_run(tmp_path):
+    from pipeline.resume import StateStore, TrainState
+
+    store = StateStore(tmp_path / "state")
+    store.record(TrainState(fingerprint="abc", run_id="RUN1", model_uri="models:/m-1"))
+    assert store.load("abc").model_uri == "models:/m-1" and store.discarded is None
+    assert store.load("other") is None
+    assert (store.discarded.run_id, store.discarded.model_uri) == ("RUN1", "models:/m-1")
+
+
+def test_a_long_backfill_cut_short_is_completed_metric_by_metric(mlflow_store, monkeypatch):
+    """Over 1000 values take several requests, each of whole epochs: a failed second one,
+    then a retry, leaves every metric with every epoch once."""
+    from pipeline import tracking
+
+    keys = ("loss", "accuracy", "val_loss", "val_accuracy", "lr", "images_per_second")
+    history = [{"epoch": e, **{k: e + i / 10 for i, k in enumerate(keys)}} for e in range(1, 201)]
+    run_id = mlflow_store.create_run(mlflow_store.create_experiment("e")).info.run_id
+    sizes = []
+    original = mlflow.MlflowClient.log_batch
+
+    def log_batch(self, run_id, metrics=(), **kwargs):
+        sizes.append(len(metrics))
+        if len(sizes) == 2:
+            raise OSError("connection reset")
+        return original(self, run_id, metrics=metrics, **kwargs)
+
+    monkeypatch.setattr(mlflow.MlflowClient, "log_batch", log_batch)
+    with pytest.raises(OSError):
+        tracking.backfill_metrics(run_id, history)
+    tracking.backfill_metrics(run_id, history)
+    assert all(size <= 1000 and size % len(keys) == 0 for size in sizes), sizes
+    for key in keys:
+        steps = sorted(m.step for m in mlflow_store.get_metric_history(run_id, key))
+        assert steps == list(range(1, 201)), key
+
+
+def test_a_failed_stage_marks_its_run_within_seconds(monkeypatch, capsys):
+    """The store that just failed the stage is asked once more, with few retries."""
+    from pipeline.errors import end_mlflow_run
+
+    seen = []
+
+    def end_run(status):
+        seen.append((status, os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES")))
+        raise OSError("Connection refused\nmore detail")
+
+    monkeypatch.setattr(mlflow, "active_run", lambda: object())
+    monkeypatch.setattr(mlflow, "end_run", end_run)
+    end_mlflow_run("FAILED")
+    assert seen == [("FAILED", "2")]
+    assert capsys.readouterr().err == (
+        "warning: could not mark the MLflow run FAILED (OSError: Connection refused)\n"
+    )
 
 
 def test_evaluate_stops_before_its_work_if_the_training_run_is_not_in_the_store(mlflow_store):
