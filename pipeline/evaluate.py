@@ -218,8 +218,8 @@ def main(argv: list[str] | None = None) -> None:
     argparse.ArgumentParser(
         prog="python -m pipeline.evaluate", description=__doc__.splitlines()[0]
     ).parse_args(argv)
-    import_tensorflow()  # first, so its start-up chatter is filtered
-    params = load_params(paths.PARAMS)
+    params = load_params(paths.PARAMS)  # a mistyped param fails in a second, before TensorFlow
+    import_tensorflow()  # before anything imports it, so its start-up chatter is filtered
     cfg = params.evaluate
     info = load_model_info()
     test = load_split(paths.PREPARED_DIR, "test")

@@ -275,8 +275,8 @@ def main(argv: list[str] | None = None) -> None:
     argparse.ArgumentParser(
         prog="python -m pipeline.train", description=__doc__.splitlines()[0]
     ).parse_args(argv)
-    import_tensorflow()  # first, so its start-up chatter is filtered
-    params = load_params(paths.PARAMS)
+    params = load_params(paths.PARAMS)  # a mistyped param fails in a second, before TensorFlow
+    import_tensorflow()  # before anything imports it, so its start-up chatter is filtered
     meta = load_meta(paths.PREPARED_DIR)
     train, val = load_split(paths.PREPARED_DIR, "train"), load_split(paths.PREPARED_DIR, "val")
     check_fits(params.train, train)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import re
 import subprocess
 import sys
@@ -188,10 +189,39 @@ def test_flatten_uses_dotted_names(raw_params):
     assert len(flat) == 35
 
 
-def test_invalid_yaml_is_reported(tmp_path):
-    (tmp_path / "params.yaml").write_text("data: [unclosed\n")
-    with pytest.raises(ParamsError, match="not valid YAML"):
-        load_params(tmp_path / "params.yaml")
+def test_invalid_yaml_is_reported_in_one_line_with_where(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("data:\n  url: [unclosed\ntrain:\n  epochs: 3\n")
+    with pytest.raises(ParamsError) as error:
+        load_params(path)
+    assert str(error.value) == (
+        f"{path}: not valid YAML: expected ',' or ']', but got ':' at line 3, column 6"
+    )
+    path.write_text("train:\n\tepochs: 3\n")
+    with pytest.raises(ParamsError) as error:
+        load_params(path)
+    assert str(error.value) == (
+        f"{path}: not valid YAML: found character '\\t' that cannot start any token at line 2, "
+        "column 1"
+    )
+
+
+@pytest.mark.parametrize("stage", ["train", "evaluate"])
+def test_a_bad_param_stops_train_and_evaluate_before_tensorflow_loads(tmp_path, stage):
+    """`dvc exp run -S train.epochs=0` reruns only train: its error takes a second, not the
+    20 s of importing TensorFlow."""
+    text = (ROOT / "params.yaml").read_text()
+    (tmp_path / "params.yaml").write_text(re.sub(r"(?m)^  epochs: .*$", "  epochs: 0", text))
+    script = (
+        f"import sys; from pipeline import {stage}; code = {stage}.main([]); "
+        "print(code, 'tensorflow' in sys.modules)"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert result.stdout.split() == ["1", "False"], result.stderr
+    assert result.stderr == "error: train.epochs: must be a positive integer, got 0\n"
 
 
 def test_exponents_without_a_dot_are_numbers_as_dvc_reads_them(tmp_path):
