@@ -21,13 +21,17 @@ def raw_params() -> dict:
 def mlflow_store(tmp_path, monkeypatch):
     """MLflow pointed at a fresh SQLite store in tmp_path for the test; its client.
 
-    What the test leaves in MLflow's process-wide state is undone: the tracking URI,
-    the active experiment (pipeline.tracking.connect sets one, and MLflow exports it
-    as MLFLOW_EXPERIMENT_ID to every later subprocess) and an active run.
+    The test runs in tmp_path. What it leaves in MLflow's process-wide state is
+    undone: the tracking URI, the active experiment (pipeline.tracking.connect sets
+    one, and MLflow exports it as MLFLOW_EXPERIMENT_ID to every later subprocess)
+    and an active run.
     """
     import mlflow
     import mlflow.tracking.fluent as fluent
 
+    # Runs' artifacts go to ./mlruns beside a SQLite store's default experiment: in
+    # tmp_path, not in the repository the tests run from.
+    monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(fluent, "_active_experiment_id", None)
     monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
     previous = mlflow.get_tracking_uri()
