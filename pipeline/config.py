@@ -360,6 +360,9 @@ def read_yaml(path: Path | str) -> Any:
         text = path.read_text()
     except FileNotFoundError:
         raise ParamsError(f"{path}: not found; run from the repository root") from None
+    except UnicodeDecodeError as error:
+        reason = f"{error.reason} at byte {error.start}"
+        raise ParamsError(f"{path}: not UTF-8 text ({reason})") from None
     try:
         return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as error:
@@ -367,13 +370,20 @@ def read_yaml(path: Path | str) -> Any:
 
 
 def _yaml_problem(error: yaml.YAMLError) -> str:
-    """The parser's complaint in one line: what it expected, and where (1-based)."""
+    """The parser's complaint in one line: what it found where (1-based), and what it
+    was reading, from where: the `[` left open, not only the line it gave up on."""
+
+    def at(mark) -> str:
+        return f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+
     problem = getattr(error, "problem", None)
-    mark = getattr(error, "problem_mark", None)
-    if problem is None:
-        return str(error).splitlines()[0]
-    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-    return f"{problem}{where}"
+    if problem is None:  # a ReaderError (bytes that are not text) says where itself
+        return " ".join(str(error).split())
+    line = f"{problem}{at(getattr(error, 'problem_mark', None))}"
+    context = getattr(error, "context", None)
+    if context:
+        line += f", {context}{at(getattr(error, 'context_mark', None))}"
+    return line
 
 
 def flatten(params: Params) -> dict[str, Any]:

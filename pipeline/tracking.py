@@ -438,7 +438,9 @@ def log_model(model, examples, class_names: list[str]) -> str:
     (batch, H, W, 3), and gets back class probabilities (batch, classes).
     Once per run: a try cut short (a busy SQLite store, which retry_locked waits
     out, a kill, a store error) leaves a model PENDING or FAILED, which the next
-    try deletes before it logs; one that finished (READY) is the run's model.
+    try deletes before it logs (where the user may: on a server with logins only
+    the experiment's managers can; otherwise it stays, marked unfinished); one
+    that finished (READY) is the run's model.
     """
     import mlflow
     from mlflow.entities import LoggedModelStatus
@@ -454,7 +456,16 @@ def log_model(model, examples, class_names: list[str]) -> str:
         if found.status == LoggedModelStatus.READY:
             return found.model_uri
     for found in earlier:
-        mlflow.MlflowClient().delete_logged_model(found.model_id)
+        try:
+            mlflow.MlflowClient().delete_logged_model(found.model_id)
+        except store_errors() as error:
+            if _is_locked(error):
+                raise  # retry_locked waits for the other writer
+            print(
+                f"train: an earlier try's unfinished model {found.model_id} stays "
+                f"({found.status}; not deleted: {short_reason(error)})",
+                flush=True,
+            )
 
     sample = examples.images[:4]  # (4, H, W, 3) uint8
     signature = infer_signature(sample, model.predict(sample, verbose=0))

@@ -376,7 +376,8 @@ def run_training(
 
     if cluster.chief:
         with tracking.reported(
-            "cannot start the MLflow run", "nothing was trained; rerun once the store answers"
+            "cannot start or continue the MLflow run",
+            "no epoch was trained by this attempt; rerun once the store answers",
         ):
             start_run(params, state, store, device)
     where = f"{device.count} {device.kind}"
@@ -425,7 +426,12 @@ def start_run(params: Params, state, store, device: Device) -> None:
     state.run_id = tracking.start_run(state.run_id).info.run_id
     if state.run_id != previous:  # a new run: the first try, or the old run is gone
         state.model_uri = None  # a model logged to the old run is not this run's
-        store.record(state)  # recorded before epoch 1 ends, so a kill resumes this run
+        try:
+            store.record(state)  # recorded before epoch 1 ends, so a kill resumes this run
+        except OSError as error:  # the local disk's trouble, not the store's
+            raise PipelineError(
+                f"cannot write the recovery state in {store.directory} ({error})"
+            ) from None
     if state.run_id != previous or not state.epochs_done:  # those a kill kept it from logging
         tracking.log_params({**logged_params(params), "train.precision_resolved": device.precision})
     if state.epochs_done:

@@ -21,10 +21,11 @@ def raw_params() -> dict:
 def mlflow_store(tmp_path, monkeypatch):
     """MLflow pointed at a fresh SQLite store in tmp_path for the test; its client.
 
-    The test runs in tmp_path. What it leaves in MLflow's process-wide state is
-    undone: the tracking URI, the active experiment (pipeline.tracking.connect sets
-    one, and MLflow exports it as MLFLOW_EXPERIMENT_ID to every later subprocess)
-    and an active run.
+    The test runs in tmp_path, and pipeline.tracking.connect finds this store even
+    where the user exported MLFLOW_TRACKING_URI (a team's server: not for tests).
+    What the test leaves in MLflow's process-wide state is undone: the tracking
+    URI, the active experiment (connect sets one, and MLflow exports it as
+    MLFLOW_EXPERIMENT_ID to every later subprocess) and an active run.
     """
     import mlflow
     import mlflow.tracking.fluent as fluent
@@ -33,7 +34,10 @@ def mlflow_store(tmp_path, monkeypatch):
     # tmp_path, not in the repository the tests run from.
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(fluent, "_active_experiment_id", None)
-    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+    # setenv first: delenv alone records nothing to undo for an unset variable.
+    for name in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_TRACKING_URI"):
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
     previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     yield mlflow.MlflowClient()

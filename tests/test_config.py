@@ -194,16 +194,21 @@ def test_invalid_yaml_is_reported_in_one_line_with_where(tmp_path):
     path.write_text("data:\n  url: [unclosed\ntrain:\n  epochs: 3\n")
     with pytest.raises(ParamsError) as error:
         load_params(path)
-    assert str(error.value) == (
-        f"{path}: not valid YAML: expected ',' or ']', but got ':' at line 3, column 6"
+    assert str(error.value) == (  # where it gave up, and the `[` left open
+        f"{path}: not valid YAML: expected ',' or ']', but got ':' at line 3, column 6, "
+        "while parsing a flow sequence at line 2, column 8"
     )
     path.write_text("train:\n\tepochs: 3\n")
     with pytest.raises(ParamsError) as error:
         load_params(path)
     assert str(error.value) == (
         f"{path}: not valid YAML: found character '\\t' that cannot start any token at line 2, "
-        "column 1"
+        "column 1, while scanning for the next token"
     )
+    path.write_bytes(b"train:\n  epochs: 3 \x80\n")  # Latin-1, say
+    with pytest.raises(ParamsError) as error:
+        load_params(path)
+    assert str(error.value) == f"{path}: not UTF-8 text (invalid start byte at byte 19)"
 
 
 @pytest.mark.parametrize("stage", ["train", "evaluate"])

@@ -499,30 +499,79 @@ def test_store_failures_at_the_end_of_training_leave_one_model_and_a_finished_ru
     assert not Path(".train-state").exists()
 
 
-def test_a_store_error_as_the_run_starts_is_one_line(
-    raw_params, mlflow_store, tmp_path, monkeypatch
+def test_a_store_error_as_the_run_starts_is_one_line_and_the_rerun_continues_the_run(
+    raw_params, mlflow_store, tmp_path, monkeypatch, capsys
 ):
     from pipeline import tracking
     from pipeline.errors import end_mlflow_run
     from pipeline.train import run_training
 
     params, meta, train, empty = tiny_training(raw_params)
-    monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     tracking.connect(tmp_path)
-    fail_once(monkeypatch, mlflow.MlflowClient, "log_batch", "error code 403 != 200")  # params
-    with pytest.raises(tracking.TrackingError) as error:
-        run_training(params, meta, train, empty)
+    with monkeypatch.context() as patch:  # the params' log_batch is refused
+        fail_once(patch, mlflow.MlflowClient, "log_batch", "error code 403 != 200")
+        with pytest.raises(tracking.TrackingError) as error:
+            run_training(params, meta, train, empty)
     assert str(error.value) == (
-        "cannot start the MLflow run (MlflowException: error code 403 != 200); nothing was "
-        "trained; rerun once the store answers"
+        "cannot start or continue the MLflow run (MlflowException: error code 403 != 200); "
+        "no epoch was trained by this attempt; rerun once the store answers"
     )
     assert not Path("models").exists()
     end_mlflow_run("FAILED")  # as the stage's error handler does
-    assert (
-        not Path(".train-state").exists()
-        or json.loads(Path(".train-state/state.json").read_text())["epochs_done"] == 0
+    state = json.loads(Path(".train-state/state.json").read_text())
+    assert state["epochs_done"] == 0
+    assert mlflow_store.get_run(state["run_id"]).info.status == "FAILED"
+    run_training(params, meta, train, empty)  # the rerun continues that run
+    assert json.loads(Path("models/model_info.json").read_text())["run_id"] == state["run_id"]
+    assert mlflow_store.get_run(state["run_id"]).info.status == "FINISHED"
+    assert f"starting again in MLflow run {state['run_id']}" in capsys.readouterr().out
+
+
+def test_log_model_keeps_one_model_per_run_across_tries(
+    raw_params, mlflow_store, monkeypatch, capsys
+):
+    """A try cut short leaves an unfinished model: the next deletes it, or, where the
+    store refuses (a server's login without MANAGE), says so and logs anyway. A kill
+    between log_model and recording its URI: the next try takes that model."""
+    from mlflow.exceptions import MlflowException
+
+    from pipeline import tracking
+    from pipeline.prepare import Split
+    from pipeline.train import build_network
+
+    params, meta, train, _ = tiny_training(raw_params)
+    monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    experiment = mlflow_store.create_experiment("e")
+    model = build_network(params, meta)
+    examples = Split(train.images[:4], train.labels[:4])
+
+    def logged(run_id):
+        where = f"source_run_id = '{run_id}'"
+        found = mlflow.search_logged_models([experiment], where, output_format="list")
+        return sorted((m.model_id, str(m.status)) for m in found)
+
+    with mlflow.start_run(experiment_id=experiment) as run:
+        leftover = mlflow.initialize_logged_model(name="model").model_id  # PENDING
+        first = tracking.log_model(model, examples, meta["class_names"])
+        assert tracking.log_model(model, examples, meta["class_names"]) == first
+    assert logged(run.info.run_id) == [(first.split("/")[-1], "READY")]
+    assert leftover not in first
+
+    def refuse(self, model_id):
+        raise MlflowException("Permission denied", error_code="PERMISSION_DENIED")
+
+    monkeypatch.setattr(mlflow.MlflowClient, "delete_logged_model", refuse)
+    with mlflow.start_run(experiment_id=experiment) as run:
+        leftover = mlflow.initialize_logged_model(name="model").model_id
+        second = tracking.log_model(model, examples, meta["class_names"])
+    assert logged(run.info.run_id) == sorted(
+        [(leftover, "PENDING"), (second.split("/")[-1], "READY")]
     )
+    assert (
+        f"train: an earlier try's unfinished model {leftover} stays (PENDING; not deleted: "
+        "MlflowException: Permission denied)"
+    ) in capsys.readouterr().out.splitlines()  # among Keras's bars: the stage turns them off
 
 
 def test_discarded_recovery_state_ends_its_run_if_nothing_else_did(mlflow_store, capsys):
