@@ -263,6 +263,11 @@ class TrainParams:
     # momentum 0.9 (PyTorch's SGD weight_decay): 5e-3 here matches their usual 5e-4.
     weight_decay: float = _field(number(0.0, 1.0))
     label_smoothing: float = _field(number(0.0, 1.0, high_open=True))  # fraction of the target
+    # Sharpness-aware minimization (pipeline/sam.py): each step also takes the gradient at
+    # the weights moved this far (L2 norm over all weights) up the loss, and applies that
+    # one; twice the compute per step. 0 = off; 0.05 is the usual value on CIFAR-10.
+    sam_rho: float = _field(number(0.0, 10.0))
+    sam_from_epoch: int = _field(integer(1))  # 1-based: SAM in this epoch and later ones
     seed: int = _field(integer(0, 2**32 - 1))
     augment: AugmentParams = _field(AugmentParams)
     precision: str = _field(choice("auto", "float32", "mixed_float16", "mixed_bfloat16"))
@@ -308,6 +313,14 @@ class Params:
                 f"0 or at least 1/{side} with interpolation nearest, which shifts by whole "
                 f"pixels: {augment.shift} of {side} pixels is none",
                 augment.shift,
+            )
+        train = self.train
+        if train.sam_rho > 0 and train.sam_from_epoch > train.epochs:
+            raise _fail(
+                "train.sam_from_epoch",
+                f"at most train.epochs ({train.epochs}) with train.sam_rho above 0: "
+                "SAM would never run",
+                train.sam_from_epoch,
             )
         if self.evaluate.shift_tta >= side:
             raise _fail(

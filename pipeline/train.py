@@ -360,6 +360,12 @@ def run_training(
     device = resolve_device(cfg)
     strategy = make_strategy(device.count if device.kind == "GPU" else 1, cluster)
     check_fits(cfg, train, strategy.num_replicas_in_sync)
+    if cfg.sam_rho and strategy.num_replicas_in_sync > 1:
+        raise PipelineError(
+            f"train.sam_rho: SAM moves the weights in place, on one device; this training "
+            f"has {strategy.num_replicas_in_sync} replicas (GPUs or workers): set "
+            "train.sam_rho to 0, or train on one (CUDA_VISIBLE_DEVICES=0, no TF_CONFIG)"
+        )
     keras.config.disable_interactive_logging()  # our one line per epoch replaces the bars
     keras.utils.set_random_seed(cfg.seed)  # weight init and dropout
     if cfg.deterministic:
@@ -389,6 +395,7 @@ def run_training(
         f"{'on' if device.jit_compile else 'off'}"
         + ("" if device.onednn is None else f", oneDNN {'on' if device.onednn else 'off'}")
         + ")"
+        + (f"; SAM rho {cfg.sam_rho} from epoch {cfg.sam_from_epoch}" if cfg.sam_rho else "")
         + (f"; MLflow run {state.run_id}" if cluster.chief else ""),
         flush=True,
     )
@@ -407,10 +414,14 @@ def run_training(
             first_epoch=state.epochs_done, epochs=cfg.epochs,
         )  # fmt: skip
         validation = make_dataset(val, cfg.batch_size) if len(val.labels) else None
+        callbacks = keras_callbacks(recorder, progress)
+        if cfg.sam_rho:
+            from pipeline.sam import sharpness_aware
+
+            callbacks.append(sharpness_aware(model, cfg.sam_rho, cfg.sam_from_epoch))
         model.fit(
             dataset, epochs=cfg.epochs, initial_epoch=state.epochs_done, steps_per_epoch=steps,
-            validation_data=validation, callbacks=keras_callbacks(recorder, progress), verbose=0,
-            shuffle=False,
+            validation_data=validation, callbacks=callbacks, verbose=0, shuffle=False,
         )  # fmt: skip
     if cluster.chief:
         finish(params, meta, train, val, model, state, store, device)

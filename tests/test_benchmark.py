@@ -4,6 +4,7 @@ quotes, and the ratios are the ones of the medians it prints. No timing is asser
 from __future__ import annotations
 
 import json
+import re
 import sys
 
 import pytest
@@ -85,3 +86,31 @@ def test_inference_benchmark_compares_both_ways_on_the_same_model(tmp_path):
     assert report["identical"] == (report["max_abs_difference"] == 0)
     assert "same probabilities: " in result.stdout
     assert report["images"] == 40 and report["batch_size"] == 16
+
+
+@pytest.mark.slow
+def test_sam_benchmark_times_both_kinds_of_step(tmp_path, raw_params):
+    params = tmp_path / "params.yaml"
+    raw_params["model"].update(stem_filters=8, filters=[8, 16])  # the real config, shrunk
+    params.write_text(yaml.safe_dump(raw_params))
+    command = [sys.executable, "-m", "benchmarks.sam", "--steps", "2", "--rounds", "2",
+               "--batch-size", "16", "--params", str(params)]  # fmt: skip
+    result = run(command, ROOT, stage_env(), timeout=300)
+    lines = result.stdout.strip().splitlines()
+    rounds = [line for line in lines if line.startswith("sam bench: round ")]
+    assert [line.split(":")[1].strip() for line in rounds] == [
+        "round 1/2 plain",
+        "round 1/2 sam",
+        "round 2/2 plain",
+        "round 2/2 sam",
+    ]
+    rates = [float(line.split()[-2]) for line in rounds]  # printed to 0.1 img/s
+    summary = re.fullmatch(
+        r"CPU, \w+, batch 16: plain ([\d.]+) img/s, SAM ([\d.]+) img/s; SAM / plain ([\d.]+)",
+        lines[-1],
+    )
+    assert summary, lines[-1]
+    plain, sam, ratio = (float(group) for group in summary.groups())
+    assert plain == pytest.approx((rates[0] + rates[2]) / 2, abs=0.11)  # medians of two
+    assert sam == pytest.approx((rates[1] + rates[3]) / 2, abs=0.11)
+    assert ratio == pytest.approx(sam / plain, rel=0.05)

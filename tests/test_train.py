@@ -414,7 +414,7 @@ def test_s3_errors_count_as_store_errors_where_boto3_is_installed(monkeypatch):
         )
 
 
-def tiny_training(raw_params):
+def tiny_training(raw_params, epochs: int = 1):
     """A network, data and params small enough to train in-process in seconds."""
     from pipeline.prepare import Split
 
@@ -422,7 +422,9 @@ def tiny_training(raw_params):
     params = dataclasses.replace(
         params,
         model=dataclasses.replace(params.model, stem_filters=4, filters=(4,), units_per_stage=1),
-        train=dataclasses.replace(params.train, batch_size=8, epochs=1, precision="float32"),
+        train=dataclasses.replace(
+            params.train, batch_size=8, epochs=epochs, precision="float32"
+        ),
     )  # fmt: skip
     meta = {"class_names": ["a", "b"], "image_size": 8, "mean": [0.0] * 3, "std": [1.0] * 3}
     rng = np.random.default_rng(0)
