@@ -30,22 +30,19 @@ def mse_gradient(w, b):
     return 2 * X.T @ residual / len(X), 2 * residual.mean(0)
 
 
-@pytest.mark.parametrize("from_epoch", [1, 2])
-def test_a_sam_step_applies_the_gradient_at_the_sharpest_neighbour(from_epoch):
-    """w <- w - lr * grad(w + rho * g / ||g||), g = grad(w); before from_epoch, plain SGD."""
+@pytest.mark.parametrize(("from_epoch", "initial_epoch"), [(1, 0), (2, 0), (2, 1)])
+def test_a_sam_step_applies_the_gradient_at_the_sharpest_neighbour(from_epoch, initial_epoch):
+    """w <- w - lr * grad(w + rho * g / ||g||), g = grad(w); before from_epoch, plain SGD.
+    A resumed fit (initial_epoch) whose first epoch is from_epoch takes SAM steps at once."""
     model = linear_model()
     history = model.fit(
-        X,
-        Y,
-        batch_size=8,
-        epochs=1,
-        verbose=0,
+        X, Y, batch_size=8, epochs=initial_epoch + 1, initial_epoch=initial_epoch, verbose=0,
         callbacks=[sharpness_aware(model, 0.05, from_epoch)],
-    )
+    )  # fmt: skip
     w, b = np.ones((3, 1), np.float32), np.zeros(1, np.float32)
     gw, gb = mse_gradient(w, b)
     norm = np.sqrt((gw**2).sum() + (gb**2).sum())
-    if from_epoch == 1:
+    if initial_epoch + 1 >= from_epoch:
         gw, gb = mse_gradient(w + 0.05 * gw / norm, b + 0.05 * gb / norm)
     np.testing.assert_allclose(model.layers[0].kernel.numpy(), w - 0.1 * gw, atol=1e-6)
     np.testing.assert_allclose(model.layers[0].bias.numpy(), b - 0.1 * gb, atol=1e-6)
