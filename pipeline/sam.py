@@ -67,10 +67,9 @@ def sharpness_aware(model, rho: float, from_epoch: int):
         return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
 
     class Switch(keras.callbacks.Callback):
-        # Epochs before from_epoch run Keras's own step, untouched; from then on fit
-        # calls the SAM step, traced once (fit looks up model.train_function at every
-        # step). No switch inside one traced step: a tf.cond branch is a function of
-        # its own, which TensorFlow's graph optimizations may treat less well.
+        # Epochs before from_epoch run Keras's own step, untouched (no switch inside one
+        # traced step); from then on fit calls the SAM step, traced once: fit looks up
+        # model.train_function at every step.
         def on_epoch_begin(self, epoch, logs=None):
             if epoch + 1 >= from_epoch and "train_step" not in vars(model):
                 model.train_step = types.MethodType(train_step, model)
