@@ -468,12 +468,12 @@ def finish(params: Params, meta: dict, train: Split, val: Split, model, state, s
     paths.TRAIN_METRICS.parent.mkdir(parents=True, exist_ok=True)
     paths.TRAIN_METRICS.write_text(json.dumps(summary, indent=2) + "\n")
     write_history(paths.HISTORY_FILE, state.history)
-    kept = (
-        "its recovery state is kept, so once the store answers `dvc repro` logs it without "
-        "training again"
-    )
     if state.model_uri is None:  # else a rerun: all was logged but the run's end
-        with tracking.reported("the training finished but could not be logged to MLflow", kept):
+        with tracking.reported(
+            "the training finished but could not be logged to MLflow",
+            "its recovery state is kept, so once the store answers `dvc repro` logs it "
+            "without training again",
+        ):
             tracking.backfill_metrics(state.run_id, state.history)  # epochs an outage missed
             # The model last: calls before it are harmless to repeat when a rerun logs the run.
             tracking.log_final(summary, [paths.HISTORY_FILE, paths.TRAIN_METRICS])
