@@ -12,6 +12,7 @@ overrides all of this (e.g. a shared tracking server).
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import logging
 import os
@@ -32,6 +33,10 @@ ARTIFACTS_DIR = "mlartifacts"
 _EXPERIMENT_COPY = (".dvc", "tmp", "exps")  # where DVC puts temporary experiment copies
 
 T = TypeVar("T")
+
+# Seconds of SQLite contention a store call waits out before giving up: long by
+# default (nothing waits on it), short inside few_retries (the workers wait).
+_LOCK_WAIT_S = contextvars.ContextVar("lock_wait_s", default=600.0)
 
 
 class TrackingError(PipelineError):
@@ -64,13 +69,13 @@ def retry_locked(function: Callable[..., T]) -> Callable[..., T]:
     Several experiments (`dvc queue start -j 2`) write to one mlflow.db; SQLite
     allows one writer at a time, and MLflow gives up after its 20 s busy
     timeout ("database is locked", TEMPORARILY_UNAVAILABLE). Waiting and
-    retrying loses nothing.
+    retrying loses nothing. It waits up to 600 s, or 30 s inside few_retries.
     """
 
     @functools.wraps(function)
     def wrapper(*args, **kwargs):
         delay_s = 0.5
-        deadline = time.monotonic() + 600.0  # seconds of contention before giving up
+        deadline = time.monotonic() + _LOCK_WAIT_S.get()
         while True:
             try:
                 return function(*args, **kwargs)
@@ -306,6 +311,8 @@ def few_retries() -> Iterator[None]:
     training must not stand still while a server restarts, and the other workers
     of a multi-worker training wait for the chief at most COLLECTIVE_TIMEOUT_S
     (120 s). 3 tries of at most 10 s each; lower settings of the user's are kept.
+    A busy SQLite store is waited out for 30 s, not 600 s: with SQLite's own 20 s
+    busy timeout per try, a call gives up within about 41 s.
     """
     limits = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": 2, "MLFLOW_HTTP_REQUEST_TIMEOUT": 10}
     values = {}
@@ -314,8 +321,12 @@ def few_retries() -> Iterator[None]:
             values[name] = str(min(int(os.environ.get(name, limit)), limit))
         except ValueError:  # not a number: MLflow's own error, not ours to raise
             values[name] = str(limit)
-    with _environment(**values):
-        yield
+    token = _LOCK_WAIT_S.set(30.0)
+    try:
+        with _environment(**values):
+            yield
+    finally:
+        _LOCK_WAIT_S.reset(token)
 
 
 # --- the training run ----------------------------------------------------------------------------

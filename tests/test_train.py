@@ -367,6 +367,37 @@ def test_epoch_logs_give_up_within_the_workers_collective_timeout(monkeypatch):
     assert [os.environ[name] for name in names] == ["0", "300"]
 
 
+def test_a_busy_store_is_waited_out_briefly_inside_few_retries(monkeypatch):
+    """An epoch's log must not hold the chief past the workers' 120 s: inside few_retries
+    a locked SQLite store is waited out for 30 s of the clock, elsewhere for 600 s."""
+    from mlflow.exceptions import MlflowException
+
+    from pipeline import tracking
+
+    clock = [0.0]
+    monkeypatch.setattr(tracking.time, "monotonic", lambda: clock[0])
+
+    def sleep(seconds):
+        clock[0] += seconds
+
+    monkeypatch.setattr(tracking.time, "sleep", sleep)
+
+    @tracking.retry_locked
+    def locked():
+        clock[0] += 20.0  # SQLite's busy timeout passes in each try
+        raise MlflowException("(sqlite3.OperationalError) database is locked")
+
+    def gave_up_after() -> float:
+        clock[0] = 0.0
+        with pytest.raises(MlflowException, match="database is locked"):
+            locked()
+        return clock[0]
+
+    with tracking.few_retries():
+        assert gave_up_after() == 40.5  # 20 s, 0.5 s asleep, 20 s: past the 30 s
+    assert 600 < gave_up_after() < 650  # and back to the long wait afterwards
+
+
 def test_a_store_error_after_the_work_is_one_line_saying_what_is_kept():
     from mlflow.exceptions import MlflowException
 
