@@ -169,13 +169,53 @@ def fetch(
         # Kept until the new one replaces it: a download that fails leaves it as it was.
         print(f"download: {final} has md5 {found}, expected {md5}; downloading again", flush=True)
 
+    # An earlier run's bytes, which an HTTP download resumes from (a file:// copy starts over).
+    left_over = not url.startswith("file://") and part.is_file() and part.stat().st_size > 0
+
+    def download() -> str:
+        return _attempts(url, part, name, progress, retries, backoff_s, timeout_s)
+
+    digest = download()
+    if digest != md5 and left_over:  # of another file? (data.url changed, the server's too)
+        part.unlink()
+        print(
+            f"download: md5 {digest} after resuming an earlier run's {part.name}, "
+            f"expected {md5}; downloading {name} from the start",
+            flush=True,
+        )
+        digest = download()
+    if digest != md5:
+        part.unlink()  # a resumed run must not build on bytes of the wrong file
+        raise DownloadError(
+            f"downloaded {url} but its md5 is {digest}, expected {md5} (data.md5). "
+            f"If you use a mirror, set data.url to it and data.md5 to its checksum: {FIX_HINT}"
+        )
+    _replace(part, final)  # atomic: the final name appears only with verified content
+    with contextlib.suppress(OSError):  # make the rename itself durable (not on Windows)
+        fd = os.open(dest_dir, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    print(f"download: saved {final} (md5 {md5})", flush=True)
+    return _keep_only(final)
+
+
+def _attempts(
+    url: str,
+    part: Path,
+    name: str,
+    progress: Progress,
+    retries: int,
+    backoff_s: float,
+    timeout_s: float,
+) -> str:
+    """Download `url` into `part`, retrying transient failures; return the md5."""
     for attempt in range(retries + 1):
         try:
             if url.startswith("file://"):
-                digest = _copy_local(url, part, name, progress)
-            else:
-                digest = _download_http(url, part, name, progress, timeout_s)
-            break
+                return _copy_local(url, part, name, progress)
+            return _download_http(url, part, name, progress, timeout_s)
         except _Transient as failure:
             if attempt == retries:
                 raise DownloadError(
@@ -187,24 +227,22 @@ def fetch(
                 f"download: {failure}; retry {attempt + 1}/{retries} in {delay_s:.1f} s", flush=True
             )
             time.sleep(delay_s)
+    raise AssertionError("unreachable: the last attempt returns or raises")
 
-    if digest != md5:
-        part.unlink()  # a resumed run must not build on bytes of the wrong file
-        raise DownloadError(
-            f"downloaded {url} but its md5 is {digest}, expected {md5} (data.md5). "
-            f"If you use a mirror, set data.url to it and data.md5 to its checksum: {FIX_HINT}"
-        )
-    if final.is_dir():  # an earlier copy of a folder of the same name
-        _remove(final)
-    os.replace(part, final)  # atomic: the final name appears only with verified content
-    with contextlib.suppress(OSError):  # make the rename itself durable (not on Windows)
-        fd = os.open(dest_dir, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    print(f"download: saved {final} (md5 {md5})", flush=True)
-    return _keep_only(final)
+
+def _replace(part: Path, final: Path) -> None:
+    """Give the complete `part` the name `final`.
+
+    A folder under that name (an earlier copy) is first moved aside under a
+    `.part` name, which prepare ignores and the next run removes, then deleted:
+    a kill while deleting it never leaves a half-deleted folder under `final`.
+    """
+    aside = final.with_name(f"{final.name}.old.part")
+    _remove(aside)
+    if (final.is_dir() and not final.is_symlink()) or (part.is_dir() and final.exists()):
+        os.replace(final, aside)
+    os.replace(part, final)
+    _remove(aside)
 
 
 def _keep_only(final: Path) -> Path:
@@ -342,8 +380,7 @@ def copy_folder(source: Path, final: Path) -> Path:
             f"could not copy {failed} ({reason}) from the folder at data.url; "
             "fix or remove it, then run `dvc repro download` again"
         ) from None
-    _remove(final)
-    os.replace(part, final)
+    _replace(part, final)
     files = [p for p in final.rglob("*") if p.is_file()]
     megabytes = sum(p.stat().st_size for p in files) / MB
     print(
@@ -371,8 +408,13 @@ def _hash_file(path: Path, hasher: hashlib._Hash) -> hashlib._Hash:
 
 
 def _file_name(url: str) -> str:
-    name = urllib.parse.unquote(PurePosixPath(urllib.parse.urlsplit(url).path).name)
-    if not name:
+    """The name the download gets in data/raw: the URL path's last part, decoded first.
+
+    Decoded first, so an encoded slash (`datasets%2Fcifar.tar.gz`, as cloud object
+    URLs write folders) cannot put a folder, or a `..`, into the name.
+    """
+    name = PurePosixPath(urllib.parse.unquote(urllib.parse.urlsplit(url).path)).name
+    if name in ("", ".", ".."):
         raise DownloadError(f"data.url {url} does not end with a file name; {FIX_HINT}")
     return name
 

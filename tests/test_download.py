@@ -12,6 +12,7 @@ import yaml
 
 from pipeline import download
 from pipeline.download import DownloadError, Progress, fetch
+from pipeline.prepare import find_download
 from tests.http_server import PayloadServer
 from tests.repo import free_port
 
@@ -340,3 +341,68 @@ def test_a_failing_http_url_keeps_the_earlier_download_until_a_new_one_is_in_pla
     with pytest.raises(DownloadError, match="HTTP 404"):
         fetch(f"{server.base_url}/typo/{NAME}", "0" * 32, raw, progress=quiet(), **FAST)
     assert os.listdir(raw) == [NAME] and (raw / NAME).read_bytes() == PAYLOAD
+
+
+@pytest.mark.parametrize(
+    "path",
+    [f"/..%2F..%2F{NAME}", f"/o/datasets%2F{NAME}?alt=media"],  # hostile; a cloud object URL
+    ids=["dotdot", "cloud-object"],
+)
+def test_an_encoded_slash_in_the_url_cannot_leave_data_raw(tmp_path, path):
+    """Decoded after the last `/` was taken, `..%2F..%2Fx` named a file two folders up,
+    and the clean-up of data/raw then removed everything beside it: the repository."""
+    repo = tmp_path / "repo"
+    raw = repo / "data" / "raw"
+    raw.mkdir(parents=True)
+    (repo / "params.yaml").write_text("kept")
+    with PayloadServer(PAYLOAD, path) as server:
+        saved = fetch(server.url, MD5, raw, progress=quiet(), **FAST)
+    assert saved == raw / NAME and saved.read_bytes() == PAYLOAD
+    assert sorted(os.listdir(repo)) == ["data", "params.yaml"]
+    for url in ("http://host/data/..", "http://host/%2E%2E", "http://host/"):
+        with pytest.raises(DownloadError, match="does not end with a file name"):
+            fetch(url, MD5, raw, progress=quiet(), **FAST)
+
+
+def test_a_part_of_another_file_is_downloaded_again_from_the_start(serve, tmp_path, capsys):
+    """A .part left by an earlier data.url (or a file the server has since replaced) is not
+    blamed on data.md5: the download starts over once, and only a whole file's md5 counts."""
+    server = serve()
+    (tmp_path / f"{NAME}.part").write_bytes(os.urandom(HALF))
+    path = fetch(server.url, MD5, tmp_path, progress=quiet(), **FAST)
+    assert path.read_bytes() == PAYLOAD and os.listdir(tmp_path) == [NAME]
+    assert [(r.range, r.status) for r in server.requests] == [
+        (f"bytes={HALF}-", 206),
+        (None, 200),
+    ]
+    assert f"after resuming an earlier run's {NAME}.part, expected {MD5}; downloading" in (
+        capsys.readouterr().out
+    )
+    with pytest.raises(DownloadError, match=r"expected 0{32} \(data.md5\)"):  # wrong after all
+        fetch(server.url, "0" * 32, tmp_path / "again", progress=quiet(), **FAST)
+
+
+def test_a_kill_while_the_earlier_folder_copy_is_deleted_leaves_the_new_one_whole(
+    tmp_path, monkeypatch
+):
+    folder = tmp_path / "pets"
+    (folder / "train" / "cat").mkdir(parents=True)
+    (folder / "train" / "cat" / "1.png").write_bytes(b"one")
+    raw = tmp_path / "raw"
+    fetch(folder.as_uri(), "", raw, progress=quiet(), **FAST)
+    (folder / "train" / "cat" / "2.png").write_bytes(b"two")
+    remove = download._remove
+
+    def killed_on_the_old_copy(path):
+        if path.name == "pets.old.part" and path.exists():
+            raise KeyboardInterrupt  # the kill lands while the old copy is deleted
+        remove(path)
+
+    monkeypatch.setattr(download, "_remove", killed_on_the_old_copy)
+    with pytest.raises(KeyboardInterrupt):
+        fetch(folder.as_uri(), "", raw, progress=quiet(), **FAST)
+    assert sorted(os.listdir(raw / "pets" / "train" / "cat")) == ["1.png", "2.png"]  # whole
+    assert find_download(raw) == raw / "pets"  # the old copy's .part name is ignored
+    monkeypatch.setattr(download, "_remove", remove)
+    fetch(folder.as_uri(), "", raw, progress=quiet(), **FAST)
+    assert os.listdir(raw) == ["pets"]  # and the next run removes it
