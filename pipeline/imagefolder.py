@@ -358,12 +358,19 @@ def _chunks(
 # --- the dataset ------------------------------------------------------------------------------
 
 
+def usable_cpus() -> int:
+    """CPUs this process may use: its affinity on Linux, every CPU elsewhere (macOS has none)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def read_imagefolder(source: Path, data: DataParams, workers: int | None = None) -> Dataset:
     """Read an image-folder dataset (folder or archive) into train and test splits.
 
     `workers` decoding processes; by default one per CPU this process may use.
     """
-    workers = workers or len(os.sched_getaffinity(0))
+    workers = workers or usable_cpus()
     with open_dataset(source) as (members, read):
         layout = find_layout(members, source)
         has_test = len(layout.images) > layout.num_train

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib
 import io
 import json
 import os
@@ -32,6 +33,7 @@ import pickle
 import sys
 import tarfile
 import time
+import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -93,11 +95,17 @@ class SafeUnpickler(pickle.Unpickler):
                 f"refused to load global {module}.{name}: CIFAR-10 batches contain only "
                 "numpy arrays and lists"
             )
-        if name == "_reconstruct":
-            return np._core.multiarray._reconstruct
-        if name == "scalar":
-            return np._core.multiarray.scalar
+        if name in ("_reconstruct", "scalar"):
+            return getattr(_multiarray(), name)
         return getattr(np, name)
+
+
+def _multiarray():
+    """numpy's multiarray module: numpy._core from numpy 2, numpy.core in numpy 1.26."""
+    try:
+        return importlib.import_module("numpy._core.multiarray")
+    except ImportError:
+        return importlib.import_module("numpy.core.multiarray")
 
 
 def safe_unpickle(payload: bytes, member: str) -> dict:
@@ -306,9 +314,14 @@ def write_prepared(out_dir: Path, splits: dict[str, Split], meta: dict) -> None:
         partial = target.with_name(target.name + ".part")
         with open(partial, "wb") as f:
             np.savez(f, images=split.images, labels=split.labels)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename makes it look complete
         os.replace(partial, target)
     partial = out_dir / (paths.META_FILE + ".part")
-    partial.write_text(json.dumps(meta, indent=2) + "\n")
+    with open(partial, "w") as f:
+        f.write(json.dumps(meta, indent=2) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(partial, out_dir / paths.META_FILE)
 
 
@@ -320,8 +333,8 @@ def load_split(prepared_dir: Path, split: str) -> Split:
             return Split(data["images"], data["labels"])
     except FileNotFoundError:
         raise PipelineError(f"{path}: not found; run `dvc repro prepare` first") from None
-    except (KeyError, ValueError, OSError) as error:
-        raise PipelineError(
+    except (KeyError, ValueError, OSError, EOFError, zipfile.BadZipFile) as error:
+        raise PipelineError(  # EOFError: an empty file; BadZipFile: a truncated one
             f"{path}: unreadable prepared data ({error}); run `dvc repro prepare` again"
         ) from None
 

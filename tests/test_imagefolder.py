@@ -368,3 +368,13 @@ def test_dvc_repro_prepares_an_image_folder_and_sees_a_changed_folder(tmp_path):
     assert "Running stage 'prepare'" in dvc(repo, "repro", "prepare").stdout
     meta = json.loads((repo / "data/prepared/meta.json").read_text())
     assert meta["sizes"]["train"] + meta["sizes"]["val"] == 25
+
+
+def test_decoding_workers_default_to_the_usable_cpus_where_affinity_is_unknown(monkeypatch):
+    """macOS has no os.sched_getaffinity: the count of CPUs stands in for it."""
+    import os
+
+    assert imagefolder.usable_cpus() >= 1
+    monkeypatch.delattr(os, "sched_getaffinity", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 6)
+    assert imagefolder.usable_cpus() == 6

@@ -141,6 +141,18 @@ def test_missing_prepared_data_says_which_stage_to_run(tmp_path):
         load_split(tmp_path, "train")
 
 
+def test_a_truncated_or_empty_prepared_file_says_to_prepare_again(archive, tmp_path):
+    splits, meta = prepare(read_cifar10(archive), val_size=20, seed=0)
+    out = tmp_path / "prepared"
+    write_prepared(out, splits, meta)
+    path = paths.split_file(out, "train")
+    whole = path.read_bytes()
+    for cut in (whole[: len(whole) // 2], b""):  # a disk that filled up; a file never written
+        path.write_bytes(cut)
+        with pytest.raises(PipelineError, match=r"unreadable prepared data .*prepare` again"):
+            load_split(out, "train")
+
+
 class Boom:
     """Unpickling this calls os.system; a safe reader must never get that far."""
 
