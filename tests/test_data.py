@@ -50,10 +50,13 @@ def test_shift_stays_within_bound_and_keeps_uint8():
     images = stripe_images(64)
     out = augment_batch(tf.constant(images), aug(shift=5 / 32), SEED).numpy()
     assert out.dtype == np.uint8 and out.shape == images.shape
-    # The bar's left edge (column 4) moves by at most 5 pixels either way.
+    # The bar's left edge (column 4) moves right by at most 5 pixels; a move left may
+    # take it past column 0, so the offsets themselves are bounded both ways.
     left_edges = [np.flatnonzero(o[16, :, 0] > 127)[0] for o in out]
-    assert min(left_edges) >= 4 - 5 and max(left_edges) <= 4 + 5
+    assert max(left_edges) <= 4 + 5
     assert len(set(left_edges)) > 3  # and it does move
+    offsets = augment_transforms(64, 32, aug(shift=5 / 32), SEED).numpy()[:, [2, 5]]
+    assert np.abs(offsets).max() <= 5 and offsets.min() < -2 and offsets.max() > 2
 
 
 def test_rotation_turns_about_the_centre():
