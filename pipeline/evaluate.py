@@ -29,6 +29,8 @@ never touched: `evaluate.*` values are not run params.
 from __future__ import annotations
 
 import argparse
+import csv
+import io
 import json
 import re
 import sys
@@ -164,6 +166,31 @@ def mlflow_metrics(figures: dict) -> dict[str, float]:
     return metrics
 
 
+def confusion_csv(labels: np.ndarray, predictions: np.ndarray, class_names: list[str]) -> str:
+    """One row per test image, as DVC's confusion template wants: actual,predicted.
+
+    Quoted where needed: class names are folder names, which may hold commas.
+    """
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["actual", "predicted"])
+    writer.writerows(
+        (class_names[a], class_names[p]) for a, p in zip(labels, predictions, strict=True)
+    )
+    return out.getvalue()
+
+
+def check_finite(probabilities: np.ndarray) -> np.ndarray:
+    """A model that diverged in training predicts NaN: no figure of it means anything."""
+    if not np.isfinite(probabilities).all():
+        raise PipelineError(
+            f"{paths.MODEL_FILE} predicts NaN or infinite probabilities: its training diverged. "
+            "Nothing was evaluated, logged or registered; train it again with a lower "
+            "train.learning_rate"
+        )
+    return probabilities
+
+
 def write_outputs(figures: dict, matrix_labels, probabilities, test, class_names, cfg) -> int:
     """Write metrics/test.json, confusion.csv and the PNGs; return misclassified images drawn."""
     from pipeline import reports
@@ -171,11 +198,7 @@ def write_outputs(figures: dict, matrix_labels, probabilities, test, class_names
     paths.METRICS_DIR.mkdir(parents=True, exist_ok=True)
     paths.TEST_METRICS.write_text(json.dumps(figures, indent=2) + "\n")
     predictions = probabilities.argmax(axis=1)
-    # One row per test image, as DVC's confusion template wants: actual,predicted.
-    rows = [
-        f"{class_names[a]},{class_names[p]}" for a, p in zip(test.labels, predictions, strict=True)
-    ]
-    paths.CONFUSION_FILE.write_text("actual,predicted\n" + "\n".join(rows) + "\n")
+    paths.CONFUSION_FILE.write_text(confusion_csv(test.labels, predictions, class_names))
     drawn = reports.misclassified_grid(
         test.images, test.labels, predictions, probabilities.max(axis=1), class_names,
         paths.MISCLASSIFIED_PNG, cfg.misclassified,
@@ -246,7 +269,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def predict(images: np.ndarray) -> np.ndarray:
         pass_started = time.perf_counter()
-        probabilities = predict_batches(model, images, cfg.batch_size)
+        probabilities = check_finite(predict_batches(model, images, cfg.batch_size))
         done.append(time.perf_counter() - pass_started)
         if passes > 1:  # test-time augmentation multiplies the time: show how far it is
             left = (passes - len(done)) * sum(done) / len(done)

@@ -64,7 +64,10 @@ def load_image(path: Path, size: int) -> np.ndarray:
     except FileNotFoundError:
         raise ValueError("no such file") from None
     except IsADirectoryError:  # main expands folders: only one without images gets here
-        raise ValueError("a folder with no image files in it") from None
+        raise ValueError(
+            "a folder with no PNG, JPEG, BMP or GIF files directly in it (name other "
+            "formats, such as TIFF or WebP, file by file)"
+        ) from None
     except PermissionError:
         raise ValueError("cannot be read (permission denied)") from None
     except UnidentifiedImageError:

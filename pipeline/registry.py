@@ -19,6 +19,10 @@ from pipeline.tracking import retry_locked, store_lock
 
 MODEL_NAME = "cifar10-resnet"
 CHAMPION = "champion"
+# The test_accuracy tag's decimals. Accuracies are compared at them, so a model that
+# ties the champion is a tie even when the tag rounded the champion's figure down
+# (1001/1500 = 0.667333..., tagged 0.667333). Apart for test sets over a million images.
+DECIMALS = 6
 
 
 @dataclass(frozen=True)
@@ -66,8 +70,11 @@ class Decision:
 
 
 def should_promote(accuracy: float, champion_accuracy: float | None) -> bool:
-    """Strictly better, or no champion (or one never scored) yet; a tie keeps the champion."""
-    return champion_accuracy is None or accuracy > champion_accuracy
+    """Strictly better (at DECIMALS), or no champion (or one never scored) yet; a tie keeps
+    the champion."""
+    if champion_accuracy is None:
+        return True
+    return round(accuracy, DECIMALS) > round(champion_accuracy, DECIMALS)
 
 
 def recorded_accuracy(client, champion) -> float | None:
@@ -120,7 +127,7 @@ def register(
             version = str(existing[0].version)
         else:
             version = str(register_model(model_uri, name).version)
-        client.set_model_version_tag(name, version, "test_accuracy", f"{accuracy:.6f}")
+        client.set_model_version_tag(name, version, "test_accuracy", f"{accuracy:.{DECIMALS}f}")
         if test_set:
             client.set_model_version_tag(name, version, "test_set", test_set)
         try:

@@ -181,6 +181,13 @@ class EpochRecorder:
     def end_epoch(self, model, epoch: int, logs: dict, train_s: float, total_s: float) -> None:
         state = self.state
         row = {"epoch": epoch + 1, **{k: float(v) for k, v in logs.items()}}
+        if not math.isfinite(row["loss"]):  # NaN weights from here on: nothing worth keeping
+            raise PipelineError(
+                f"the training diverged: its loss was {row['loss']} in epoch {epoch + 1}; "
+                "lower train.learning_rate or lengthen train.warmup (the recovery state "
+                f"keeps epoch {state.epochs_done}, which only a rerun with the same params "
+                "resumes)"
+            )
         row["learning_rate"] = float(np.asarray(model.optimizer.learning_rate))
         row["images_per_second"] = self.images_per_epoch / train_s
         state.history.append({k: row[k] for k in HISTORY_COLUMNS if k in row})

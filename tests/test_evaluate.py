@@ -9,6 +9,8 @@ import pytest
 
 from pipeline.errors import PipelineError
 from pipeline.evaluate import (
+    check_finite,
+    confusion_csv,
     confusion_matrix,
     flip_tta,
     mirror,
@@ -36,6 +38,11 @@ def test_score_counts_hits_per_class_and_the_clipped_loss():
     assert figures["per_class_accuracy"] == pytest.approx({"cat": 0.5, "dog": 1.0, "ship": 0.5})
     assert figures["loss"] == pytest.approx(-(4 * np.log(0.8) + 2 * np.log(0.1)) / 6)
     assert figures["images"] == 6
+    # Precision of a class: of the images predicted as it, the share right; recall: of its
+    # images, the share found. cat 1/2, 1/2; dog 2/3, 2/2; ship 1/1, 1/2.
+    assert figures["precision_macro"] == pytest.approx((1 / 2 + 2 / 3 + 1) / 3)
+    assert figures["recall_macro"] == pytest.approx((1 / 2 + 1 + 1 / 2) / 3)
+    assert figures["f1_macro"] == pytest.approx((1 / 2 + 4 / 5 + 2 / 3) / 3)
     perfect = np.eye(3)[labels]  # probability 0 elsewhere: log is clipped, not -inf
     assert score(perfect, labels, CLASSES)["loss"] == pytest.approx(-np.log(1.0), abs=1e-6)
     np.testing.assert_array_equal(
@@ -169,3 +176,28 @@ def test_a_model_of_other_classes_or_image_size_is_not_evaluated():
     ):
         with pytest.raises(PipelineError, match=re.escape(says)):
             check_model_fits(cifar, other)
+
+
+def test_the_confusion_csv_quotes_class_names_dvc_would_split():
+    """Folder names like "tench, Tinca tinca" must stay one cell for `dvc plots`."""
+    import csv
+    import io
+
+    names = ["tench, Tinca tinca", 'say "cheese"', "ship"]
+    text = confusion_csv(np.array([0, 1, 2]), np.array([1, 1, 0]), names)
+    rows = list(csv.DictReader(io.StringIO(text)))
+    assert [(r["actual"], r["predicted"]) for r in rows] == [
+        (names[0], names[1]), (names[1], names[1]), (names[2], names[0]),
+    ]  # fmt: skip
+    assert confusion_csv(np.array([0]), np.array([2]), CLASSES) == "actual,predicted\ncat,ship\n"
+
+
+def test_a_model_that_predicts_nan_is_not_scored():
+    """Scored, NaN everywhere is class 0 everywhere: 10% on CIFAR-10, a champion if first."""
+    fine = one_hot([0, 1])
+    assert check_finite(fine) is fine
+    for bad in (np.nan, np.inf):
+        broken = fine.copy()
+        broken[1, 2] = bad
+        with pytest.raises(PipelineError, match="predicts NaN or infinite .* training diverged"):
+            check_finite(broken)

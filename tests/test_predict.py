@@ -215,5 +215,5 @@ def test_a_folder_stands_for_the_images_in_it(tmp_path):
     expanded = expand_folders([single, photos, empty])
     # The formats prepare reads from a class folder; a TIFF is classified when named.
     assert expanded == [single, photos / "a.png", photos / "b.JPG", empty]
-    with pytest.raises(ValueError, match="^a folder with no image files in it$"):
+    with pytest.raises(ValueError, match=r"^a folder with no PNG, JPEG, BMP or GIF files direc"):
         load_image(empty, 32)

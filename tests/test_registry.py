@@ -98,6 +98,24 @@ def test_a_store_error_reading_the_champion_fails_and_keeps_the_champion(store, 
     assert str(client.get_model_version_by_alias("cifar10-resnet", "champion").version) == "1"
 
 
+def test_a_tie_keeps_the_champion_though_its_tag_rounded_its_accuracy_down(store):
+    """1001 of 1500 right is 0.667333..., tagged 0.667333: the same score again is no win."""
+    import mlflow
+
+    from pipeline.registry import register
+
+    client, run = store
+    tie = 1001 / 1500
+    assert register(f"runs:/{run.info.run_id}/model", run.info.run_id, tie).promoted
+    with mlflow.start_run() as other:
+        mlflow.log_text("stand-in", "model/MLmodel")
+    decision = register(f"runs:/{other.info.run_id}/model", other.info.run_id, tie)
+    assert not decision.promoted and decision.describe().endswith(
+        "does not beat champion version 2 (0.6673): @champion stays on version 2"
+    )
+    assert should_promote(1002 / 1500, float(f"{tie:.6f}"))  # one image more does win
+
+
 def test_a_champion_scored_on_other_test_images_is_not_compared(store):
     """Another dataset's model under the same name must not take @champion on its accuracy."""
     import mlflow

@@ -1092,3 +1092,25 @@ def test_a_dead_worker_ends_the_run_with_a_clear_error(prepared_repo, tmp_path):
     assert errors[-1].startswith("error: a training worker stopped or became unreachable"), output[
         -2000:
     ]
+
+
+def test_a_diverged_training_stops_at_the_epoch_and_keeps_the_last_good_state(
+    raw_params, mlflow_store, tmp_path, monkeypatch
+):
+    """A loss of NaN or inf leaves NaN weights: the stage stops there with the fix, and
+    neither the model nor the recovery checkpoint of that epoch is written."""
+    from pipeline import tracking
+    from pipeline.train import run_training
+
+    params, meta, train, empty = tiny_training(raw_params, epochs=3)
+    params = dataclasses.replace(
+        params, train=dataclasses.replace(params.train, learning_rate=1e30, lr_schedule="constant")
+    )
+    monkeypatch.chdir(tmp_path)
+    tracking.connect(tmp_path)
+    with pytest.raises(PipelineError, match=r"the training diverged: its loss was (nan|inf) in "
+                       r"epoch 1; lower train.learning_rate .*keeps epoch 0"):  # fmt: skip
+        run_training(params, meta, train, empty)
+    assert not Path("models/model.keras").exists()
+    state = json.loads(Path(".train-state/state.json").read_text())
+    assert state["epochs_done"] == 0 and state["history"] == []
