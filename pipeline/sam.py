@@ -43,12 +43,19 @@ def sharpness_aware(model, rho: float, from_epoch: int):
             y_pred, loss = loss_here()
             scaled = self.optimizer.scale_loss(loss)  # loss scaling under mixed_float16
         gradients = tape.gradient(scaled, weights)
-        # The direction is scale-free, so the loss scale cancels; an overflowed
-        # (non-finite) gradient moves nothing, and the optimizer skips the step.
+        # The direction is scale-free, so the loss scale cancels. An overflowed
+        # (non-finite) gradient moves nothing: tf.where, as inf * 0 is NaN; the
+        # optimizer then skips the step, as it skips a plain one.
         norm = tf.linalg.global_norm([tf.cast(g, tf.float32) for g in gradients])
-        scale = tf.where(tf.math.is_finite(norm) & (norm > 0), rho / norm, 0.0)
-        moves = [g * tf.cast(scale, g.dtype) for g in gradients]
-        statistics = [tf.identity(v.value) for v in self.non_trainable_variables]
+        finite = tf.math.is_finite(norm) & (norm > 0)
+        scale = tf.where(finite, rho / norm, 0.0)
+        moves = [tf.where(finite, g * tf.cast(scale, g.dtype), tf.zeros_like(g)) for g in gradients]
+        # BatchNormalization's moving statistics, by their Keras names; other state
+        # (a dropout layer's random seed) goes on as in a plain step.
+        statistics = [
+            v for v in self.non_trainable_variables if v.name in ("moving_mean", "moving_variance")
+        ]
+        kept = [tf.identity(v.value) for v in statistics]
         for weight, move in zip(weights, moves, strict=True):
             weight.assign_add(move)
         with tf.GradientTape() as probe:
@@ -57,8 +64,8 @@ def sharpness_aware(model, rho: float, from_epoch: int):
         sharp = probe.gradient(probe_scaled, weights)
         for weight, move in zip(weights, moves, strict=True):
             weight.assign_sub(move)
-        for variable, value in zip(self.non_trainable_variables, statistics, strict=True):
-            variable.assign(value)  # BN moving statistics as the first pass left them
+        for variable, value in zip(statistics, kept, strict=True):
+            variable.assign(value)  # as the first pass left them
         self.optimizer.apply_gradients(zip(sharp, weights, strict=True))
         batch = tf.shape(tf.nest.flatten(x)[0])[0]
         for metric in self.metrics:

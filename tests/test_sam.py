@@ -71,6 +71,30 @@ def test_sam_leaves_batchnorm_statistics_as_the_first_pass_set_them():
     assert not np.allclose(sharp.layers[0].kernel.numpy(), plain.layers[0].kernel.numpy())
 
 
+def test_an_overflowed_gradient_under_mixed_float16_is_skipped_not_spread_as_nan():
+    """Dynamic loss scaling overflows now and then by design (it grows until it does): the
+    step is skipped and the scale halved, as in a plain step, and the weights stay finite."""
+    from keras.src.optimizers.loss_scale_optimizer import LossScaleOptimizer
+
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([
+            keras.Input((3,)), keras.layers.Dense(16, activation="relu"),
+            keras.layers.Dense(1, dtype="float32"),
+        ])  # fmt: skip
+        optimizer = LossScaleOptimizer(keras.optimizers.SGD(0.01), initial_scale=2.0**40)
+        model.compile(optimizer=optimizer, loss="mse")
+        before = [w.numpy() for w in model.trainable_weights]
+        model.fit(X * 100, Y, batch_size=8, epochs=1, verbose=0,
+                  callbacks=[sharpness_aware(model, 0.05, 1)])  # fmt: skip
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert float(optimizer.dynamic_scale) == 2.0**39  # overflowed: halved, step skipped
+    for old, new in zip(before, model.trainable_weights, strict=True):
+        np.testing.assert_array_equal(new.numpy(), old)
+
+
 def test_sam_params_are_checked(raw_params):
     raw_params["train"].update(sam_rho=0.05, sam_from_epoch=51)
     with pytest.raises(ParamsError) as error:
