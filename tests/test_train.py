@@ -947,7 +947,9 @@ def test_unreachable_tracking_server_fails_before_training(repo):
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: MLflow tracking store http://127.0.0.1:{port} is not usable")
     assert "Traceback" not in result.stderr
-    assert time.monotonic() - started < 60
+    # Not a benchmark: whether MLflow's own retries ran. They wait 4 minutes (7 retries,
+    # backoff factor 2); the stage's start, TensorFlow's import included, takes 10-30 s.
+    assert time.monotonic() - started < 120
 
 
 def start_mlflow_server(background: Background, folder: Path, port: int):
