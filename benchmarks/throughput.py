@@ -20,7 +20,10 @@ precision needs it). Where `auto` picked float32, the CPU has no native
 bfloat16 and TensorFlow emulates it, several times slower than float32
 (BENCHMARKS.md): mixed_bfloat16 is measured there only with --with-bfloat16.
 Each run trains `--epochs` epochs of `--images` images; the first epoch (graph
-tracing, warm-up) is dropped. The modes take turns, `--rounds` times (a, b,
+tracing, warm-up) is dropped. An epoch's time runs from the end of the one
+before to its own end, all work between steps included: the pipeline's
+checkpoint and MLflow logging (after Keras's on_epoch_end), Keras's own
+callbacks and the next epoch's start. The modes take turns, `--rounds` times (a, b,
 c, b', a, b, c, b', ...), so that a machine that slows down or speeds up
 part-way (shared CPUs, clocks, a neighbour's job) weighs on every mode alike;
 each mode's figure is the median images/s of all its measured epochs.
@@ -70,21 +73,33 @@ def load_images(prepared: str | None, count: int):
     return Split(images, labels), meta
 
 
+def rates_between(ends: list[float], images_per_epoch: int) -> list[float]:
+    """Images/s of each epoch after the first, from the clock at each epoch's end."""
+    pairs = zip(ends[:-1], ends[1:], strict=True)
+    return [images_per_epoch / (end - before) for before, end in pairs]
+
+
 def epoch_timer():
     import keras
 
     class EpochTimer(keras.callbacks.Callback):
         def __init__(self):
             super().__init__()
-            self.seconds: list[float] = []
-
-        def on_epoch_begin(self, epoch, logs=None):
-            self.started = time.perf_counter()
+            self.ends: list[float] = []
 
         def on_epoch_end(self, epoch, logs=None):
-            self.seconds.append(time.perf_counter() - self.started)
+            self.ends.append(time.perf_counter())
 
     return EpochTimer()
+
+
+def device_peak_mb() -> float | None:
+    """Peak memory on the first GPU so far, in MB; None on a CPU."""
+    import tensorflow as tf
+
+    if not tf.config.list_physical_devices("GPU"):
+        return None
+    return tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2**20
 
 
 def run_keras(mode: str, params, split, meta, epochs: int, batch: int) -> dict:
@@ -92,6 +107,7 @@ def run_keras(mode: str, params, split, meta, epochs: int, batch: int) -> dict:
     import keras
     import numpy as np
 
+    from pipeline.device import resolve_device
     from pipeline.model import build_model
 
     keras.utils.set_random_seed(0)
@@ -100,7 +116,8 @@ def run_keras(mode: str, params, split, meta, epochs: int, batch: int) -> dict:
     )
     model.compile(
         optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy",
-        metrics=["accuracy"], jit_compile=False,
+        metrics=["accuracy"],
+        jit_compile=resolve_device(params.train).jit_compile,  # XLA where the pipeline uses it
     )  # fmt: skip
     timer = epoch_timer()
     steps = len(split.labels) // batch
@@ -119,7 +136,7 @@ def run_keras(mode: str, params, split, meta, epochs: int, batch: int) -> dict:
         )  # fmt: skip
         flow = generator.flow(split.images.astype(np.float32), split.labels, batch_size=batch)
         model.fit(flow, steps_per_epoch=steps, epochs=epochs, callbacks=[timer], verbose=0)
-    rates = [steps * batch / s for s in timer.seconds[1:]]
+    rates = rates_between(timer.ends, steps * batch)
     return {"images_per_second": statistics.median(rates), "epoch_rates": rates}
 
 
@@ -128,23 +145,31 @@ def run_pipeline(precision: str, params, split, meta, epochs: int, batch: int) -
     import dataclasses
 
     from pipeline import paths, tracking
+    from pipeline.data import steps_per_epoch
     from pipeline.prepare import Split
-    from pipeline.train import run_training
+    from pipeline.train import EpochRecorder, run_training
 
     train_cfg = dataclasses.replace(
         params.train, epochs=epochs, batch_size=batch, precision=precision
     )
     params = dataclasses.replace(params, train=train_cfg)
     empty = Split(split.images[:0], split.labels[:0])
-    scratch = Path(tempfile.mkdtemp(prefix="bench-"))
-    os.chdir(scratch)
-    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{scratch / 'mlflow.db'}"
-    tracking.connect(scratch)
-    run_training(params, meta, split, empty)
-    summary = json.loads(paths.TRAIN_METRICS.read_text())
-    history = (scratch / paths.HISTORY_FILE).read_text().splitlines()
-    column = history[0].split(",").index("images_per_second")
-    rates = [float(line.split(",")[column]) for line in history[2:]]  # drop epoch 1
+    ends: list[float] = []
+    end_epoch = EpochRecorder.end_epoch
+
+    def timed_end_epoch(self, *args, **kwargs):  # the clock stops once checkpoint and log are done
+        end_epoch(self, *args, **kwargs)
+        ends.append(time.perf_counter())
+
+    EpochRecorder.end_epoch = timed_end_epoch
+    with tempfile.TemporaryDirectory(prefix="bench-") as scratch:
+        os.chdir(scratch)
+        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{Path(scratch) / 'mlflow.db'}"
+        tracking.connect(Path(scratch))
+        run_training(params, meta, split, empty)
+        summary = json.loads(paths.TRAIN_METRICS.read_text())
+        os.chdir(ROOT)  # out of the folder before it is removed
+    rates = rates_between(ends, steps_per_epoch(len(split.labels), batch) * batch)
     return {
         "images_per_second": statistics.median(rates), "epoch_rates": rates,
         "precision": summary["precision"],
@@ -167,6 +192,7 @@ def child(mode: str, args: argparse.Namespace) -> None:
     else:
         result = run_pipeline(mode.split(":")[1], params, split, meta, args.epochs, args.batch_size)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result["peak_gpu_mb"] = device_peak_mb()
     result["onednn"] = onednn_enabled()
     print(json.dumps(result))
 
@@ -185,7 +211,8 @@ def measure(mode: str, args: argparse.Namespace, label: str = "") -> dict:
     measured = json.loads(result.stdout.strip().splitlines()[-1])
     print(
         f"bench: {label}{mode}: {measured['images_per_second']:.1f} img/s "
-        f"({measured['precision']}), peak {measured['peak_rss_mb']:.0f} MB",
+        f"({measured['precision']}), peak {measured['peak_rss_mb']:.0f} MB"
+        + (f", GPU peak {measured['peak_gpu_mb']:.0f} MB" if measured["peak_gpu_mb"] else ""),
         flush=True,
     )
     return measured
@@ -225,6 +252,7 @@ def interleaved(args: argparse.Namespace) -> dict:
             "epoch_rates": rates,
             "precision": runs[0]["precision"],
             "peak_rss_mb": max(run["peak_rss_mb"] for run in runs),
+            "peak_gpu_mb": max((run["peak_gpu_mb"] or 0 for run in runs), default=0) or None,
             "onednn": runs[0]["onednn"],
         }
     return results
@@ -300,10 +328,12 @@ def main() -> None:
         f"\n{report['device']}, oneDNN {onednn_label(report['onednn'])}; {args.rounds} rounds "
         f"of {args.images} images x {args.epochs} epochs, batch {args.batch_size}"
     )
-    print(f"{'run':<26}{'precision':<16}{'img/s':>8}{'peak MB':>10}")
+    gpu = any(r["peak_gpu_mb"] for r in results.values())
+    print(f"{'run':<26}{'precision':<16}{'img/s':>8}{'peak MB':>10}" + ("  GPU MB" if gpu else ""))
     for mode, r in results.items():
         print(
             f"{mode:<26}{r['precision']:<16}{r['images_per_second']:>8.1f}{r['peak_rss_mb']:>10.0f}"
+            + (f"{r['peak_gpu_mb'] or 0:>8.0f}" if gpu else "")
         )
     print(f"b/a pipeline / bare     {report['pipeline_over_bare']:.3f}")
     print(f"b/a both float32        {report['pipeline_float32_over_bare']:.3f}")

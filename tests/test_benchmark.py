@@ -53,6 +53,41 @@ def test_benchmark_runs_every_mode_and_reports_consistent_ratios(tmp_path, raw_p
     )
 
 
+def test_an_epoch_is_timed_from_the_end_of_the_one_before_to_its_own_end():
+    from benchmarks.throughput import rates_between
+
+    assert rates_between([10.0, 12.0, 16.0], 100) == [50.0, 25.0]  # the first epoch dropped
+
+
+def test_the_pipelines_epoch_time_holds_its_checkpoint_and_mlflow_logging(
+    raw_params, mlflow_store, monkeypatch
+):
+    """(b) is the pipeline's whole path: work done after Keras's on_epoch_end counts too."""
+    import dataclasses
+    import time
+
+    from benchmarks.throughput import load_images, run_pipeline
+    from pipeline.config import parse_params
+    from pipeline.train import EpochRecorder
+
+    params = parse_params(raw_params)
+    params = dataclasses.replace(
+        params,
+        model=dataclasses.replace(params.model, stem_filters=4, filters=(4,), units_per_stage=1),
+    )
+    end_epoch = EpochRecorder.end_epoch
+
+    def slow_end_epoch(self, *args):  # a checkpoint and a log that take 1 s
+        end_epoch(self, *args)
+        time.sleep(1.0)
+
+    monkeypatch.setattr(EpochRecorder, "end_epoch", slow_end_epoch)
+    split, meta = load_images(None, 16)
+    measured = run_pipeline("float32", params, split, meta, epochs=3, batch=8)
+    assert len(measured["epoch_rates"]) == 2
+    assert max(measured["epoch_rates"]) < 16  # 16 images an epoch, each over 1 s
+
+
 def test_comparison_precision_measures_float32_beside_reduced_and_bfloat16_only_on_request():
     from benchmarks.throughput import comparison_precision
 
