@@ -31,8 +31,9 @@ Pillow's time is Python (header parsing, mode handling) that holds the GIL.
 Measured on the 2-core development machine (shared with other jobs at the
 time), decoding the 60,000 CIFAR-10 JPEGs (32x32, already in memory) took
 10.2 s on one core, 10.0 s with two threads and 7.1 s with two processes.
-The whole stage on that archive took 14-19 s with a peak RSS of 460 MiB: the
-184 MB of uint8 images, the train/val copies prepare makes, the interpreter.
+The whole stage on that archive took 16 s on 2 EPYC cores with a peak RSS of
+455 MiB (BENCHMARKS.md): the 184 MB of uint8 images, the train/val copies
+prepare makes, the interpreter.
 """
 
 from __future__ import annotations
