@@ -259,7 +259,9 @@ def interleaved(args: argparse.Namespace) -> dict:
 
 
 def device() -> str:
-    import tensorflow as tf
+    from pipeline.startup import import_tensorflow
+
+    tf = import_tensorflow()  # without its start-up lines, as the stages import it
 
     gpus = tf.config.list_physical_devices("GPU")
     if gpus:

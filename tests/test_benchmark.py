@@ -48,6 +48,7 @@ def test_benchmark_runs_every_mode_and_reports_consistent_ratios(tmp_path, raw_p
     assert report["batch_size"] == 32 and report["rounds"] == 2
     assert report["params"] == str(params)
     assert "b/a" in result.stdout and "b/c" in result.stdout
+    assert "absl::InitializeLog" not in result.stdout + result.stderr  # TensorFlow's chatter
     assert report["pipeline_float32_over_bare"] == pytest.approx(
         rate["pipeline:float32" if others else "pipeline:auto"] / rate["bare"]
     )
