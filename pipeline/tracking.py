@@ -128,7 +128,7 @@ def connect(root: Path) -> str:
         with _environment(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="10"):
             if uri.startswith("sqlite:///"):
                 _create_schema_once(uri)
-            return retry_locked(_get_or_create_experiment)(mlflow, root)
+            return retry_locked(_get_or_create_experiment)(mlflow, artifact_location(uri))
     except MlflowException as error:
         refused = _refused(uri, error.get_http_status_code())
         if refused:
@@ -206,15 +206,23 @@ def _refused(uri: str, status: int) -> str | None:
     return None
 
 
-def _get_or_create_experiment(mlflow, root: Path) -> str:
+def artifact_location(uri: str) -> str | None:
+    """Where a new experiment keeps its artifacts: beside a SQLite store's database file.
+
+    Not MLflow's default, `./mlruns` of the working directory: a run in a temporary
+    experiment copy (`dvc exp run --temp`, a queued experiment) would put them in
+    the copy, deleted with it. A server, or another store, decides for itself (None).
+    """
+    if uri.startswith("sqlite:///"):
+        return (Path(uri.removeprefix("sqlite:///")).parent / ARTIFACTS_DIR).as_uri()
+    return None
+
+
+def _get_or_create_experiment(mlflow, location: str | None) -> str:
     from mlflow.exceptions import MlflowException
 
     experiment = mlflow.get_experiment_by_name(EXPERIMENT)
     if experiment is None:
-        # The local store keeps artifacts beside mlflow.db; a server decides for itself.
-        location = (
-            None if os.environ.get("MLFLOW_TRACKING_URI") else (root / ARTIFACTS_DIR).as_uri()
-        )
         try:
             mlflow.create_experiment(EXPERIMENT, artifact_location=location)
         except MlflowException as error:

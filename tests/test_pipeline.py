@@ -87,6 +87,8 @@ def test_repro_runs_all_four_stages(repo, request):
 
     # The MLflow run holds params, per-epoch and test metrics, artifacts and the model.
     experiment = client.get_experiment_by_name("cifar10-resnet")
+    assert experiment.artifact_location == (repo / "mlartifacts").as_uri()  # README's place
+    assert not (repo / "mlruns").exists()
     runs = client.search_runs([experiment.experiment_id])
     assert len(runs) == 1
     logged = runs[0]
