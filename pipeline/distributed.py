@@ -116,6 +116,25 @@ def check_same_start(strategy, epochs_done: int) -> None:
         )
 
 
+def agree_on_overflow(gradients: list) -> list:
+    """In a replica context: every replica's gradients non-finite if any replica's are.
+
+    Keras's LossScaleOptimizer (mixed_float16) looks for inf and NaN in each
+    replica's own gradients, before they are summed across replicas, and only the
+    replicas that find none enter the sum: one worker that overflows alone leaves
+    the others waiting for it until the collective times out. Dynamic loss scaling
+    overflows now and then by design (it doubles the scale until it does), so with
+    this every replica skips the step and halves its scale together. One all-reduce
+    of one number per step.
+    """
+    import tensorflow as tf
+
+    bad = tf.add_n([tf.reduce_sum(tf.cast(~tf.math.is_finite(g), tf.float32)) for g in gradients])
+    bad = tf.distribute.get_replica_context().all_reduce("SUM", bad)
+    poison = tf.where(bad > 0, float("nan"), 0.0)  # g + NaN is NaN; g + 0 is g
+    return [g + tf.cast(poison, g.dtype) for g in gradients]
+
+
 def fit_workers(
     model, strategy, train, val, cfg, steps: int, first_epoch: int, end_epoch, progress=None
 ):
@@ -125,6 +144,7 @@ def fit_workers(
     each epoch with the global loss and accuracy (and validation figures).
     `progress` (a pipeline.train.StepProgress) gives the lines printed within an epoch.
     """
+    import keras
     import tensorflow as tf
 
     from pipeline.data import make_dataset
@@ -132,6 +152,7 @@ def fit_workers(
 
     batch = cfg.batch_size
     optimizer = model.optimizer
+    scaling = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)  # mixed_float16
 
     def shard(context: tf.distribute.InputContext) -> tf.data.Dataset:
         return make_dataset(
@@ -152,6 +173,8 @@ def fit_workers(
                 loss = tf.nn.compute_average_loss(losses, global_batch_size=batch)
                 scaled = optimizer.scale_loss(loss)  # loss scaling under mixed_float16
             gradients = tape.gradient(scaled, model.trainable_variables)
+            if scaling:
+                gradients = agree_on_overflow(gradients)
             optimizer.apply_gradients(zip(gradients, model.trainable_variables, strict=True))
             predicted = tf.argmax(probabilities, axis=1, output_type=labels.dtype)
             right = tf.reduce_sum(tf.cast(predicted == labels, tf.float32))

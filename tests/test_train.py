@@ -293,6 +293,27 @@ def test_every_public_store_call_waits_out_a_locked_sqlite_store():
     assert unguarded == ["connect", "store_lock"]
 
 
+def test_artifacts_go_beside_the_sqlite_store_whatever_the_working_directory(
+    mlflow_store, tmp_path, monkeypatch
+):
+    """Not MLflow's ./mlruns: in a temporary experiment copy (`dvc exp run --temp`, the
+    queue) that is the copy, deleted with every artifact and registered model in it."""
+    from pipeline import tracking
+
+    repo, copy, other = tmp_path / "repo", tmp_path / "exp-copy", tmp_path / "other"
+    for folder in (repo, copy, other):
+        folder.mkdir()
+    monkeypatch.chdir(copy)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    experiment = tracking.connect(repo)
+    assert mlflow.get_experiment(experiment).artifact_location == (repo / "mlartifacts").as_uri()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{other / 'team.db'}")  # the user's own
+    experiment = tracking.connect(repo)
+    assert mlflow.get_experiment(experiment).artifact_location == (other / "mlartifacts").as_uri()
+    assert tracking.artifact_location("http://tracking:5000") is None  # a server decides
+    assert not (copy / "mlruns").exists()
+
+
 def test_a_run_the_store_no_longer_has_is_replaced_by_a_new_one(mlflow_store, capsys):
     from pipeline import tracking
 
@@ -1072,6 +1093,28 @@ def test_two_workers_train_once_and_only_the_chief_writes(prepared_repo, tmp_pat
     # The other worker wrote nothing: no model, metrics, MLflow store or recovery state.
     for name in ("models", "metrics", "mlflow.db", "mlartifacts", ".train-state"):
         assert not (worker / name).exists(), name
+
+
+@pytest.mark.slow
+def test_an_overflow_on_one_worker_is_skipped_by_every_worker(tmp_path):
+    """mixed_float16: Keras's loss-scale optimizer checks each worker's own gradients, and a
+    worker that overflowed alone left the others in the gradient sum until it timed out."""
+    from tests.repo import free_ports
+
+    ports = ",".join(map(str, free_ports(2)))
+    script = str(ROOT / "tests" / "overflow_worker.py")
+    with Background(tmp_path) as background:
+        workers = [
+            background.start([sys.executable, script, ports, str(i)], tmp_path, stage_env())
+            for i in (0, 1)
+        ]
+        outputs = background.wait(*workers, timeout=240)
+    assert [w.returncode for w in workers] == [0, 0], outputs
+    for output in outputs:  # the second step skipped, its scale halved, on both
+        scales = [line for line in output.splitlines() if line.startswith("scale")]
+        assert scales == ["scale 32768", "scale 16384", "scale 16384"], output
+    weights = [next(x for x in out.splitlines() if x.startswith("weights")) for out in outputs]
+    assert weights[0] == weights[1]
 
 
 @pytest.mark.slow
