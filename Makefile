@@ -43,10 +43,11 @@ test-fast: venv
 ui: venv
 	$(IN_VENV) $(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --port $(or $(PORT),5000)
 
-# A team's MLflow tracking server (README, "Scaling out"). Settings from the environment or
-# the command line, e.g. make tracking-server MLFLOW_BACKEND_STORE_URI=postgresql://... \
-#   MLFLOW_ARTIFACTS_DESTINATION=s3://... MLFLOW_SERVER_HOST=0.0.0.0 MLFLOW_SERVER_PORT=5000;
-# MLFLOW_AUTH_ADMIN_PASSWORD on the first start; ARGS='...' for any other option.
+# A team's MLflow tracking server (README, "Scaling out"). Settings from the environment,
+# e.g. export MLFLOW_BACKEND_STORE_URI=postgresql://... (a password on make's command line
+# shows in `ps` while the server runs), then make tracking-server MLFLOW_SERVER_HOST=0.0.0.0
+# MLFLOW_ARTIFACTS_DESTINATION=s3://...; MLFLOW_AUTH_ADMIN_PASSWORD on the first start;
+# ARGS='...' for any other option.
 tracking-server: venv
 	$(IN_VENV) $(BIN)/python -m pipeline.server $(ARGS)
 

@@ -57,6 +57,12 @@ class Cluster:
             ) from None
         if kind not in ("chief", "worker"):
             raise PipelineError(f"TF_CONFIG task type must be chief or worker, got {kind!r}")
+        listed = len(chiefs if kind == "chief" else workers)
+        if not 0 <= index < listed:
+            raise PipelineError(
+                f"TF_CONFIG task index {index} is not one of the {listed} {kind}s listed in "
+                f"its cluster (0 to {listed - 1})"
+            )
         position = index + (len(chiefs) if kind == "worker" else 0)
         chief = kind == "chief" or (not chiefs and index == 0)
         return cls(len(chiefs) + len(workers), position, chief)

@@ -142,9 +142,11 @@ def fetch(
     # and what an earlier data.url left there is removed only after success.
     local = _local_path(url) if url.startswith("file://") else None
     if local is not None and not local.exists():
+        hint = "" if url.startswith("file:///") else (
+            f"A local path needs three slashes, e.g. file:///path/to/{name}; "
+        )  # fmt: skip
         raise DownloadError(
-            f"{url} (data.url): no such file or folder {local}. A local path needs three "
-            f"slashes, e.g. file:///path/to/{name}; fix data.url: {FIX_HINT}"
+            f"{url} (data.url): no such file or folder {local}. {hint}fix data.url: {FIX_HINT}"
         )
     folder = local if local is not None and local.is_dir() else None
     if folder is not None and md5:
@@ -316,7 +318,13 @@ def _local_path(url: str) -> Path | None:
 def _copy_local(url: str, part: Path, name: str, progress: Progress) -> str:
     """Copy a file:// URL into `part` the same way, in chunks; return the md5."""
     source = _local_path(url)
-    if source is None or not source.is_file():
+    if source is None:  # file://data/x.tar.gz: "data" is read as a host name
+        raise DownloadError(
+            f"{url} (data.url) names the host {urllib.parse.urlsplit(url).netloc!r}, not a path "
+            f"on this machine. A local path needs three slashes, e.g. file:///path/to/{name}; "
+            f"fix data.url: {FIX_HINT}"
+        )
+    if not source.is_file():
         raise DownloadError(
             f"{url} (data.url): no such file {source}. A local copy needs an absolute path with "
             f"three slashes, e.g. file:///path/to/{name}; fix data.url: {FIX_HINT}"

@@ -1,7 +1,7 @@
 """A team's MLflow tracking server: runs in PostgreSQL, artifacts proxied, logins required.
 
+    export MLFLOW_BACKEND_STORE_URI=postgresql://mlflow:PASSWORD@db-host:5432/mlflow
     python -m pipeline.server \\
-        --backend-store-uri postgresql://mlflow:PASSWORD@db-host:5432/mlflow \\
         --artifacts-destination s3://team-bucket/mlflow --host 0.0.0.0 --port 5000
     make tracking-server    # the same, each option from its environment variable
 
@@ -192,12 +192,20 @@ def redact(uri: str) -> str:
     return re.sub(r"([?&]password=)[^&#]*", r"\1***", uri, flags=re.IGNORECASE)
 
 
-def check_database(uri: str, option: str) -> None:
-    """Connect once, so a wrong URI or a database that is down fails now, in one line."""
+def check_database(uri: str, option: str, private: bool = False) -> None:
+    """Connect once, so a wrong URI or a database that is down fails now, in one line.
+
+    private: a SQLite file only its owner may read (0600), as the users' password
+    hashes in the auth database must be; an existing one is narrowed too.
+    """
     import sqlalchemy
 
     if uri.startswith("sqlite:///"):
-        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        path = Path(uri.removeprefix("sqlite:///"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if private:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))  # an empty file: a new DB
+            os.chmod(path, 0o600)
     try:
         # Seconds: a host that drops packets fails in 10 s, not after the OS's minutes.
         timeout = {"connect_timeout": 10} if uri.startswith("postgresql") else {}
@@ -271,7 +279,7 @@ def mlflow_server_args(cfg: ServerConfig) -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_args(argv)
     check_database(cfg.backend_store_uri, "--backend-store-uri")
-    check_database(cfg.auth_database_uri, "--auth-database-uri")
+    check_database(cfg.auth_database_uri, "--auth-database-uri", private=True)
     if "://" not in cfg.artifacts_destination:
         Path(cfg.artifacts_destination).mkdir(parents=True, exist_ok=True)
     os.environ["MLFLOW_AUTH_CONFIG_PATH"] = str(write_auth_config(cfg))

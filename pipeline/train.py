@@ -502,7 +502,8 @@ def finish(params: Params, meta: dict, train: Split, val: Split, model, state, s
         tracking.end_run(state.run_id)
     store.clear()
     print(
-        f"train: done, {state.epochs_done} epochs in {_duration(state.wall_time_s)}; "
+        f"train: done, {state.epochs_done} epoch{'s' * (state.epochs_done != 1)} in "
+        f"{_duration(state.wall_time_s)}; "
         f"{summary['images_per_second']:.0f} img/s; saved {paths.MODEL_FILE}",
         flush=True,
     )

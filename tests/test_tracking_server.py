@@ -107,6 +107,15 @@ def test_auth_config_is_private_and_readable_by_mlflow(tmp_path):
     assert (cfg.state_dir / "flask_secret_key").stat().st_mode & 0o777 == 0o600
 
 
+def test_the_auth_database_with_the_password_hashes_is_private(tmp_path):
+    auth = tmp_path / "state" / "basic_auth.db"
+    launcher.check_database(f"sqlite:///{auth}", "--auth-database-uri", private=True)
+    assert auth.stat().st_mode & 0o777 == 0o600
+    auth.chmod(0o644)  # made by an earlier version, world-readable
+    launcher.check_database(f"sqlite:///{auth}", "--auth-database-uri", private=True)
+    assert auth.stat().st_mode & 0o777 == 0o600
+
+
 def test_the_admin_option_wins_and_a_missing_password_names_the_variable(
     tmp_path, monkeypatch, capsys
 ):

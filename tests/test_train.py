@@ -1159,3 +1159,22 @@ def test_a_diverged_training_stops_at_the_epoch_and_keeps_the_last_good_state(
     assert not Path("models/model.keras").exists()
     state = json.loads(Path(".train-state/state.json").read_text())
     assert state["epochs_done"] == 0 and state["history"] == []
+
+
+def test_tf_config_is_read_into_the_workers_place_and_a_wrong_index_is_one_line(monkeypatch):
+    from pipeline.distributed import Cluster
+
+    def cluster(task: dict, **members) -> Cluster:
+        monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": members, "task": task}))
+        return Cluster.from_environment()
+
+    two = {"worker": ["a:1", "b:1"]}
+    assert cluster({"type": "worker", "index": 1}, **two) == Cluster(2, 1, False)
+    assert cluster({"type": "worker", "index": 0}, **two) == Cluster(2, 0, True)
+    assert cluster({"type": "worker", "index": 0}, chief=["c:1"], **two) == Cluster(3, 1, False)
+    with pytest.raises(PipelineError, match=r"task index 5 is not one of the 2 workers listed"):
+        cluster({"type": "worker", "index": 5}, **two)
+    with pytest.raises(PipelineError, match="TF_CONFIG is not a cluster description"):
+        cluster({"type": "worker"}, **two)
+    monkeypatch.delenv("TF_CONFIG")
+    assert Cluster.from_environment() == Cluster()
