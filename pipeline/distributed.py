@@ -6,7 +6,8 @@ batch, each worker reads its own shard of every epoch (see
 `pipeline.data.make_dataset(shard=...)`), gradients are all-reduced, and only
 the chief (task `chief`, else worker 0) writes outputs, logs to MLflow and
 saves the model. Several local GPUs without TF_CONFIG use MirroredStrategy and
-Keras's `fit`.
+Keras's `fit`. Under mixed_float16 both use `pipeline.optimizer`'s loss-scale
+optimizer, which makes every replica skip a step that overflowed on any.
 
 Keras 3's `fit` does not run under MultiWorkerMirroredStrategy
 (keras-team/keras#20585, open; reproduced here with Keras 3.15 / TF 2.21: a
@@ -126,19 +127,19 @@ def agree_on_overflow(gradients: list) -> list:
     """In a replica context: every replica's gradients non-finite if any replica's are.
 
     Keras's LossScaleOptimizer (mixed_float16) looks for inf and NaN in each
-    replica's own gradients, before they are summed across replicas, and only the
-    replicas that find none enter the sum: one worker that overflows alone leaves
-    the others waiting for it until the collective times out. Dynamic loss scaling
-    overflows now and then by design (it doubles the scale until it does), so with
-    this every replica skips the step and halves its scale together. One all-reduce
-    of one number per step.
+    replica's own gradients, before they are summed across replicas (see
+    `pipeline.optimizer.AgreedLossScaleOptimizer`, which calls this). Dynamic loss
+    scaling overflows now and then by design (it doubles the scale until it does),
+    so with this every replica skips the step and halves its scale together. One
+    all-reduce of one number per step.
     """
     import tensorflow as tf
 
-    bad = tf.add_n([tf.reduce_sum(tf.cast(~tf.math.is_finite(g), tf.float32)) for g in gradients])
+    given = [g for g in gradients if g is not None]
+    bad = tf.add_n([tf.reduce_sum(tf.cast(~tf.math.is_finite(g), tf.float32)) for g in given])
     bad = tf.distribute.get_replica_context().all_reduce("SUM", bad)
     poison = tf.where(bad > 0, float("nan"), 0.0)  # g + NaN is NaN; g + 0 is g
-    return [g + tf.cast(poison, g.dtype) for g in gradients]
+    return [None if g is None else g + tf.cast(poison, g.dtype) for g in gradients]
 
 
 def fit_workers(
@@ -150,15 +151,13 @@ def fit_workers(
     each epoch with the global loss and accuracy (and validation figures).
     `progress` (a pipeline.train.StepProgress) gives the lines printed within an epoch.
     """
-    import keras
     import tensorflow as tf
 
     from pipeline.data import make_dataset
     from pipeline.model import crossentropy
 
     batch = cfg.batch_size
-    optimizer = model.optimizer
-    scaling = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)  # mixed_float16
+    optimizer = model.optimizer  # under mixed_float16 it agrees on overflows across workers
 
     def shard(context: tf.distribute.InputContext) -> tf.data.Dataset:
         return make_dataset(
@@ -179,8 +178,6 @@ def fit_workers(
                 loss = tf.nn.compute_average_loss(losses, global_batch_size=batch)
                 scaled = optimizer.scale_loss(loss)  # loss scaling under mixed_float16
             gradients = tape.gradient(scaled, model.trainable_variables)
-            if scaling:
-                gradients = agree_on_overflow(gradients)
             optimizer.apply_gradients(zip(gradients, model.trainable_variables, strict=True))
             predicted = tf.argmax(probabilities, axis=1, output_type=labels.dtype)
             right = tf.reduce_sum(tf.cast(predicted == labels, tf.float32))

@@ -2,13 +2,39 @@
 
 from __future__ import annotations
 
+import keras
+
 from pipeline.config import TrainParams
+
+
+@keras.saving.register_keras_serializable(package="pipeline")
+class AgreedLossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
+    """Keras's dynamic loss scaling (mixed_float16), with every replica skipping an overflow.
+
+    Keras 3.15 checks each replica's own gradients for inf and NaN before they are
+    summed across replicas. Under MirroredStrategy (several local GPUs) it then
+    takes the first replica's verdict for all of them, so an overflow on another
+    replica entered the sum and made every weight NaN (reproduced on two logical
+    CPUs, tests/overflow_worker.py); under MultiWorkerMirroredStrategy each
+    worker follows its own verdict, and the ones that did not overflow waited in
+    the sum until the collective timed out. One all-reduce of one number per step
+    (`pipeline.distributed.agree_on_overflow`) gives every replica the same
+    verdict. Saved in training checkpoints; the exported model has no optimizer.
+    """
+
+    def apply(self, grads, trainable_variables=None):
+        import tensorflow as tf
+
+        from pipeline.distributed import agree_on_overflow
+
+        context = tf.distribute.get_replica_context()  # None in a cross-replica context
+        if context is not None and context.num_replicas_in_sync > 1:
+            grads = agree_on_overflow(grads)
+        return super().apply(grads, trainable_variables)
 
 
 def make_schedule(params: TrainParams, total_steps: int):
     """The learning rate per step: a float, or a schedule Keras evaluates each step."""
-    import keras
-
     if params.lr_schedule == "constant":
         return params.learning_rate
     if params.lr_schedule == "cosine":
@@ -29,18 +55,22 @@ def make_schedule(params: TrainParams, total_steps: int):
     )
 
 
-def make_optimizer(params: TrainParams, total_steps: int):
+def make_optimizer(params: TrainParams, total_steps: int, precision: str = "float32"):
     """The optimizer `train.optimizer` names, with the schedule and decoupled weight decay.
 
     adam is the tutorial's (AdamW when weight_decay > 0). sgd uses Nesterov
-    momentum 0.9, the usual partner of onecycle schedules on CIFAR-10.
+    momentum 0.9, the usual partner of onecycle schedules on CIFAR-10. Under
+    mixed_float16 (the resolved policy) it is wrapped in dynamic loss scaling,
+    as Keras's `compile` would, but with the replicas agreeing on overflows.
     """
-    import keras
-
     learning_rate = make_schedule(params, total_steps)
     weight_decay = params.weight_decay or None  # Keras: None skips the decay step
     if params.optimizer == "sgd":
-        return keras.optimizers.SGD(
+        optimizer = keras.optimizers.SGD(
             learning_rate, momentum=0.9, nesterov=True, weight_decay=weight_decay
         )
-    return keras.optimizers.Adam(learning_rate, weight_decay=weight_decay)
+    else:
+        optimizer = keras.optimizers.Adam(learning_rate, weight_decay=weight_decay)
+    if precision == "mixed_float16":
+        return AgreedLossScaleOptimizer(optimizer)
+    return optimizer

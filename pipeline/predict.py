@@ -172,9 +172,9 @@ def _mlflow_predictor(uri: str) -> Predictor:
     # Registry and run URIs are read through the tracking store; reading must not create
     # one, and a default SQLite store that is not there means we run outside the repository.
     store = tracking.tracking_uri(tracking.repository_root())
-    local = store.removeprefix("sqlite:///")
+    local = tracking.sqlite_file(store)
     needs_store = uri.startswith(("models:/", "runs:/", "mlflow-artifacts:/"))
-    if needs_store and store.startswith("sqlite:///") and not Path(local).is_file():
+    if needs_store and local is not None and not local.is_file():
         raise PipelineError(
             f"cannot load model {uri}: no MLflow store at {local}; run this from the "
             "repository root, or set MLFLOW_TRACKING_URI to the tracking server"

@@ -38,11 +38,44 @@ class TrainState:
     # Set once the trained model is logged: a rerun after a later failure (the store
     # down when the run is marked finished) does not log it again.
     model_uri: str | None = None
+    # What the fingerprint hashes (pipeline.train.resume_basis), to say what changed.
+    basis: dict | None = None
 
 
 def fingerprint(*parts: object) -> str:
     text = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def changes(old: dict | None, new: dict | None, shown: int = 4) -> str:
+    """What differs between two resume bases, for the line that discards a state.
+
+    A basis is {"params": {dotted: value}, "meta": meta.json, "data": digest,
+    "precision": policy, "workers": count}; a state written before bases were
+    kept has none, and then only "other params or data" can be said.
+    """
+    if not old or not new:
+        return "other params or data"
+    new = json.loads(json.dumps(new, default=str))  # as stored: tuples are lists
+    found = []
+    for key in dict.fromkeys([*new.get("params", {}), *old.get("params", {})]):
+        before = old.get("params", {}).get(key, "(none)")
+        after = new.get("params", {}).get(key, "(none)")
+        if before != after:
+            found.append(f"{key} {before} -> {after}")
+    for key in ("precision", "workers"):
+        if old.get(key) != new.get(key):
+            found.append(f"{key} {old.get(key)} -> {new.get(key)}")
+    meta = [k for k in dict.fromkeys([*new.get("meta", {}), *old.get("meta", {})])
+            if old.get("meta", {}).get(k) != new.get("meta", {}).get(k)]  # fmt: skip
+    if meta:
+        found.append(f"data/prepared's {', '.join(meta)}")
+    elif old.get("data") != new.get("data"):
+        found.append("data/prepared's images or labels")
+    if not found:
+        return "other params or data"
+    more = f" and {len(found) - shown} more" if len(found) > shown else ""
+    return "other settings: " + "; ".join(found[:shown]) + more
 
 
 def _fsync(path: Path) -> None:
@@ -72,14 +105,16 @@ class StateStore:
         self.writable = writable
         self.discarded: TrainState | None = None  # what load() threw away, for its MLflow run
 
-    def load(self, expected_fingerprint: str) -> TrainState | None:
-        """The saved state if it belongs to these params and data, else None (and discard it)."""
+    def load(self, expected_fingerprint: str, basis: dict | None = None) -> TrainState | None:
+        """The saved state if it belongs to these params and data, else None (and discard it).
+
+        basis: what expected_fingerprint was computed from, to name what changed."""
         try:
             state = TrainState(**json.loads((self.directory / STATE_FILE).read_text()))
         except (OSError, ValueError, TypeError):
             return None
         if state.fingerprint != expected_fingerprint:
-            reason = "it belongs to other params or data"
+            reason = f"it belongs to {changes(state.basis, basis)}"
         elif state.epochs_done and not (
             state.checkpoint and (self.directory / state.checkpoint).is_file()
         ):

@@ -200,8 +200,10 @@ def check_database(uri: str, option: str, private: bool = False) -> None:
     """
     import sqlalchemy
 
-    if uri.startswith("sqlite:///"):
-        path = Path(uri.removeprefix("sqlite:///"))
+    from pipeline.tracking import sqlite_file
+
+    path = sqlite_file(uri)
+    if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         if private:
             os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))  # an empty file: a new DB

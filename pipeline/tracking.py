@@ -57,6 +57,11 @@ def tracking_uri(root: Path) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root / DB_FILE}"
 
 
+def sqlite_file(uri: str) -> Path | None:
+    """The database file of a `sqlite:///` URI (`sqlite:////abs/path`, or relative), else None."""
+    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+
+
 def _is_locked(error: Exception) -> bool:
     text = str(error)
     code = getattr(error, "error_code", "")
@@ -126,7 +131,7 @@ def connect(root: Path) -> str:
     try:
         # Fail in seconds, not after MLflow's default 4 minutes of HTTP retries.
         with _environment(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="10"):
-            if uri.startswith("sqlite:///"):
+            if sqlite_file(uri):
                 _create_schema_once(uri)
             return retry_locked(_get_or_create_experiment)(mlflow, artifact_location(uri))
     except MlflowException as error:
@@ -151,11 +156,10 @@ def store_lock():
 
     import mlflow
 
-    uri = mlflow.get_tracking_uri()
-    if not uri.startswith("sqlite:///"):
+    database = sqlite_file(mlflow.get_tracking_uri())
+    if database is None:
         yield
         return
-    database = Path(uri.removeprefix("sqlite:///"))
     with open(database.with_name(database.name + ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
@@ -167,7 +171,7 @@ def store_lock():
 def _create_schema_once(uri: str) -> None:
     from mlflow import MlflowClient
 
-    database = Path(uri.removeprefix("sqlite:///"))
+    database = sqlite_file(uri)
     if not database.parent.is_dir():
         raise TrackingError(f"{uri}: the folder {database.parent} does not exist")
     with store_lock():
@@ -213,9 +217,8 @@ def artifact_location(uri: str) -> str | None:
     experiment copy (`dvc exp run --temp`, a queued experiment) would put them in
     the copy, deleted with it. A server, or another store, decides for itself (None).
     """
-    if uri.startswith("sqlite:///"):
-        return (Path(uri.removeprefix("sqlite:///")).parent / ARTIFACTS_DIR).as_uri()
-    return None
+    database = sqlite_file(uri)
+    return None if database is None else (database.parent / ARTIFACTS_DIR).as_uri()
 
 
 def _get_or_create_experiment(mlflow, location: str | None) -> str:

@@ -316,7 +316,7 @@ def compiled_model(params: Params, meta: dict, state, store, steps: int, device:
         optimizer = model.optimizer  # restored with its state: moments and step count
     else:
         model = build_network(params, meta)
-        optimizer = make_optimizer(cfg, steps * cfg.epochs)
+        optimizer = make_optimizer(cfg, steps * cfg.epochs, device.precision)
     model.compile(
         optimizer=optimizer,
         loss=SmoothedCrossentropy(cfg.label_smoothing),
@@ -337,19 +337,28 @@ def build_network(params: Params, meta: dict):
     )  # fmt: skip
 
 
-def resume_key(
+def resume_basis(
     params: Params, meta: dict, train: Split, val: Split, precision: str, workers: int
-) -> str:
+) -> dict:
     """What a recovery state must match to be resumed: training params, data, precision, workers.
 
     The data by content (data.url or data.md5 may change with the same images);
     evaluate.* not at all, so an evaluation edit never restarts a training.
     """
     from pipeline.prepare import data_digest
-    from pipeline.resume import fingerprint
 
     data = data_digest(train.images, train.labels, val.images, val.labels)
-    return fingerprint(training_params(params), meta, data, precision, workers)
+    return {
+        "params": training_params(params), "meta": meta, "data": data,
+        "precision": precision, "workers": workers,
+    }  # fmt: skip
+
+
+def resume_key(basis: dict) -> str:
+    """The recovery state's fingerprint: a hash of its basis."""
+    from pipeline.resume import fingerprint
+
+    return fingerprint(*basis.values())
 
 
 def run_training(
@@ -382,8 +391,9 @@ def run_training(
     steps = steps_per_epoch(len(train.labels), cfg.batch_size)
     # Only the chief writes the recovery state; the other workers read it to resume too.
     store = StateStore(paths.TRAIN_STATE_DIR, writable=cluster.chief)
-    expected = resume_key(params, meta, train, val, device.precision, cluster.workers)
-    state = store.load(expected) or TrainState(fingerprint=expected)
+    basis = resume_basis(params, meta, train, val, device.precision, cluster.workers)
+    expected = resume_key(basis)
+    state = store.load(expected, basis) or TrainState(fingerprint=expected, basis=basis)
     with strategy.scope():
         model = compiled_model(params, meta, state, store, steps, device)
 

@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import time
 import urllib.request
@@ -30,6 +31,7 @@ from pipeline.train import (
     check_fits,
     epoch_line,
     logged_params,
+    resume_basis,
     resume_key,
     training_params,
 )
@@ -120,6 +122,30 @@ def test_compiled_model_uses_the_params_optimizer_and_loss(raw_params):
     assert model.loss.label_smoothing == 0.1
 
 
+def test_mixed_float16_checkpoints_keep_the_overflow_agreeing_loss_scaling(raw_params, tmp_path):
+    """Under mixed_float16 the optimizer is ours, not the one Keras's compile would wrap, and
+    a recovery checkpoint restores it as such, with its loss scale."""
+    from pipeline.optimizer import AgreedLossScaleOptimizer
+
+    params = dataclasses.replace(parse_params(raw_params).train, optimizer="sgd")
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        model = keras.Sequential([
+            keras.Input((3,)), keras.layers.Dense(4), keras.layers.Dense(2, dtype="float32"),
+        ])  # fmt: skip
+        model.compile(optimizer=make_optimizer(params, 100, "mixed_float16"), loss="mse")
+        assert isinstance(model.optimizer, AgreedLossScaleOptimizer)
+        assert isinstance(model.optimizer.inner_optimizer, keras.optimizers.SGD)
+        model.fit(np.ones((8, 3)) * 1e5, np.zeros((8, 2)), batch_size=8, verbose=0)  # overflows
+        model.save(tmp_path / "checkpoint.keras")
+        restored = keras.models.load_model(tmp_path / "checkpoint.keras").optimizer
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert isinstance(restored, AgreedLossScaleOptimizer)
+    assert float(restored.dynamic_scale) == 16384.0  # 32768 halved by the overflow
+    assert isinstance(make_optimizer(params, 100, "mixed_bfloat16"), keras.optimizers.SGD)
+
+
 def test_training_params_are_the_sections_the_train_stage_declares(raw_params):
     stage = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["train"]
     assert tuple(stage["params"]) == TRAINING_SECTIONS == ("model", "train")
@@ -147,7 +173,7 @@ def test_resume_key_follows_the_training_params_and_the_data_by_content(raw_para
         for dotted, value in (edits or {}).items():
             section, name = dotted.split(".")
             raw[section][name] = value
-        return resume_key(parse_params(raw), meta, train, val, "float32", 1)
+        return resume_key(resume_basis(parse_params(raw), meta, train, val, "float32", 1))
 
     same = key()
     assert key() == same
@@ -273,6 +299,38 @@ def test_recovery_state_is_kept_for_its_run_until_params_change(tmp_path, capsys
     assert store.load("other") is None
     assert "(it belongs to other params or data)" in capsys.readouterr().out
     assert not store.directory.exists()
+
+
+def test_a_discarded_recovery_state_says_what_changed(raw_params, tmp_path, capsys):
+    """Twenty epochs of recovery state are thrown away when the training changes: the line
+    names the change, a param, the precision `auto` resolved to here, or the data."""
+    from pipeline.prepare import Split
+    from pipeline.resume import StateStore, TrainState
+
+    params, meta, train, val = tiny_training(raw_params)
+    store = StateStore(tmp_path / "state")
+
+    def discarded(old: dict, new: dict) -> str:
+        store.record(TrainState(fingerprint=resume_key(old), run_id="RUN1", basis=old))
+        assert store.load(resume_key(new), new) is None
+        return capsys.readouterr().out
+
+    basis = resume_basis(params, meta, train, val, "float32", 1)
+    faster = dataclasses.replace(params, train=dataclasses.replace(params.train, epochs=30))
+    out = discarded(basis, resume_basis(faster, meta, train, val, "mixed_bfloat16", 1))
+    assert out == (
+        f"train: discarding recovery state in {store.directory} (it belongs to other "
+        "settings: train.epochs 1 -> 30; precision float32 -> mixed_bfloat16)\n"
+    )
+    relabelled = Split(train.images, 1 - train.labels)
+    out = discarded(basis, resume_basis(params, meta, relabelled, val, "float32", 1))
+    assert "(it belongs to other settings: data/prepared's images or labels)" in out
+    # Tuples, as the params hold them, compare equal to the lists state.json stores.
+    wider = dataclasses.replace(params, model=dataclasses.replace(params.model, filters=(4, 8)))
+    out = discarded(
+        basis, resume_basis(wider, {**meta, "mean": [1.0] * 3}, train, val, "float32", 2)
+    )
+    assert "settings: model.filters [4] -> [4, 8]; workers 1 -> 2; data/prepared's mean)" in out
 
 
 def test_every_public_store_call_waits_out_a_locked_sqlite_store():
@@ -1118,6 +1176,23 @@ def test_an_overflow_on_one_worker_is_skipped_by_every_worker(tmp_path):
 
 
 @pytest.mark.slow
+def test_an_overflow_on_one_local_replica_is_skipped_not_summed_into_nan_weights():
+    """Several local GPUs (MirroredStrategy, Keras's fit), here two logical CPUs: Keras's
+    loss-scale optimizer took replica 0's verdict for all, so replica 1's overflowed
+    gradients entered the sum and every weight became NaN."""
+    script = str(ROOT / "tests" / "overflow_worker.py")
+    done = subprocess.run(
+        [sys.executable, script, "mirrored"], capture_output=True, text=True, timeout=240,
+        env=stage_env(),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    scales = [line for line in done.stdout.splitlines() if line.startswith("scale")]
+    assert scales == ["scale 32768", "scale 16384", "scale 16384"], done.stdout
+    weights = json.loads(next(x for x in done.stdout.splitlines() if x.startswith("weights"))[8:])
+    assert len(weights) == 16 and np.isfinite(weights).all(), weights
+
+
+@pytest.mark.slow
 def test_a_dead_worker_ends_the_run_with_a_clear_error(prepared_repo, tmp_path):
     repos = worker_repos(prepared_repo, tmp_path)
     with Background(tmp_path) as background:
@@ -1178,3 +1253,43 @@ def test_tf_config_is_read_into_the_workers_place_and_a_wrong_index_is_one_line(
         cluster({"type": "worker"}, **two)
     monkeypatch.delenv("TF_CONFIG")
     assert Cluster.from_environment() == Cluster()
+
+
+def test_a_mixed_float16_training_resumes_from_its_checkpoint(
+    raw_params, mlflow_store, tmp_path, monkeypatch
+):
+    """The recovery checkpoint holds pipeline.optimizer's loss-scale optimizer: a stopped
+    mixed_float16 training reloads it and goes on from the next epoch in the same run."""
+    from pipeline import tracking
+    from pipeline.errors import end_mlflow_run
+    from pipeline.train import EpochRecorder, run_training
+
+    params, meta, train, empty = tiny_training(raw_params, epochs=2)
+    params = dataclasses.replace(
+        params, train=dataclasses.replace(params.train, precision="mixed_float16")
+    )
+    monkeypatch.chdir(tmp_path)
+    tracking.connect(tmp_path)
+    original = EpochRecorder.end_epoch
+
+    def stop_after_the_first(self, model, epoch, *args):
+        original(self, model, epoch, *args)
+        if epoch == 0:
+            raise KeyboardInterrupt  # as a Ctrl-C after the epoch's checkpoint
+
+    with monkeypatch.context() as patch:
+        patch.setattr(EpochRecorder, "end_epoch", stop_after_the_first)
+        with pytest.raises(KeyboardInterrupt):
+            run_training(params, meta, train, empty)
+    end_mlflow_run("KILLED")  # as the stage's interrupt handler does
+    assert json.loads(Path(".train-state/state.json").read_text())["epochs_done"] == 1
+    try:
+        run_training(params, meta, train, empty)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    summary = json.loads(Path("metrics/train.json").read_text())
+    assert summary["epochs"] == 2 and summary["precision"] == "mixed_float16", summary
+    runs = mlflow.search_runs(experiment_names=["cifar10-resnet"], output_format="list")
+    assert len(runs) == 1
+    history = mlflow.MlflowClient().get_metric_history(runs[0].info.run_id, "loss")
+    assert [m.step for m in history] == [1, 2]
