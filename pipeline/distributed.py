@@ -136,7 +136,12 @@ def agree_on_overflow(gradients: list) -> list:
     import tensorflow as tf
 
     given = [g for g in gradients if g is not None]
-    bad = tf.add_n([tf.reduce_sum(tf.cast(~tf.math.is_finite(g), tf.float32)) for g in given])
+    if any(isinstance(g, tf.IndexedSlices) for g in given):  # sparse: not from this network
+        given = [tf.convert_to_tensor(g) for g in given]
+        gradients = [None if g is None else tf.convert_to_tensor(g) for g in gradients]
+    bad = tf.constant(0.0)  # the same all-reduce on every replica, even with no gradients
+    for g in given:
+        bad += tf.reduce_sum(tf.cast(~tf.math.is_finite(g), tf.float32))
     bad = tf.distribute.get_replica_context().all_reduce("SUM", bad)
     poison = tf.where(bad > 0, float("nan"), 0.0)  # g + NaN is NaN; g + 0 is g
     return [None if g is None else g + tf.cast(poison, g.dtype) for g in gradients]

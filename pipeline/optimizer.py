@@ -12,14 +12,16 @@ class AgreedLossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
     """Keras's dynamic loss scaling (mixed_float16), with every replica skipping an overflow.
 
     Keras 3.15 checks each replica's own gradients for inf and NaN before they are
-    summed across replicas. Under MirroredStrategy (several local GPUs) it then
-    takes the first replica's verdict for all of them, so an overflow on another
-    replica entered the sum and made every weight NaN (reproduced on two logical
-    CPUs, tests/overflow_worker.py); under MultiWorkerMirroredStrategy each
-    worker follows its own verdict, and the ones that did not overflow waited in
-    the sum until the collective timed out. One all-reduce of one number per step
-    (`pipeline.distributed.agree_on_overflow`) gives every replica the same
-    verdict. Saved in training checkpoints; the exported model has no optimizer.
+    summed across replicas. Where MirroredStrategy goes through merge_call (its
+    graph without XLA) it takes the first replica's verdict for all of them, so an
+    overflow on another replica entered the sum and made every weight NaN
+    (reproduced on two logical CPUs, tests/overflow_worker.py). Elsewhere (the
+    multi-worker loop, MirroredStrategy on GPUs with XLA) each replica follows its
+    own verdict: the ones that did not overflow wait in the sum for the one that
+    skipped, until the collective times out, or the replicas' weights part. One
+    all-reduce of one number per step (`pipeline.distributed.agree_on_overflow`)
+    gives every replica the same verdict. Saved in training checkpoints; the
+    exported model has no optimizer.
     """
 
     def apply(self, grads, trainable_variables=None):
@@ -53,6 +55,20 @@ def make_schedule(params: TrainParams, total_steps: int):
         warmup_target=params.learning_rate,
         warmup_steps=warmup,
     )
+
+
+def agreeing(optimizer, variables):
+    """`optimizer`; a restored plain LossScaleOptimizer (a recovery checkpoint written
+    before AgreedLossScaleOptimizer existed) as ours, with its state and loss scale."""
+    if type(optimizer) is not keras.optimizers.LossScaleOptimizer:
+        return optimizer
+    agreed = AgreedLossScaleOptimizer(
+        optimizer.inner_optimizer, optimizer.initial_scale, optimizer.dynamic_growth_steps
+    )
+    agreed.build(variables)  # the inner optimizer, built, keeps its slots and step count
+    agreed.dynamic_scale.assign(optimizer.dynamic_scale)
+    agreed.step_counter.assign(optimizer.step_counter)
+    return agreed
 
 
 def make_optimizer(params: TrainParams, total_steps: int, precision: str = "float32"):

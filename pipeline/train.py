@@ -300,7 +300,7 @@ def compiled_model(params: Params, meta: dict, state, store, steps: int, device:
     import keras
 
     from pipeline.model import SmoothedCrossentropy
-    from pipeline.optimizer import make_optimizer
+    from pipeline.optimizer import agreeing, make_optimizer
 
     cfg = params.train
     if state.checkpoint:
@@ -313,7 +313,8 @@ def compiled_model(params: Params, meta: dict, state, store, steps: int, device:
                 f"({type(error).__name__}: {error}); delete {store.directory} to train "
                 "from the start"
             ) from None
-        optimizer = model.optimizer  # restored with its state: moments and step count
+        # Restored with its state: moments, step count and (mixed_float16) loss scale.
+        optimizer = agreeing(model.optimizer, model.trainable_variables)
     else:
         model = build_network(params, meta)
         optimizer = make_optimizer(cfg, steps * cfg.epochs, device.precision)

@@ -146,6 +146,35 @@ def test_mixed_float16_checkpoints_keep_the_overflow_agreeing_loss_scaling(raw_p
     assert isinstance(make_optimizer(params, 100, "mixed_bfloat16"), keras.optimizers.SGD)
 
 
+def test_a_checkpoint_with_keras_own_loss_scaling_resumes_with_the_agreeing_one(tmp_path):
+    """Recovery checkpoints written before AgreedLossScaleOptimizer hold Keras's own: resumed,
+    it is replaced by ours, with the loss scale, the step count and the momentum it had."""
+    from pipeline.optimizer import AgreedLossScaleOptimizer, agreeing
+
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([
+            keras.Input((3,)), keras.layers.Dense(4), keras.layers.Dense(2, dtype="float32"),
+        ])  # fmt: skip
+        plain = keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.01, momentum=0.9))
+        model.compile(optimizer=plain, loss="mse")
+        images = np.full((16, 3), 0.01, np.float32)  # scaled gradients well inside float16
+        images[8:] = 1e5  # the second of two steps overflows
+        model.fit(images, np.zeros((16, 2)), batch_size=8, shuffle=False, verbose=0)
+        model.save(tmp_path / "checkpoint.keras")
+        model = keras.models.load_model(tmp_path / "checkpoint.keras")
+        optimizer = agreeing(model.optimizer, model.trainable_variables)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert type(model.optimizer) is keras.optimizers.LossScaleOptimizer
+    assert isinstance(optimizer, AgreedLossScaleOptimizer)
+    assert float(optimizer.dynamic_scale) == 16384.0 and int(optimizer.iterations) == 1
+    assert optimizer.inner_optimizer is model.optimizer.inner_optimizer
+    assert optimizer.inner_optimizer.momentums[0].numpy().any()  # the first step's
+    assert agreeing(optimizer, model.trainable_variables) is optimizer
+
+
 def test_training_params_are_the_sections_the_train_stage_declares(raw_params):
     stage = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["train"]
     assert tuple(stage["params"]) == TRAINING_SECTIONS == ("model", "train")
