@@ -83,14 +83,16 @@ def per_class_chart(accuracies: dict[str, float], overall: float, path: Path) ->
     figure, axis = plt.subplots(figsize=(6, 0.35 * len(names) + 1.2))
     bars = axis.barh(names, values, color="steelblue")
     axis.invert_yaxis()  # first class on top
-    axis.axvline(
-        overall, color="black", linestyle="--", linewidth=1, label=f"overall {overall:.1%}"
-    )
-    axis.bar_label(bars, labels=[f"{v:.1%}" for v in values], padding=3, fontsize=8)
+    axis.axvline(overall, color="black", linestyle="--", linewidth=1, zorder=1)
+    axis.bar_label(
+        bars, labels=[f"{v:.1%}" for v in values], padding=3, fontsize=8, zorder=2,
+        bbox={"facecolor": "white", "edgecolor": "none", "pad": 0.5},  # over the line
+    )  # fmt: skip
     axis.set_xlim(0, 1.1)
     axis.set_xlabel("test accuracy")
-    axis.set_title("Per-class test accuracy")
-    axis.legend(loc="lower right", fontsize=8)
+    # The overall figure in the title: a legend inside the axes covered the bars, which
+    # reach 0.9 and more on a trained model.
+    axis.set_title(f"Per-class test accuracy (dashed: overall {overall:.1%})")
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
