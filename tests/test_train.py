@@ -146,33 +146,46 @@ def test_mixed_float16_checkpoints_keep_the_overflow_agreeing_loss_scaling(raw_p
     assert isinstance(make_optimizer(params, 100, "mixed_bfloat16"), keras.optimizers.SGD)
 
 
-def test_a_checkpoint_with_keras_own_loss_scaling_resumes_with_the_agreeing_one(tmp_path):
+def test_a_checkpoint_with_keras_own_loss_scaling_resumes_with_the_agreeing_one(
+    raw_params, tmp_path
+):
     """Recovery checkpoints written before AgreedLossScaleOptimizer hold Keras's own: resumed,
     it is replaced by ours, with the loss scale, the step count and the momentum it had."""
-    from pipeline.optimizer import AgreedLossScaleOptimizer, agreeing
+    from pipeline.device import Device
+    from pipeline.optimizer import AgreedLossScaleOptimizer
+    from pipeline.resume import StateStore, TrainState
+    from pipeline.train import build_network, compiled_model
 
+    params = parse_params(raw_params)
+    params = dataclasses.replace(
+        params,
+        model=dataclasses.replace(params.model, stem_filters=4, filters=(4,), units_per_stage=1),
+        train=dataclasses.replace(params.train, optimizer="sgd", learning_rate=0.01),
+    )  # fmt: skip
+    # Pixels divided by a std of 0.001: 255 becomes 255,000, past float16's 65,504.
+    meta = {"class_names": ["a", "b"], "image_size": 8, "mean": [0.0] * 3, "std": [1e-3] * 3}
+    store = StateStore(tmp_path / "state")
     keras.mixed_precision.set_global_policy("mixed_float16")
     try:
         keras.utils.set_random_seed(0)
-        model = keras.Sequential([
-            keras.Input((3,)), keras.layers.Dense(4), keras.layers.Dense(2, dtype="float32"),
-        ])  # fmt: skip
+        model = build_network(params, meta)
         plain = keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.01, momentum=0.9))
-        model.compile(optimizer=plain, loss="mse")
-        images = np.full((16, 3), 0.01, np.float32)  # scaled gradients well inside float16
-        images[8:] = 1e5  # the second of two steps overflows
-        model.fit(images, np.zeros((16, 2)), batch_size=8, shuffle=False, verbose=0)
-        model.save(tmp_path / "checkpoint.keras")
-        model = keras.models.load_model(tmp_path / "checkpoint.keras")
-        optimizer = agreeing(model.optimizer, model.trainable_variables)
+        model.compile(optimizer=plain, loss="sparse_categorical_crossentropy")
+        images = np.zeros((16, 8, 8, 3), np.uint8)
+        images[:8] = 255  # the first of two steps overflows: the scale halves, then one
+        model.fit(images, np.zeros(16), batch_size=8, shuffle=False, verbose=0)  # finite step
+        assert (float(plain.dynamic_scale), int(plain.step_counter)) == (16384.0, 1)
+        state = TrainState(fingerprint="-", epochs_done=1)
+        store.save(state, model)
+        device = Device("CPU", 1, "mixed_float16", jit_compile=False)
+        resumed = compiled_model(params, meta, state, store, 2, device)
     finally:
         keras.mixed_precision.set_global_policy("float32")
-    assert type(model.optimizer) is keras.optimizers.LossScaleOptimizer
+    optimizer = resumed.optimizer
     assert isinstance(optimizer, AgreedLossScaleOptimizer)
-    assert float(optimizer.dynamic_scale) == 16384.0 and int(optimizer.iterations) == 1
-    assert optimizer.inner_optimizer is model.optimizer.inner_optimizer
-    assert optimizer.inner_optimizer.momentums[0].numpy().any()  # the first step's
-    assert agreeing(optimizer, model.trainable_variables) is optimizer
+    assert (float(optimizer.dynamic_scale), int(optimizer.step_counter)) == (16384.0, 1)
+    assert int(optimizer.iterations) == 1  # the overflowed step was skipped
+    assert any(m.numpy().any() for m in optimizer.inner_optimizer.momentums)  # the finite step's
 
 
 def test_training_params_are_the_sections_the_train_stage_declares(raw_params):
@@ -1322,3 +1335,20 @@ def test_a_mixed_float16_training_resumes_from_its_checkpoint(
     assert len(runs) == 1
     history = mlflow.MlflowClient().get_metric_history(runs[0].info.run_id, "loss")
     assert [m.step for m in history] == [1, 2]
+
+
+def test_agreeing_on_overflow_poisons_every_gradient_and_copes_with_none_and_sparse():
+    import tensorflow as tf
+
+    from pipeline.distributed import agree_on_overflow
+
+    def run(gradients):
+        return tf.distribute.get_strategy().run(agree_on_overflow, args=(gradients,))
+
+    sparse = tf.IndexedSlices(tf.constant([[1.0, 2.0]]), tf.constant([1]), tf.constant([3, 2]))
+    poisoned = run([None, sparse, tf.constant([1.0, float("inf")])])
+    assert poisoned[0] is None and poisoned[1].shape == (3, 2)  # made dense
+    assert all(np.isnan(g.numpy()).all() for g in poisoned[1:])
+    kept = run([tf.constant([1.0, 2.0]), None])
+    np.testing.assert_array_equal(kept[0].numpy(), [1.0, 2.0])
+    assert kept[1] is None and run([None]) == [None]
