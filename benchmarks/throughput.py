@@ -11,7 +11,9 @@ file's) three ways, each in its own process so peak memory is its own:
             Keras itself reaches here, the upper bound;
   b. pipeline   the pipeline's real training path, `pipeline.train.run_training`:
             its tf.data input with augmentation, its callbacks (checkpoint,
-            MLflow logging per epoch) and its precision choice;
+            MLflow logging per epoch) and its precision choice (the params'
+            train.precision, `auto` in params.yaml; its JSON key stays
+            "pipeline:auto");
   c. tutorial   the original tutorial's recipe: Keras's ImageDataGenerator
             augmentation (rotation 10, shifts 5/32, flips) feeding `model.fit`.
 
@@ -140,19 +142,27 @@ def run_keras(mode: str, params, split, meta, epochs: int, batch: int) -> dict:
     return {"images_per_second": statistics.median(rates), "epoch_rates": rates}
 
 
-def run_pipeline(precision: str, params, split, meta, epochs: int, batch: int) -> dict:
-    """Mode b: the train stage's own code path in a scratch directory with its own MLflow store."""
+def measured_params(params, precision: str, epochs: int, batch: int):
+    """The params mode b trains with: the file's, at this length and batch, in `precision`
+    ("auto": the file's own train.precision, which is `auto` in params.yaml)."""
     import dataclasses
 
+    if precision == "auto":
+        precision = params.train.precision
+    train_cfg = dataclasses.replace(
+        params.train, epochs=epochs, batch_size=batch, precision=precision
+    )
+    return dataclasses.replace(params, train=train_cfg)
+
+
+def run_pipeline(precision: str, params, split, meta, epochs: int, batch: int) -> dict:
+    """Mode b: the train stage's own code path in a scratch directory with its own MLflow store."""
     from pipeline import paths, tracking
     from pipeline.data import steps_per_epoch
     from pipeline.prepare import Split
     from pipeline.train import EpochRecorder, run_training
 
-    train_cfg = dataclasses.replace(
-        params.train, epochs=epochs, batch_size=batch, precision=precision
-    )
-    params = dataclasses.replace(params, train=train_cfg)
+    params = measured_params(params, precision, epochs, batch)
     empty = Split(split.images[:0], split.labels[:0])
     ends: list[float] = []
     end_epoch = EpochRecorder.end_epoch

@@ -16,6 +16,16 @@ class Device:
     precision: str  # resolved Keras dtype policy
     jit_compile: bool  # XLA
     onednn: bool | None = None  # CPU kernels through oneDNN (pipeline.startup); None: unknown
+    # A reduced precision this CPU has no instructions for: TensorFlow emulates it, several
+    # times slower than float32 (on a Zen 3, float16 ~4x, bfloat16 ~11x: BENCHMARKS.md).
+    emulated: bool = False
+
+
+# CPU flags (/proc/cpuinfo) under which oneDNN computes each reduced precision natively.
+NATIVE_CPU_FLAGS = {
+    "mixed_bfloat16": ("amx_bf16", "avx512_bf16"),
+    "mixed_float16": ("amx_fp16", "avx512_fp16"),
+}
 
 
 def resolve_device(params: TrainParams) -> Device:
@@ -38,15 +48,42 @@ def resolve_device(params: TrainParams) -> Device:
             major = (details.get("compute_capability") or (0, 0))[0]
             precision = "mixed_bfloat16" if major >= 8 else "mixed_float16"
         return Device("GPU", len(gpus), precision, jit_compile=True)
+    flags = cpu_flags()
     precision = params.precision
     if precision == "auto":
-        precision = "mixed_bfloat16" if _cpu_has_bfloat16() else "float32"
-    return Device("CPU", 1, precision, jit_compile=False, onednn=onednn_enabled())
+        precision = "mixed_bfloat16" if native_on_cpu("mixed_bfloat16", flags) else "float32"
+    emulated = flags is not None and precision != "float32" and not native_on_cpu(precision, flags)
+    return Device(
+        "CPU", 1, precision, jit_compile=False, onednn=onednn_enabled(), emulated=emulated
+    )
 
 
-def _cpu_has_bfloat16() -> bool:
+def native_on_cpu(precision: str, flags: set[str] | None) -> bool:
+    """Whether a CPU with these flags computes `precision` natively (None: flags unknown)."""
+    return bool(flags and flags.intersection(NATIVE_CPU_FLAGS.get(precision, ())))
+
+
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str] | None:
+    """The first x86 CPU's feature flags; None where unknown (not Linux, or not x86:
+    Arm's features have other names, so no precision is judged emulated there)."""
     try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:  # not Linux: stay with float32
-        return False
-    return " amx_bf16" in flags or " avx512_bf16" in flags
+        text = cpuinfo.read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            return set(value.split())
+    return None
+
+
+def emulation_warning(device: Device) -> str | None:
+    """What to tell a user whose chosen precision this CPU only emulates, else None."""
+    if not device.emulated:
+        return None
+    native = " or ".join(NATIVE_CPU_FLAGS[device.precision])
+    return (
+        f"train: warning: train.precision {device.precision} on a CPU without {native}: "
+        "TensorFlow emulates it, several times slower than float32 (BENCHMARKS.md); "
+        "train.precision auto picks the fastest this machine has"
+    )

@@ -22,7 +22,7 @@ import numpy as np
 
 from pipeline import paths
 from pipeline.config import Params, ParamsError, TrainParams, flatten, load_params
-from pipeline.device import Device, resolve_device
+from pipeline.device import Device, emulation_warning, resolve_device
 from pipeline.distributed import Cluster
 from pipeline.errors import PipelineError, cli
 from pipeline.prepare import Split, load_meta, load_split
@@ -375,6 +375,8 @@ def run_training(
 
     cfg, cluster = params.train, cluster or Cluster()
     device = resolve_device(cfg)
+    if warning := emulation_warning(device):
+        print(warning, file=sys.stderr, flush=True)
     strategy = make_strategy(device.count if device.kind == "GPU" else 1, cluster)
     check_fits(cfg, train, strategy.num_replicas_in_sync)
     if cfg.sam_rho and strategy.num_replicas_in_sync > 1:

@@ -100,6 +100,26 @@ def test_comparison_precision_measures_float32_beside_reduced_and_bfloat16_only_
     assert comparison_precision("float32", with_bfloat16=True) == "mixed_bfloat16"
 
 
+def test_the_pipeline_mode_trains_in_the_params_precision_unless_told_another(raw_params):
+    """`--params` with train.precision mixed_float16 measures the pipeline in it (and in
+    float32 beside it); the comparison mode's own precision overrides the file's."""
+    import dataclasses
+
+    from benchmarks.throughput import measured_params
+    from pipeline.config import parse_params
+
+    params = parse_params(raw_params)
+    float16 = dataclasses.replace(
+        params, train=dataclasses.replace(params.train, precision="mixed_float16")
+    )
+    measured = measured_params(float16, "auto", epochs=2, batch=32)
+    train = measured.train
+    assert (train.precision, train.epochs, train.batch_size) == ("mixed_float16", 2, 32)
+    assert measured.model == params.model and measured.train.augment == params.train.augment
+    assert measured_params(float16, "float32", 2, 32).train.precision == "float32"
+    assert measured_params(params, "auto", 2, 32).train.precision == "auto"
+
+
 @pytest.mark.slow
 def test_inference_benchmark_compares_both_ways_on_the_same_model(tmp_path):
     out = tmp_path / "inference.json"

@@ -1298,11 +1298,12 @@ def test_tf_config_is_read_into_the_workers_place_and_a_wrong_index_is_one_line(
 
 
 def test_a_mixed_float16_training_resumes_from_its_checkpoint(
-    raw_params, mlflow_store, tmp_path, monkeypatch
+    raw_params, mlflow_store, tmp_path, monkeypatch, capsys
 ):
     """The recovery checkpoint holds pipeline.optimizer's loss-scale optimizer: a stopped
-    mixed_float16 training reloads it and goes on from the next epoch in the same run."""
-    from pipeline import tracking
+    mixed_float16 training reloads it and goes on from the next epoch in the same run.
+    On a CPU without float16 instructions each attempt warns that it is emulated."""
+    from pipeline import device, tracking
     from pipeline.errors import end_mlflow_run
     from pipeline.train import EpochRecorder, run_training
 
@@ -1311,6 +1312,7 @@ def test_a_mixed_float16_training_resumes_from_its_checkpoint(
         params, train=dataclasses.replace(params.train, precision="mixed_float16")
     )
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(device, "cpu_flags", lambda: {"fpu", "avx2"})  # a Zen 3
     tracking.connect(tmp_path)
     original = EpochRecorder.end_epoch
 
@@ -1335,6 +1337,8 @@ def test_a_mixed_float16_training_resumes_from_its_checkpoint(
     assert len(runs) == 1
     history = mlflow.MlflowClient().get_metric_history(runs[0].info.run_id, "loss")
     assert [m.step for m in history] == [1, 2]
+    warned = "train: warning: train.precision mixed_float16 on a CPU without amx_fp16"
+    assert capsys.readouterr().err.count(warned) == 2
 
 
 def test_agreeing_on_overflow_poisons_every_gradient_and_copes_with_none_and_sparse():
