@@ -13,6 +13,7 @@ Each section is a frozen dataclass; each field declares its own check through
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import re
 from collections.abc import Callable, Mapping
@@ -342,7 +343,13 @@ def _build(cls: type, raw: Any, path: str) -> Any:
     unknown = sorted(set(raw) - set(fields), key=str)
     if unknown:
         name = f"{path}.{unknown[0]}" if path else str(unknown[0])
-        raise ParamsError(f"{name}: unknown key; allowed keys in {where}: {', '.join(fields)}")
+        # A typo (often from `dvc exp run -S`, which writes it into params.yaml): name the key
+        # it was probably meant to be.
+        close = difflib.get_close_matches(str(unknown[0]), list(fields), n=1, cutoff=0.75)
+        hint = f" (did you mean {path + '.' if path else ''}{close[0]}?)" if close else ""
+        raise ParamsError(
+            f"{name}: unknown key{hint}; allowed keys in {where}: {', '.join(fields)}"
+        )
     values = {}
     for name, field in fields.items():
         full = f"{path}.{name}" if path else name

@@ -161,6 +161,26 @@ def test_unknown_key_is_named_with_its_full_path(raw_params):
         parse_params(raw_params)
 
 
+@pytest.mark.parametrize(
+    ("section", "typo", "meant"),
+    [
+        ("train", "learnin_rate", "train.learning_rate"),
+        ("train", "learning-rate", "train.learning_rate"),
+        ("evaluate", "flip_tta_", "evaluate.flip_tta"),
+        (None, "trian", "train"),
+        ("train", "zoom", None),  # nothing close: no guess
+    ],
+)
+def test_a_misspelt_key_is_met_with_the_key_it_was_meant_to_be(raw_params, section, typo, meant):
+    # As `dvc exp run -S train.learnin_rate=0.01` leaves it: the typo beside the real key.
+    (raw_params[section] if section else raw_params)[typo] = 0.01
+    with pytest.raises(ParamsError) as error:
+        parse_params(raw_params)
+    name = f"{section}.{typo}" if section else typo
+    hint = f" (did you mean {meant}?)" if meant else ""
+    assert str(error.value).startswith(f"{name}: unknown key{hint}; allowed keys in ")
+
+
 def test_missing_key_is_named(raw_params):
     del raw_params["data"]["seed"]
     with pytest.raises(ParamsError, match=r"^data\.seed: missing"):
