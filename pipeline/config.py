@@ -343,8 +343,8 @@ def _build(cls: type, raw: Any, path: str) -> Any:
     unknown = sorted(set(raw) - set(fields), key=str)
     if unknown:
         name = f"{path}.{unknown[0]}" if path else str(unknown[0])
-        # A typo (often from `dvc exp run -S`, which writes it into params.yaml): name the key
-        # it was probably meant to be.
+        # A typo, by hand or through `dvc exp run -S +key=value` (a plain -S to a key that
+        # params.yaml lacks is refused by DVC itself): name the key it was probably meant to be.
         close = difflib.get_close_matches(str(unknown[0]), list(fields), n=1, cutoff=0.75)
         hint = f" (did you mean {path + '.' if path else ''}{close[0]}?)" if close else ""
         raise ParamsError(

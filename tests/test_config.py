@@ -172,7 +172,7 @@ def test_unknown_key_is_named_with_its_full_path(raw_params):
     ],
 )
 def test_a_misspelt_key_is_met_with_the_key_it_was_meant_to_be(raw_params, section, typo, meant):
-    # As `dvc exp run -S train.learnin_rate=0.01` leaves it: the typo beside the real key.
+    # As `dvc exp run -S +train.learnin_rate=0.01` leaves it: the typo beside the real key.
     (raw_params[section] if section else raw_params)[typo] = 0.01
     with pytest.raises(ParamsError) as error:
         parse_params(raw_params)
