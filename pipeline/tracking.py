@@ -54,7 +54,19 @@ def repository_root(cwd: Path | None = None) -> Path:
 
 
 def tracking_uri(root: Path) -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root / DB_FILE}"
+    """MLFLOW_TRACKING_URI, else the repository's own SQLite store.
+
+    A relative SQLite path (`sqlite:///mlflow.db`, as `mlflow` commands run from the
+    repository root take it) is the repository root's file: not one in the working
+    directory, which for `dvc exp run --temp` and queued runs is a copy deleted with it.
+    """
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        return f"sqlite:///{root / DB_FILE}"
+    database = sqlite_file(uri)
+    if database is not None and not database.is_absolute():
+        return f"sqlite:///{root / database}"
+    return uri
 
 
 def sqlite_file(uri: str) -> Path | None:

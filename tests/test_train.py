@@ -410,6 +410,12 @@ def test_artifacts_go_beside_the_sqlite_store_whatever_the_working_directory(
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{other / 'team.db'}")  # the user's own
     experiment = tracking.connect(repo)
     assert mlflow.get_experiment(experiment).artifact_location == (other / "mlartifacts").as_uri()
+    # A relative one, as README's `mlflow models serve` line exports it: the repository's file.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///team.db")
+    assert tracking.tracking_uri(repo) == f"sqlite:///{repo / 'team.db'}"
+    experiment = tracking.connect(repo)
+    assert mlflow.get_experiment(experiment).artifact_location == (repo / "mlartifacts").as_uri()
+    assert (repo / "team.db").exists() and not (copy / "team.db").exists()
     assert tracking.artifact_location("http://tracking:5000") is None  # a server decides
     assert not (copy / "mlruns").exists()
 
