@@ -98,8 +98,15 @@ def set_tensorflow_environment() -> None:
     them off). Elsewhere (ARM) TensorFlow's default stands: not measured there.
     Nor beside an NVIDIA GPU, where TensorFlow advises against oneDNN (its CPU
     kernels are untested with GPUs) and the GPU does the convolutions anyway.
+
+    GPU memory: TensorFlow reserves nearly all of every GPU it sees for its process
+    by default, so a second process on the same GPUs (`dvc queue start -j 2`, or
+    `predict` beside a training) would fail to allocate. TF_FORCE_GPU_ALLOW_GROWTH
+    makes each take what it uses (not measured here: no GPU); `false` restores the
+    reservation.
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+    os.environ.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")
     x86 = platform.machine().lower() in ("x86_64", "amd64")
     if x86 and not nvidia_device():
         os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")

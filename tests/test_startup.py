@@ -78,6 +78,18 @@ def test_importing_tensorflow_prints_none_of_it():
         assert "cuInit" not in quiet and "cuda drivers" not in quiet, quiet
 
 
+def test_gpus_are_shared_by_growth_unless_the_user_says_otherwise(monkeypatch):
+    from pipeline.startup import set_tensorflow_environment
+
+    monkeypatch.setattr(os, "environ", dict(os.environ))  # its other switches undone too
+    monkeypatch.delenv("TF_FORCE_GPU_ALLOW_GROWTH", raising=False)
+    set_tensorflow_environment()
+    assert os.environ["TF_FORCE_GPU_ALLOW_GROWTH"] == "true"
+    monkeypatch.setenv("TF_FORCE_GPU_ALLOW_GROWTH", "false")
+    set_tensorflow_environment()
+    assert os.environ["TF_FORCE_GPU_ALLOW_GROWTH"] == "false"
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(
     platform.machine().lower() not in ("x86_64", "amd64") or os.path.exists("/dev/nvidiactl"),
