@@ -167,6 +167,14 @@ class EpochLogger:
             )
 
 
+def divergence_remedy(cfg: TrainParams) -> str:
+    """The params to change when the loss turns NaN: warm-up only exists under onecycle."""
+    remedy = "lower train.learning_rate"
+    if cfg.lr_schedule == "onecycle":
+        return remedy + " or lengthen train.warmup"
+    return remedy + " (or warm up to it: train.lr_schedule onecycle)"
+
+
 class EpochRecorder:
     """At each epoch's end: checkpoint, then log to MLflow, then print one line.
 
@@ -174,9 +182,13 @@ class EpochRecorder:
     the MLflow metrics it did not log yet are back-filled on resume.
     """
 
-    def __init__(self, state, store, epochs: int, images_per_epoch: int, log_metrics):
+    def __init__(
+        self, state, store, epochs: int, images_per_epoch: int, log_metrics,
+        remedy: str = "lower train.learning_rate",
+    ):  # fmt: skip
         self.state, self.store, self.epochs = state, store, epochs
         self.images_per_epoch, self.log_metrics = images_per_epoch, log_metrics
+        self.remedy = remedy  # what to change when the training diverges
 
     def end_epoch(self, model, epoch: int, logs: dict, train_s: float, total_s: float) -> None:
         state = self.state
@@ -184,9 +196,8 @@ class EpochRecorder:
         if not math.isfinite(row["loss"]):  # NaN weights from here on: nothing worth keeping
             raise PipelineError(
                 f"the training diverged: its loss was {row['loss']} in epoch {epoch + 1}; "
-                "lower train.learning_rate or lengthen train.warmup (the recovery state "
-                f"keeps epoch {state.epochs_done}, which only a rerun with the same params "
-                "resumes)"
+                f"{self.remedy} (the recovery state keeps epoch {state.epochs_done}, which "
+                "only a rerun with the same params resumes)"
             )
         row["learning_rate"] = float(np.asarray(model.optimizer.learning_rate))
         row["images_per_second"] = self.images_per_epoch / train_s
@@ -421,7 +432,9 @@ def run_training(
     )
 
     log_epoch = EpochLogger(state.run_id, state.history) if cluster.chief else lambda row: None
-    recorder = EpochRecorder(state, store, cfg.epochs, steps * cfg.batch_size, log_epoch)
+    recorder = EpochRecorder(
+        state, store, cfg.epochs, steps * cfg.batch_size, log_epoch, divergence_remedy(cfg)
+    )
     progress = StepProgress(cfg.epochs, steps, cfg.batch_size, PROGRESS_EVERY_S)
     if state.epochs_done < cfg.epochs and cluster.workers > 1:
         fit_workers(

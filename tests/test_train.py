@@ -1277,11 +1277,23 @@ def test_a_diverged_training_stops_at_the_epoch_and_keeps_the_last_good_state(
     monkeypatch.chdir(tmp_path)
     tracking.connect(tmp_path)
     with pytest.raises(PipelineError, match=r"the training diverged: its loss was (nan|inf) in "
-                       r"epoch 1; lower train.learning_rate .*keeps epoch 0"):  # fmt: skip
+                       r"epoch 1; lower train.learning_rate \(or warm up to it: train.lr_schedule "
+                       r"onecycle\) \(the recovery state keeps epoch 0"):  # fmt: skip
         run_training(params, meta, train, empty)
     assert not Path("models/model.keras").exists()
     state = json.loads(Path(".train-state/state.json").read_text())
     assert state["epochs_done"] == 0 and state["history"] == []
+
+
+def test_divergence_advice_names_warm_up_only_where_the_schedule_has_one(raw_params):
+    from pipeline.train import divergence_remedy
+
+    train = parse_params(raw_params).train
+    onecycle = dataclasses.replace(train, lr_schedule="onecycle")
+    assert divergence_remedy(onecycle) == "lower train.learning_rate or lengthen train.warmup"
+    for schedule in ("constant", "cosine"):
+        remedy = divergence_remedy(dataclasses.replace(train, lr_schedule=schedule))
+        assert "train.warmup" not in remedy and "train.lr_schedule onecycle" in remedy
 
 
 def test_tf_config_is_read_into_the_workers_place_and_a_wrong_index_is_one_line(monkeypatch):
