@@ -16,15 +16,23 @@ class Device:
     precision: str  # resolved Keras dtype policy
     jit_compile: bool  # XLA
     onednn: bool | None = None  # CPU kernels through oneDNN (pipeline.startup); None: unknown
-    # A reduced precision this CPU has no instructions for: TensorFlow emulates it, several
-    # times slower than float32 (on a Zen 3, float16 ~4x, bfloat16 ~11x: BENCHMARKS.md).
+    # A reduced precision left to TensorFlow's Eigen kernels (oneDNN off, or not running it
+    # on this CPU), which emulate it: on a Zen 3 float16 trained 4x and bfloat16 11x slower
+    # than float32 (BENCHMARKS.md).
     emulated: bool = False
 
 
-# CPU flags (/proc/cpuinfo) under which oneDNN computes each reduced precision natively.
-NATIVE_CPU_FLAGS = {
-    "mixed_bfloat16": ("amx_bf16", "avx512_bf16"),
-    "mixed_float16": ("amx_fp16", "avx512_fp16"),
+# CPU flags (/proc/cpuinfo) with which bfloat16 is native, so `auto` picks it.
+NATIVE_BFLOAT16 = ("amx_bf16", "avx512_bf16")
+# TensorFlow 2.21's rule (IsDataTypeSupportedByOneDNNOnThisCPU) for running a precision
+# through oneDNN at all, as flag sets of which one must be complete; otherwise Eigen runs it.
+ONEDNN_CPU_FLAGS = {
+    "mixed_bfloat16": ({"avx512f"}, {"avx_ne_convert"}),
+    "mixed_float16": ({"avx512bw", "avx512_fp16"}, {"avx512bw", "amx_fp16"}, {"avx_ne_convert"}),
+}
+ONEDNN_NEEDS = {
+    "mixed_bfloat16": "AVX-512 or AVX-NE-CONVERT",
+    "mixed_float16": "AVX512-FP16, AMX-FP16 or AVX-NE-CONVERT",
 }
 
 
@@ -51,16 +59,24 @@ def resolve_device(params: TrainParams) -> Device:
     flags = cpu_flags()
     precision = params.precision
     if precision == "auto":
-        precision = "mixed_bfloat16" if native_on_cpu("mixed_bfloat16", flags) else "float32"
-    emulated = flags is not None and precision != "float32" and not native_on_cpu(precision, flags)
+        precision = "mixed_bfloat16" if flags and flags.intersection(NATIVE_BFLOAT16) else "float32"
+    onednn = onednn_enabled()
     return Device(
-        "CPU", 1, precision, jit_compile=False, onednn=onednn_enabled(), emulated=emulated
-    )
+        "CPU", 1, precision, jit_compile=False, onednn=onednn,
+        emulated=emulated_on_cpu(precision, flags, onednn),
+    )  # fmt: skip
 
 
-def native_on_cpu(precision: str, flags: set[str] | None) -> bool:
-    """Whether a CPU with these flags computes `precision` natively (None: flags unknown)."""
-    return bool(flags and flags.intersection(NATIVE_CPU_FLAGS.get(precision, ())))
+def emulated_on_cpu(precision: str, flags: set[str] | None, onednn: bool | None) -> bool:
+    """Whether TensorFlow's Eigen kernels, not oneDNN, run this reduced precision here.
+
+    Unknown flags (not x86 Linux) claim nothing. Where oneDNN runs it without native
+    instructions (AVX-512 without AVX512-BF16) its speed is not measured: no claim either.
+    """
+    if precision == "float32" or flags is None:
+        return False
+    runs = any(needed <= flags for needed in ONEDNN_CPU_FLAGS[precision])
+    return onednn is False or not runs
 
 
 def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str] | None:
@@ -81,9 +97,12 @@ def emulation_warning(device: Device) -> str | None:
     """What to tell a user whose chosen precision this CPU only emulates, else None."""
     if not device.emulated:
         return None
-    native = " or ".join(NATIVE_CPU_FLAGS[device.precision])
+    if device.onednn is False:
+        why = "oneDNN is off (TF_ENABLE_ONEDNN_OPTS=0)"
+    else:
+        why = f"oneDNN runs it only with {ONEDNN_NEEDS[device.precision]}"
     return (
-        f"train: warning: train.precision {device.precision} on a CPU without {native}: "
-        "TensorFlow emulates it, several times slower than float32 (BENCHMARKS.md); "
-        "train.precision auto picks the fastest this machine has"
+        f"train: warning: train.precision {device.precision} is emulated by TensorFlow's "
+        f"own kernels on this CPU ({why}): on a Zen 3, float16 trained 4x and bfloat16 11x "
+        "slower than float32 (BENCHMARKS.md); train.precision auto picks the fastest here"
     )

@@ -98,15 +98,8 @@ def set_tensorflow_environment() -> None:
     them off). Elsewhere (ARM) TensorFlow's default stands: not measured there.
     Nor beside an NVIDIA GPU, where TensorFlow advises against oneDNN (its CPU
     kernels are untested with GPUs) and the GPU does the convolutions anyway.
-
-    GPU memory: TensorFlow reserves nearly all of every GPU it sees for its process
-    by default, so a second process on the same GPUs (`dvc queue start -j 2`, or
-    `predict` beside a training) would fail to allocate. TF_FORCE_GPU_ALLOW_GROWTH
-    makes each take what it uses (not measured here: no GPU); `false` restores the
-    reservation.
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
-    os.environ.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")
     x86 = platform.machine().lower() in ("x86_64", "amd64")
     if x86 and not nvidia_device():
         os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
@@ -138,8 +131,28 @@ def import_tensorflow():
         import keras  # noqa: F401  (loads its backend: TensorFlow)
         import tensorflow as tf
 
-        tf.config.list_physical_devices("GPU")  # CUDA's probe logs here
+        gpus = tf.config.list_physical_devices("GPU")  # CUDA's probe logs here
+    share_gpus(tf, gpus)
     return tf
+
+
+def share_gpus(tf, gpus: list) -> None:
+    """Let each process take GPU memory as it needs it, unless TF_FORCE_GPU_ALLOW_GROWTH says.
+
+    TensorFlow reserves nearly all of every GPU it sees for its process by default,
+    so a second process on the same GPUs (`dvc queue start -j 2`, `predict` beside a
+    training) could not allocate. Through the config rather than by setting
+    TF_FORCE_GPU_ALLOW_GROWTH, which TensorFlow answers with a warning per GPU. Memory
+    once taken is kept, so jobs that need more than the GPU has together still fail.
+    Not measured here (no GPU).
+    """
+    if "TF_FORCE_GPU_ALLOW_GROWTH" in os.environ:  # the user's `true` or `false`; TF applies it
+        return
+    for gpu in gpus:
+        try:
+            tf.config.experimental.set_memory_growth(gpu, True)
+        except RuntimeError:  # already initialised (TensorFlow used before): its setting stands
+            return
 
 
 if __name__ == "__main__":  # the filter process of filtered_stderr

@@ -1,4 +1,4 @@
-"""Which precision the CPU path picks, and when a chosen one is only emulated."""
+"""Which precision the CPU path picks, and when a chosen one is left to emulation."""
 
 from __future__ import annotations
 
@@ -8,30 +8,17 @@ import pytest
 
 from pipeline import device
 from pipeline.config import parse_params
-from pipeline.device import Device, cpu_flags, emulation_warning, native_on_cpu, resolve_device
+from pipeline.device import Device, cpu_flags, emulated_on_cpu, emulation_warning, resolve_device
 
-# Abridged /proc/cpuinfo of the two machines measured in BENCHMARKS.md.
-XEON_AMX = "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 avx512_fp16 amx_bf16 amx_tile\n"
+# Abridged /proc/cpuinfo: CPU-2 and EPYC-2 of BENCHMARKS.md, an AVX-512 Xeon without bfloat16
+# instructions (Cascade Lake), and an Arm machine.
+XEON_AMX = (
+    "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512bw avx512_bf16 avx512_fp16 amx_bf16 "
+    "amx_tile\n"
+)
 ZEN3 = "processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu sse4_2 avx avx2 fma\n"
+CASCADE_LAKE = "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512bw avx512_vnni\n"
 GRAVITON = "processor\t: 0\nFeatures\t: fp asimd bf16 i8mm\n"
-
-
-def test_cpu_flags_are_the_x86_flags_line_and_unknown_elsewhere(tmp_path):
-    (tmp_path / "xeon").write_text(XEON_AMX + "\nprocessor\t: 1\nflags\t\t: other\n")
-    (tmp_path / "arm").write_text(GRAVITON)
-    assert cpu_flags(tmp_path / "xeon") == {
-        "fpu", "avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile"
-    }  # fmt: skip
-    assert cpu_flags(tmp_path / "arm") is None  # Arm's feature names are not x86's
-    assert cpu_flags(tmp_path / "missing") is None  # not Linux
-
-
-def test_native_precisions_follow_the_flags(tmp_path):
-    xeon, zen3 = flags_of(XEON_AMX, tmp_path), flags_of(ZEN3, tmp_path)
-    assert native_on_cpu("mixed_bfloat16", xeon) and native_on_cpu("mixed_float16", xeon)
-    assert not native_on_cpu("mixed_bfloat16", zen3) and not native_on_cpu("mixed_float16", zen3)
-    assert not native_on_cpu("mixed_bfloat16", None) and not native_on_cpu("mixed_bfloat16", set())
-    assert native_on_cpu("mixed_bfloat16", {"avx512_bf16"})  # either flag is enough
 
 
 def flags_of(cpuinfo: str, folder) -> set[str] | None:
@@ -39,11 +26,39 @@ def flags_of(cpuinfo: str, folder) -> set[str] | None:
     return cpu_flags(folder / "cpuinfo")
 
 
+def test_cpu_flags_are_the_x86_flags_line_and_unknown_elsewhere(tmp_path):
+    (tmp_path / "xeon").write_text(XEON_AMX + "\nprocessor\t: 1\nflags\t\t: other\n")
+    (tmp_path / "arm").write_text(GRAVITON)
+    assert cpu_flags(tmp_path / "xeon") == {
+        "fpu", "avx2", "avx512f", "avx512bw", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile"
+    }  # fmt: skip
+    assert cpu_flags(tmp_path / "arm") is None  # Arm's feature names are not x86's
+    assert cpu_flags(tmp_path / "missing") is None  # not Linux
+
+
+def test_emulation_follows_tensorflows_onednn_rule(tmp_path):
+    xeon, zen3 = flags_of(XEON_AMX, tmp_path), flags_of(ZEN3, tmp_path)
+    cascade = flags_of(CASCADE_LAKE, tmp_path)
+    for precision in ("mixed_bfloat16", "mixed_float16"):
+        assert emulated_on_cpu(precision, zen3, onednn=True)  # no AVX-512: Eigen, measured
+        assert not emulated_on_cpu(precision, xeon, onednn=True)
+        assert emulated_on_cpu(precision, xeon, onednn=False)  # oneDNN off: Eigen runs it
+        assert not emulated_on_cpu(precision, None, onednn=True)  # unknown CPU: no claim
+        assert not emulated_on_cpu("float32", zen3, onednn=False)
+    # AVX-512 without bfloat16 instructions: oneDNN still runs bfloat16 (speed unmeasured),
+    # and float16 needs AVX512-FP16 or AMX-FP16 beside AVX512BW.
+    assert not emulated_on_cpu("mixed_bfloat16", cascade, onednn=True)
+    assert emulated_on_cpu("mixed_float16", cascade, onednn=True)
+    assert not emulated_on_cpu("mixed_float16", {"avx_ne_convert"}, onednn=True)
+    assert emulated_on_cpu("mixed_float16", {"avx512_fp16"}, onednn=True)  # AVX512BW too
+
+
 @pytest.mark.parametrize(
     ("flags", "chosen", "precision", "emulated"),
     [
         (XEON_AMX, "auto", "mixed_bfloat16", False),
         (ZEN3, "auto", "float32", False),
+        (CASCADE_LAKE, "auto", "float32", False),  # bfloat16 not native: auto stays float32
         (ZEN3, "float32", "float32", False),
         (ZEN3, "mixed_bfloat16", "mixed_bfloat16", True),
         (ZEN3, "mixed_float16", "mixed_float16", True),
@@ -60,18 +75,24 @@ def test_auto_and_emulation_on_a_cpu(
     params = parse_params(raw_params).train
     known = None if flags is None else flags_of(flags, tmp_path)
     monkeypatch.setattr(device, "cpu_flags", lambda: known)
-    monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: [])  # a CPU machine
+    monkeypatch.setattr(device, "onednn_enabled", lambda: True)
+    listed = tf.config.list_physical_devices
+    no_gpu = lambda kind=None: [] if kind == "GPU" else listed(kind)  # noqa: E731
+    monkeypatch.setattr(tf.config, "list_physical_devices", no_gpu)  # a CPU machine
     resolved = resolve_device(dataclasses.replace(params, precision=chosen))
     assert (resolved.kind, resolved.precision, resolved.emulated) == ("CPU", precision, emulated)
     assert (emulation_warning(resolved) is not None) == emulated
 
 
-def test_the_emulation_warning_names_the_precision_the_missing_flags_and_the_way_out():
-    warning = emulation_warning(Device("CPU", 1, "mixed_float16", False, emulated=True))
+def test_the_emulation_warning_says_why_and_the_way_out():
+    warning = emulation_warning(Device("CPU", 1, "mixed_float16", False, True, emulated=True))
     assert warning == (
-        "train: warning: train.precision mixed_float16 on a CPU without amx_fp16 or "
-        "avx512_fp16: TensorFlow emulates it, several times slower than float32 "
-        "(BENCHMARKS.md); train.precision auto picks the fastest this machine has"
+        "train: warning: train.precision mixed_float16 is emulated by TensorFlow's own kernels "
+        "on this CPU (oneDNN runs it only with AVX512-FP16, AMX-FP16 or AVX-NE-CONVERT): on a "
+        "Zen 3, float16 trained 4x and bfloat16 11x slower than float32 (BENCHMARKS.md); "
+        "train.precision auto picks the fastest here"
     )
+    off = emulation_warning(Device("CPU", 1, "mixed_bfloat16", False, False, emulated=True))
+    assert "(oneDNN is off (TF_ENABLE_ONEDNN_OPTS=0))" in off
     assert emulation_warning(Device("CPU", 1, "mixed_float16", False)) is None
     assert emulation_warning(Device("GPU", 1, "mixed_float16", True)) is None

@@ -6,6 +6,7 @@ import os
 import platform
 import subprocess
 import sys
+import types
 
 import pytest
 
@@ -79,15 +80,30 @@ def test_importing_tensorflow_prints_none_of_it():
 
 
 def test_gpus_are_shared_by_growth_unless_the_user_says_otherwise(monkeypatch):
-    from pipeline.startup import set_tensorflow_environment
+    from pipeline.startup import share_gpus
 
-    monkeypatch.setattr(os, "environ", dict(os.environ))  # its other switches undone too
-    monkeypatch.delenv("TF_FORCE_GPU_ALLOW_GROWTH", raising=False)
-    set_tensorflow_environment()
-    assert os.environ["TF_FORCE_GPU_ALLOW_GROWTH"] == "true"
-    monkeypatch.setenv("TF_FORCE_GPU_ALLOW_GROWTH", "false")
-    set_tensorflow_environment()
-    assert os.environ["TF_FORCE_GPU_ALLOW_GROWTH"] == "false"
+    class FakeConfig:  # tf.config.experimental's part of it, recording what it is told
+        def __init__(self, initialised: bool = False):
+            self.growth, self.initialised = [], initialised
+
+        def set_memory_growth(self, gpu, enable):
+            if self.initialised:
+                raise RuntimeError("Physical devices cannot be modified after being initialized")
+            self.growth.append((gpu, enable))
+
+    def share(env_value: str | None, initialised: bool = False) -> list:
+        config = FakeConfig(initialised)
+        tf = types.SimpleNamespace(config=types.SimpleNamespace(experimental=config))
+        if env_value is None:
+            monkeypatch.delenv("TF_FORCE_GPU_ALLOW_GROWTH", raising=False)
+        else:
+            monkeypatch.setenv("TF_FORCE_GPU_ALLOW_GROWTH", env_value)
+        share_gpus(tf, ["GPU:0", "GPU:1"])
+        return config.growth
+
+    assert share(None) == [("GPU:0", True), ("GPU:1", True)]
+    assert share("false") == [] and share("true") == []  # TensorFlow applies the user's own
+    assert share(None, initialised=True) == []  # too late in this process: no error either
 
 
 @pytest.mark.slow
