@@ -248,7 +248,10 @@ def interleaved(args: argparse.Namespace) -> dict:
             auto = rounds["pipeline:auto"][0]["precision"]
             other = comparison_precision(auto, args.with_bfloat16)
             if other is None:
-                note = "auto picked float32 (no native bfloat16 here): mixed_bfloat16 not measured"
+                note = (
+                    "the pipeline trained in float32 (auto without native bfloat16, or the "
+                    "params file's choice): mixed_bfloat16 not measured"
+                )
                 print(f"bench: {note} (--with-bfloat16 measures it)", flush=True)
             else:
                 modes.append(f"pipeline:{other}")

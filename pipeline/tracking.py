@@ -65,13 +65,17 @@ def tracking_uri(root: Path) -> str:
         return f"sqlite:///{root / DB_FILE}"
     database = sqlite_file(uri)
     if database is not None and not database.is_absolute():
-        return f"sqlite:///{root / database}"
+        return f"sqlite:///{root}/{uri.removeprefix('sqlite:///')}"  # any ?query kept
     return uri
 
 
 def sqlite_file(uri: str) -> Path | None:
-    """The database file of a `sqlite:///` URI (`sqlite:////abs/path`, or relative), else None."""
-    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+    """The database file of a `sqlite:///` URI (`sqlite:////abs/path`, or relative, with or
+    without a `?query`), else None: a server, or SQLite's in-memory `sqlite:///:memory:`."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = uri.removeprefix("sqlite:///").partition("?")[0]
+    return None if path in ("", ":memory:") else Path(path)
 
 
 def _is_locked(error: Exception) -> bool:

@@ -416,6 +416,12 @@ def test_artifacts_go_beside_the_sqlite_store_whatever_the_working_directory(
     experiment = tracking.connect(repo)
     assert mlflow.get_experiment(experiment).artifact_location == (repo / "mlartifacts").as_uri()
     assert (repo / "team.db").exists() and not (copy / "team.db").exists()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///team.db?timeout=30")  # query kept
+    assert tracking.tracking_uri(repo) == f"sqlite:///{repo}/team.db?timeout=30"
+    assert tracking.sqlite_file(tracking.tracking_uri(repo)) == repo / "team.db"
+    for in_memory in ("sqlite:///:memory:", "sqlite:///"):  # no file: left as they are
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", in_memory)
+        assert tracking.tracking_uri(repo) == in_memory and not tracking.sqlite_file(in_memory)
     assert tracking.artifact_location("http://tracking:5000") is None  # a server decides
     assert not (copy / "mlruns").exists()
 
