@@ -105,6 +105,14 @@ def test_gpus_are_shared_by_growth_unless_the_user_says_otherwise(monkeypatch):
     assert share("false") == [] and share("true") == []  # TensorFlow applies the user's own
     assert share(None, initialised=True) == []  # too late in this process: no error either
 
+    # And every stage gets it: import_tensorflow hands it the GPUs it listed.
+    from pipeline import startup
+
+    handed = []
+    monkeypatch.setattr(startup, "share_gpus", lambda tf, gpus: handed.append(gpus))
+    tf = startup.import_tensorflow()
+    assert handed == [tf.config.list_physical_devices("GPU")]
+
 
 @pytest.mark.slow
 @pytest.mark.skipif(
