@@ -16,10 +16,13 @@ class Device:
     precision: str  # resolved Keras dtype policy
     jit_compile: bool  # XLA
     onednn: bool | None = None  # CPU kernels through oneDNN (pipeline.startup); None: unknown
-    # A reduced precision left to TensorFlow's Eigen kernels (oneDNN off, or not running it
-    # on this CPU), which emulate it: on a Zen 3 float16 trained 4x and bfloat16 11x slower
-    # than float32 (BENCHMARKS.md).
-    emulated: bool = False
+    # Which library emulates the reduced precision on this CPU, where that is known to
+    # train slower than float32 (BENCHMARKS.md), else None:
+    # "eigen": TensorFlow's own kernels (oneDNN off, or not running it on this CPU);
+    #   on a Zen 3 float16 trained 4x and bfloat16 11x slower than float32.
+    # "onednn": oneDNN's AVX-512 kernels, which emulate bfloat16 arithmetic in float32 on a
+    #   CPU without AVX512-BF16 or AMX-BF16; 3x slower than float32 on CPU-3.
+    emulated: str | None = None
 
 
 # CPU flags (/proc/cpuinfo) with which bfloat16 is native, so `auto` picks it.
@@ -67,16 +70,21 @@ def resolve_device(params: TrainParams) -> Device:
     )  # fmt: skip
 
 
-def emulated_on_cpu(precision: str, flags: set[str] | None, onednn: bool | None) -> bool:
-    """Whether TensorFlow's Eigen kernels, not oneDNN, run this reduced precision here.
-
-    Unknown flags (not x86 Linux) claim nothing. Where oneDNN runs it without native
-    instructions (AVX-512 without AVX512-BF16) its speed is not measured: no claim either.
+def emulated_on_cpu(precision: str, flags: set[str] | None, onednn: bool | None) -> str | None:
+    """Which library emulates this reduced precision here, slower than float32
+    (Device.emulated): "eigen" where TensorFlow's own kernels, not oneDNN, run it;
+    "onednn" for bfloat16 on AVX-512 without bfloat16 instructions. Else None, also
+    where that is not measured: unknown flags (not x86 Linux), bfloat16 with only
+    AVX-NE-CONVERT, float16 with AVX512-FP16.
     """
     if precision == "float32" or flags is None:
-        return False
-    runs = any(needed <= flags for needed in ONEDNN_CPU_FLAGS[precision])
-    return onednn is False or not runs
+        return None
+    if onednn is False or not any(needed <= flags for needed in ONEDNN_CPU_FLAGS[precision]):
+        return "eigen"
+    avx512_only = "avx512f" in flags and "avx_ne_convert" not in flags
+    if precision == "mixed_bfloat16" and avx512_only and not flags.intersection(NATIVE_BFLOAT16):
+        return "onednn"
+    return None
 
 
 def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str] | None:
@@ -95,7 +103,14 @@ def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str] | None:
 
 def emulation_warning(device: Device) -> str | None:
     """What to tell a user whose chosen precision this CPU only emulates, else None."""
-    if not device.emulated:
+    if device.emulated == "onednn":
+        return (
+            f"train: warning: train.precision {device.precision} is emulated by oneDNN in "
+            "float32 arithmetic on this CPU (AVX-512 without AVX512-BF16 or AMX-BF16): on "
+            "such a Xeon bfloat16 trained 3x slower than float32 (BENCHMARKS.md); "
+            "train.precision auto picks the fastest here"
+        )
+    if device.emulated != "eigen":
         return None
     if device.onednn is False:
         why = "oneDNN is off (TF_ENABLE_ONEDNN_OPTS=0)"
