@@ -33,9 +33,12 @@ flags: any user of the machine can read a command line (`ps`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import secrets
+import signal
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -248,19 +251,23 @@ def secret_key(state_dir: Path) -> str:
     if os.environ.get("MLFLOW_FLASK_SERVER_SECRET_KEY"):
         return os.environ["MLFLOW_FLASK_SERVER_SECRET_KEY"]
     path = state_dir / SECRET_KEY_FILE
-    if path.exists():
-        return path.read_text().strip()
-    key = secrets.token_hex(32)
+    if path.exists() and (kept := path.read_text().strip()):
+        return kept
+    key = secrets.token_hex(32)  # also for an empty file, which MLflow would refuse
     _write_private(path, key + "\n")
     return key
 
 
 def _write_private(path: Path, text: str) -> None:
+    """Owner-only, and whole: written beside, then renamed over, so a full disk or a kill
+    midway leaves the old file (or none), never an empty one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    os.chmod(path, 0o600)  # also when the file existed with wider permissions
+    partial = path.with_name(f".{path.name}.partial")
+    descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.chmod(partial, 0o600)  # also when a leftover existed with wider permissions
     with os.fdopen(descriptor, "w") as file:
         file.write(text)
+    os.replace(partial, path)
 
 
 def mlflow_server_args(cfg: ServerConfig) -> list[str]:
@@ -305,9 +312,10 @@ def main(argv: list[str] | None = None) -> None:
     try:
         # MLflow's own command, in this process: it bootstraps the admin user, then runs the
         # workers until stopped. Its configuration errors (no admin password) become one line.
-        mlflow_server.main(
-            mlflow_server_args(cfg), prog_name="mlflow server", standalone_mode=False
-        )
+        with keep_server_process() as started:
+            mlflow_server.main(
+                mlflow_server_args(cfg), prog_name="mlflow server", standalone_mode=False
+            )
     except MlflowException as error:
         hint = ""
         if "admin_password" in error.message or "ADMIN_PASSWORD" in error.message:
@@ -316,6 +324,51 @@ def main(argv: list[str] | None = None) -> None:
         raise PipelineError(f"mlflow server: {error.message}{hint}") from None
     except click.ClickException as error:  # a bad option after `--`
         raise PipelineError(f"mlflow server: {error.format_message()}") from None
+    if problem := exit_problem(started):
+        raise PipelineError(f"mlflow server: {problem}")
+
+
+@contextlib.contextmanager
+def keep_server_process():
+    """The uvicorn process `mlflow server` starts, to read its exit status afterwards.
+
+    MLflow 3.17 waits for that process and drops its status, so a server that could not
+    bind its port or whose workers died would end this command with 0, and a service
+    manager would never restart it. Its one process starter (mlflow.server._exec_cmd) is
+    wrapped for the duration; the list stays empty on a MLflow that starts it otherwise.
+    """
+    import mlflow.server
+
+    started: list[subprocess.Popen] = []
+    original = getattr(mlflow.server, "_exec_cmd", None)
+    if original is None:
+        yield started
+        return
+
+    def exec_and_keep(*args, **kwargs):
+        process = original(*args, **kwargs)
+        if isinstance(process, subprocess.Popen):
+            started.append(process)
+        return process
+
+    mlflow.server._exec_cmd = exec_and_keep
+    try:
+        yield started
+    finally:
+        mlflow.server._exec_cmd = original
+
+
+def exit_problem(started: list[subprocess.Popen]) -> str | None:
+    """What went wrong with the server process, from its exit status; None for a clean stop
+    (status 0, or the SIGTERM / SIGINT this command forwards to it)."""
+    for process in started:
+        code = process.poll()
+        if code is None or code == 0 or -code in (signal.SIGTERM, signal.SIGINT):
+            continue
+        if code < 0:
+            return f"the server was killed by signal {-code}"
+        return f"the server exited with status {code} (its own error is above)"
+    return None
 
 
 if __name__ == "__main__":

@@ -17,9 +17,11 @@ import csv
 import json
 import os
 import pwd
+import re
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -105,6 +107,24 @@ def test_auth_config_is_private_and_readable_by_mlflow(tmp_path):
     key = launcher.secret_key(cfg.state_dir)
     assert key == launcher.secret_key(cfg.state_dir)  # kept across restarts
     assert (cfg.state_dir / "flask_secret_key").stat().st_mode & 0o777 == 0o600
+    assert sorted(p.name for p in cfg.state_dir.iterdir()) == ["basic_auth.ini", "flask_secret_key"]
+
+
+def test_an_empty_or_half_written_secret_key_does_not_block_the_next_start(tmp_path, monkeypatch):
+    """MLflow refuses an empty key, with a message that the launcher makes one itself."""
+    monkeypatch.delenv("MLFLOW_FLASK_SERVER_SECRET_KEY", raising=False)
+    kept = tmp_path / "flask_secret_key"
+    kept.write_text("")  # left by an older version killed midway, say
+    key = launcher.secret_key(tmp_path)
+    assert len(key) == 64 and kept.read_text() == key + "\n"
+
+    def killed(source, target):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(launcher.os, "replace", killed)
+    with pytest.raises(OSError, match="No space left"):
+        launcher._write_private(kept, "other\n")
+    assert kept.read_text() == key + "\n"  # the key in use is whole
 
 
 def test_the_auth_database_with_the_password_hashes_is_private(tmp_path):
@@ -177,6 +197,62 @@ def test_an_unreachable_database_fails_in_one_line_without_its_password():
         and "Connection refused" in message
     )
     assert "hunter2" not in message and "\n" not in message
+
+
+def test_the_server_process_exit_status_is_read_and_a_clean_stop_is_not_a_failure():
+    def ended(code: str) -> subprocess.Popen:
+        process = subprocess.Popen([sys.executable, "-c", code])
+        process.wait()
+        return process
+
+    clean, failed = ended("pass"), ended("import sys; sys.exit(3)")
+    stopped = ended("import os, signal; os.kill(os.getpid(), signal.SIGTERM)")
+    killed = ended("import os, signal; os.kill(os.getpid(), signal.SIGKILL)")
+    assert launcher.exit_problem([]) is None  # MLflow started nothing we could see
+    assert launcher.exit_problem([clean, stopped]) is None
+    assert (
+        launcher.exit_problem([failed])
+        == "the server exited with status 3 (its own error is above)"
+    )
+    assert launcher.exit_problem([killed]) == "the server was killed by signal 9"
+
+
+def test_the_wrapped_process_starter_hands_back_what_mlflow_started():
+    import mlflow.server
+
+    original = mlflow.server._exec_cmd
+    with launcher.keep_server_process() as started:
+        process = mlflow.server._exec_cmd([sys.executable, "-c", "pass"], synchronous=False)
+        process.wait()
+    assert started == [process] and mlflow.server._exec_cmd is original
+
+
+@pytest.mark.slow
+def test_a_server_that_cannot_start_fails_the_command(tmp_path):
+    """Port taken: uvicorn gives up, and the launcher must not exit 0 (a service manager
+    would then never restart it)."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        command = [
+            sys.executable, "-m", "pipeline.server",
+            "--backend-store-uri", f"sqlite:///{tmp_path / 'runs.db'}",
+            "--auth-database-uri", f"sqlite:///{tmp_path / 'users.db'}",
+            "--artifacts-destination", str(tmp_path / "artifacts"),
+            "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+            "--state-dir", str(tmp_path / "state"),
+        ]  # fmt: skip
+        env = {**os.environ, "MLFLOW_AUTH_ADMIN_PASSWORD": ADMIN_PASSWORD}
+        result = subprocess.run(
+            command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+        )
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert re.fullmatch(  # uvicorn's own status (3 in 0.54: startup failure)
+        r"error: mlflow server: the server exited with status [1-9]\d* \(its own error is above\)",
+        result.stderr.strip().splitlines()[-1],
+    )
+    assert "address already in use" in result.stderr.lower()
 
 
 # --- PostgreSQL and the server, for real -----------------------------------------------------
