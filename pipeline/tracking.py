@@ -603,12 +603,22 @@ def check_run(run_id: str, named_by: Path) -> None:
         )
 
 
-@retry_locked
 def log_evaluation(run_id: str, metrics: dict[str, float], files: list[Path], params: dict) -> int:
     """Record evaluation k of training run `run_id`: metrics at step k, files under evaluation-k/.
 
-    Returns k. See pipeline/evaluate.py for why evaluations are kept this way.
+    Returns k. See pipeline/evaluate.py for why evaluations are kept this way. Two steps,
+    each retried on its own while SQLite is locked: a retry of the whole would number the
+    same evaluation again (k+1) once its metrics were in.
     """
+    number = _log_evaluation_metrics(run_id, metrics)
+    _log_evaluation_files(run_id, number, files, params)
+    return number
+
+
+@retry_locked
+def _log_evaluation_metrics(run_id: str, metrics: dict[str, float]) -> int:
+    """Take the next evaluation number and log the metrics at that step: one batch, which
+    the store writes whole or not at all."""
     import mlflow
 
     client = mlflow.MlflowClient()
@@ -621,12 +631,20 @@ def log_evaluation(run_id: str, metrics: dict[str, float], files: list[Path], pa
                 for key, value in metrics.items()
             ],
         )
+    return number
+
+
+@retry_locked
+def _log_evaluation_files(run_id: str, number: int, files: list[Path], params: dict) -> None:
+    """Evaluation `number`'s files and params, and the count: all overwritten on a retry."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
     folder = f"evaluation-{number}"
     for file in files:
         client.log_artifact(run_id, str(file), artifact_path=folder)
     client.log_dict(run_id, params, f"{folder}/params.json")
     client.set_tag(run_id, "evaluation.count", str(number))
-    return number
 
 
 @retry_locked

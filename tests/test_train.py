@@ -393,6 +393,40 @@ def test_every_public_store_call_waits_out_a_locked_sqlite_store():
     assert unguarded == ["connect", "store_lock"]
 
 
+def test_an_evaluation_retried_on_a_locked_store_keeps_its_number(
+    mlflow_store, tmp_path, monkeypatch
+):
+    """`dvc queue start -j 2`: the store is locked after the metrics are in. The retry must
+    finish evaluation 1, not log the same figures again as evaluation 2."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from pipeline import tracking
+
+    monkeypatch.setattr(tracking.time, "sleep", lambda seconds: None)
+    run_id = mlflow_store.create_run(mlflow_store.create_experiment("e")).info.run_id
+    real_set_tag, calls = mlflow.MlflowClient.set_tag, []
+
+    def locked_once(self, *args, **kwargs):
+        calls.append(args)
+        if len(calls) == 1:
+            raise MlflowException("(sqlite3.OperationalError) database is locked")
+        return real_set_tag(self, *args, **kwargs)
+
+    monkeypatch.setattr(mlflow.MlflowClient, "set_tag", locked_once)
+    (tmp_path / "report.txt").write_text("figures\n")
+    number = tracking.log_evaluation(
+        run_id, {"test_accuracy": 0.5}, [tmp_path / "report.txt"], {"x": 1}
+    )
+    history = mlflow_store.get_metric_history(run_id, "test_accuracy")
+    assert number == 1 and [(m.step, m.value) for m in history] == [(1, 0.5)]
+    assert len(calls) == 2  # the locked try, then the retry
+    assert mlflow_store.get_run(run_id).data.tags["evaluation.count"] == "1"
+    logged = {f.path for f in mlflow_store.list_artifacts(run_id, "evaluation-1")}
+    assert logged == {"evaluation-1/report.txt", "evaluation-1/params.json"}
+    assert not mlflow_store.list_artifacts(run_id, "evaluation-2")
+
+
 def test_artifacts_go_beside_the_sqlite_store_whatever_the_working_directory(
     mlflow_store, tmp_path, monkeypatch
 ):
