@@ -23,12 +23,15 @@ the same uint8 images the dataset stores.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from pathlib import Path
 
 import keras
 import numpy as np
 
 from pipeline.config import ModelParams
+from pipeline.errors import PipelineError
 
 NORMALIZE_LAYER = "normalize"  # the input normalization, not part of the network proper
 
@@ -138,6 +141,42 @@ def count_params_without_normalization(model: keras.Model) -> int:
         sum(np.prod(w.shape) for w in model.weights)
         - sum(np.prod(w.shape) for w in normalize.weights)
     )
+
+
+# --- the saved model -----------------------------------------------------------------------------
+
+
+def load_saved_model(path: Path) -> keras.Model:
+    """The .keras file train saved. A missing file raises FileNotFoundError (callers say
+    where one comes from); a truncated or foreign one is a one-line PipelineError."""
+    if not path.exists():
+        raise FileNotFoundError(path)
+    try:
+        return keras.saving.load_model(path)
+    except Exception as error:  # a truncated or foreign file: Keras raises many types
+        first = str(error).splitlines()[0] if str(error) else ""
+        raise PipelineError(
+            f"{path}: cannot load the model ({type(error).__name__}: {first}); "
+            "it should be the .keras file train writes: `dvc repro train` or `dvc pull`"
+        ) from None
+
+
+def read_model_info(path: Path, keys: Sequence[str]) -> dict:
+    """The model_info.json train writes beside the model, with these keys. A missing file
+    raises FileNotFoundError (callers say where one comes from); another file, a one-line
+    PipelineError."""
+    try:
+        info = json.loads(path.read_text())
+        for key in keys:
+            info[key]  # noqa: B018 (a KeyError names the missing key)
+    except FileNotFoundError:
+        raise
+    except (ValueError, KeyError, TypeError) as error:  # not JSON, or not train's
+        raise PipelineError(
+            f"{path}: not the model info train writes ({type(error).__name__}: {error}); "
+            "run `dvc repro train`"
+        ) from None
+    return info
 
 
 # --- inference -----------------------------------------------------------------------------------

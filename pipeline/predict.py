@@ -119,7 +119,7 @@ def _is_mlflow_model(model: str) -> bool:
 
 
 def _keras_predictor(path: Path) -> Predictor:
-    import keras
+    from pipeline.model import load_saved_model, predict_batches, read_model_info
 
     if not path.exists():
         raise PipelineError(
@@ -128,26 +128,14 @@ def _keras_predictor(path: Path) -> Predictor:
         )
     info_file = path.parent / paths.MODEL_INFO.name
     try:
-        info = json.loads(info_file.read_text())
-        class_names, image_size = info["class_names"], info["image_size"]
+        info = read_model_info(info_file, ("class_names", "image_size"))
     except FileNotFoundError:
         raise PipelineError(
             f"{info_file}: not found beside {path}; copy the model_info.json train wrote "
             "with this model beside it, or run `dvc repro train`"
         ) from None
-    except (ValueError, KeyError, TypeError) as error:  # not JSON, or not train's
-        raise PipelineError(
-            f"{info_file}: not the model info train writes ({type(error).__name__}: {error}); "
-            "run `dvc repro train`"
-        ) from None
-    try:
-        model = keras.saving.load_model(path)
-    except Exception as error:  # a truncated or foreign file: Keras raises many types
-        raise PipelineError(
-            f"{path}: cannot load the model ({type(error).__name__}: "
-            f"{str(error).splitlines()[0] if str(error) else ''}); "
-            "it should be the .keras file train writes: `dvc repro train` or `dvc pull`"
-        ) from None
+    class_names, image_size = info["class_names"], info["image_size"]
+    model = load_saved_model(path)
     # model_info.json from another training would name the wrong classes, or too few.
     outputs, size = model.output_shape[-1], model.input_shape[1]
     if len(class_names) != outputs or image_size != size:
@@ -156,8 +144,6 @@ def _keras_predictor(path: Path) -> Predictor:
             f"{path} ({outputs} classes, {size} px); copy the model_info.json train wrote "
             "with this model beside it, or run `dvc repro train`"
         )
-    from pipeline.model import predict_batches
-
     return Predictor(
         lambda images: predict_batches(model, images, BATCH_SIZE), class_names, image_size
     )
@@ -185,8 +171,10 @@ def _mlflow_predictor(uri: str) -> Predictor:
     try:
         # A model fetched from a server or bucket lands in a folder MLflow never removes
         # (17 MB a call); this one goes once the weights are in memory.
+        # An unreachable server fails in seconds, not after MLflow's minutes of retries.
         with tempfile.TemporaryDirectory(prefix="pipeline-predict-") as download:
-            model = mlflow.pyfunc.load_model(uri, dst_path=download)
+            with tracking.few_retries():
+                model = mlflow.pyfunc.load_model(uri, dst_path=download)
     except MlflowException as error:
         raise PipelineError(
             f"cannot load model {uri}{where}: {str(error).splitlines()[0]}"
@@ -198,11 +186,38 @@ def _mlflow_predictor(uri: str) -> Predictor:
     class_names = (model.metadata.metadata or {}).get("class_names")
     if not class_names:
         raise PipelineError(f"{uri}: the model has no class_names metadata; log it with train")
-    schema = model.metadata.get_input_schema()
-    if schema is None:
-        raise PipelineError(f"{uri}: the model has no input signature; log it with train")
-    shape = schema.inputs[0].shape  # (-1, S, S, 3)
-    return Predictor(lambda images: np.asarray(model.predict(images)), class_names, shape[1])
+    size = _image_size(uri, model.metadata.get_input_schema())
+    outputs = _output_width(model.metadata.get_output_schema())
+    if outputs is not None and outputs != len(class_names):
+        raise PipelineError(
+            f"{uri}: the model has {outputs} outputs but its metadata names "
+            f"{len(class_names)} classes; log it with train"
+        )
+    return Predictor(lambda images: np.asarray(model.predict(images)), class_names, size)
+
+
+def _image_size(uri: str, schema) -> int:
+    """S from the signature of a model train logs: one uint8 tensor (-1, S, S, 3)."""
+    spec = schema.inputs[0] if schema is not None and schema.is_tensor_spec() else None
+    shape = tuple(spec.shape) if spec is not None else ()
+    if (
+        spec is None or len(schema.inputs) != 1 or np.dtype(spec.type) != np.uint8
+        or len(shape) != 4 or shape[3] != 3 or shape[1] != shape[2] or shape[1] < 1
+    ):  # fmt: skip
+        takes = "no input signature" if schema is None else f"input {schema.to_json()}"
+        raise PipelineError(
+            f"{uri}: the model has {takes}, not the uint8 images (-1, S, S, 3) a model "
+            "logged by train takes; pass one that train logged"
+        )
+    return int(shape[1])
+
+
+def _output_width(schema) -> int | None:
+    """The class count of a tensor output signature; None where the model has none."""
+    if schema is None or not schema.is_tensor_spec() or len(schema.inputs) != 1:
+        return None
+    shape = tuple(schema.inputs[0].shape)
+    return int(shape[-1]) if len(shape) == 2 and shape[-1] > 0 else None
 
 
 def expand_folders(paths: list[Path]) -> list[Path]:

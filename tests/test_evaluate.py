@@ -178,6 +178,32 @@ def test_a_model_of_other_classes_or_image_size_is_not_evaluated():
             check_model_fits(cifar, other)
 
 
+def test_a_damaged_model_info_is_one_line_naming_the_file(tmp_path, monkeypatch):
+    """Not a JSONDecodeError or KeyError traceback from deep in the stage."""
+    import json
+
+    from pipeline import paths
+    from pipeline.evaluate import load_model_info
+
+    info = tmp_path / "model_info.json"
+    monkeypatch.setattr(paths, "MODEL_INFO", info)
+    with pytest.raises(PipelineError, match=r"model_info.json: not found; run `dvc repro train`"):
+        load_model_info()
+    whole = {"run_id": "r", "model_uri": "m", "class_names": ["a"], "image_size": 32}
+    info.write_text(json.dumps(whole))
+    assert load_model_info() == whole
+    for damaged, says in (
+        ("{not json", "JSONDecodeError: Expecting property name"),
+        (json.dumps({k: v for k, v in whole.items() if k != "run_id"}), "KeyError: 'run_id'"),
+        ("[1, 2]", "TypeError: list indices must be integers"),
+    ):
+        info.write_text(damaged)
+        with pytest.raises(PipelineError) as error:
+            load_model_info()
+        assert str(error.value).startswith(f"{info}: not the model info train writes ({says}")
+        assert str(error.value).endswith("; run `dvc repro train`")
+
+
 def test_the_confusion_csv_quotes_class_names_dvc_would_split():
     """Folder names like "tench, Tinca tinca" must stay one cell for `dvc plots`."""
     import csv

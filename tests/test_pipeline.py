@@ -304,7 +304,12 @@ def test_predict_and_pyfunc_agree_with_the_keras_model(repo, client, tmp_path):
 
     champion = predict("--model", "models:/cifar10-resnet@champion", str(files[0]))
     assert champion.returncode == 0, champion.stderr
-    assert len(json.loads(champion.stdout)[0]["predictions"]) == 10
+    got = {p["class"]: p["probability"] for p in json.loads(champion.stdout)[0]["predictions"]}
+    assert len(got) == 10  # the champion's own outputs, named as its metadata names them:
+    logged = mlflow.pyfunc.load_model("models:/cifar10-resnet@champion")
+    row = logged.predict(images[:1])[0]
+    names = logged.metadata.metadata["class_names"]
+    np.testing.assert_allclose([got[n] for n in names], row, rtol=1e-5, atol=1e-7)
 
     info = json.loads((repo / "models/model_info.json").read_text())
     pyfunc = mlflow.pyfunc.load_model(info["model_uri"]).predict(images)

@@ -102,6 +102,61 @@ def test_a_logged_model_folder_loads_outside_the_repository(tmp_path, monkeypatc
     assert not (tmp_path / "mlflow.db").exists()
 
 
+def save_pyfunc(folder, inputs, classes=3, names=("a", "b", "c")):
+    """A pyfunc model with this input schema and `classes` outputs, in `folder`: equal
+    probability for each class."""
+    import mlflow.pyfunc
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import Schema, TensorSpec
+
+    class Model(mlflow.pyfunc.PythonModel):
+        def __init__(self, classes):
+            self.classes = classes
+
+        def predict(self, context, model_input, params=None):
+            return np.full((len(model_input), self.classes), 1 / self.classes, np.float32)
+
+    output = Schema([TensorSpec(np.dtype(np.float32), (-1, classes))])
+    mlflow.pyfunc.save_model(
+        folder, python_model=Model(classes), signature=ModelSignature(inputs, output),
+        metadata={"class_names": list(names)}, pip_requirements=[],
+    )  # fmt: skip
+    return str(folder)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # MLflow's advice on logging
+def test_a_logged_model_must_take_images_as_train_logs_them(tmp_path, monkeypatch):
+    """README: --model takes any MLflow model URI; one that is not a logged image classifier
+    is refused in one line, before any image is read."""
+    from mlflow.types.schema import ColSpec, Schema, TensorSpec
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    images = Schema([TensorSpec(np.dtype(np.uint8), (-1, 8, 8, 3))])
+    predictor = load_predictor(save_pyfunc(tmp_path / "good", images))
+    assert predictor.image_size == 8 and predictor.class_names == ["a", "b", "c"]
+    probabilities = predictor.predict(np.zeros((2, 8, 8, 3), np.uint8))
+    assert probabilities.shape == (2, 3)
+    refused = {
+        "table": Schema([ColSpec("double", "x")]),
+        "float": Schema([TensorSpec(np.dtype(np.float32), (-1, 8, 8, 3))]),
+        "gray": Schema([TensorSpec(np.dtype(np.uint8), (-1, 8, 8, 1))]),
+        "any_size": Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3))]),
+    }
+    for name, schema in refused.items():
+        model = save_pyfunc(tmp_path / name, schema)
+        with pytest.raises(PipelineError) as error:
+            load_predictor(model)
+        assert str(error.value).startswith(f"{model}: the model has input [")
+        assert str(error.value).endswith(
+            "not the uint8 images (-1, S, S, 3) a model logged by train takes; pass one that "
+            "train logged"
+        )
+    two_names = save_pyfunc(tmp_path / "names", images, classes=3, names=("a", "b"))
+    with pytest.raises(PipelineError, match="has 3 outputs but its metadata names 2 classes"):
+        load_predictor(two_names)
+
+
 def save_tiny_model(folder, class_names, image_size=32):
     """A one-unit network as train saves it: model.keras and model_info.json in `folder`."""
     import dataclasses
