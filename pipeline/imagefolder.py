@@ -98,7 +98,10 @@ class Layout:
 @contextlib.contextmanager
 def open_dataset(source: Path) -> Iterator[tuple[list[Member], Callable[[Member], bytes]]]:
     """Yield the members of a folder, zip or tar archive, checked for safety, and a reader."""
-    if not (source.is_dir() or zipfile.is_zipfile(source) or tarfile.is_tarfile(source)):
+    # Tar before zip: a zip is recognised by its directory at the end, which a tar whose
+    # last member is a .zip (or .npz, .docx) has too; a tar's first header is unambiguous.
+    is_tar = not source.is_dir() and tarfile.is_tarfile(source)
+    if not (source.is_dir() or is_tar or zipfile.is_zipfile(source)):
         raise ArchiveError(
             f"{source}: neither a folder nor a .tar, .tar.gz/.tgz or .zip archive; "
             "point data.url at one (data.format imagefolder)"
@@ -106,15 +109,15 @@ def open_dataset(source: Path) -> Iterator[tuple[list[Member], Callable[[Member]
     try:
         if source.is_dir():
             yield _folder_members(source), lambda member: member.handle.read_bytes()
-        elif zipfile.is_zipfile(source):
-            with zipfile.ZipFile(source) as archive:
-                yield _zip_members(archive), lambda member: archive.read(member.handle)
-        else:
+        elif is_tar:
             with tarfile.open(source, "r:*") as archive:
                 yield (
                     [Member(m.name, m.isdir(), m) for m in _checked(archive)],
                     lambda member: archive.extractfile(member.handle).read(),
                 )
+        else:
+            with zipfile.ZipFile(source) as archive:
+                yield _zip_members(archive), lambda member: archive.read(member.handle)
     except (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, OSError) as error:
         reason = error or type(error).__name__
         if source.is_dir():  # the copy of a folder: a file in it cannot be read
@@ -134,6 +137,11 @@ def _checked(archive: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
         yield member
 
 
+# The zip compression methods Python's zipfile reads, and what to do with another archive.
+ZIP_METHODS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA)
+REPACK = "pack the images again: `zip -r pets.zip pets` (no -e) or `tar czf pets.tgz pets`"
+
+
 def _zip_members(archive: zipfile.ZipFile) -> list[Member]:
     members = []
     for info in archive.infolist():
@@ -142,6 +150,13 @@ def _zip_members(archive: zipfile.ZipFile) -> list[Member]:
             raise ArchiveError(f"unsafe archive member {info.filename!r}: path escapes the archive")
         if stat.S_ISLNK(info.external_attr >> 16):  # the Unix mode sits in the high 16 bits
             raise ArchiveError(f"unsafe archive member {info.filename!r}: a link, refused")
+        if info.flag_bits & 0x1:  # read() would stop midway on "password required"
+            raise ArchiveError(f"archive member {info.filename!r} is encrypted; {REPACK}")
+        if info.compress_type not in ZIP_METHODS:  # Deflate64, from Windows, say
+            raise ArchiveError(
+                f"archive member {info.filename!r} is compressed with zip method "
+                f"{info.compress_type}, which Python cannot read; {REPACK}"
+            )
         members.append(Member(info.filename, info.is_dir(), info))
     return members
 

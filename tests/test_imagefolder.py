@@ -335,6 +335,47 @@ def test_truncated_and_foreign_archives_are_reported(tmp_path, data):
         read_imagefolder(foreign, data)
 
 
+def test_a_plain_tar_ending_in_a_zip_file_is_read_as_the_tar(tmp_path, data, capsys):
+    """A zip is found by its directory at the file's end, which such a tar has too."""
+    inner = write_zip(tmp_path / "inner.zip", {"notes.txt": b"x"}).read_bytes()
+    source = tmp_path / "pets.tar"  # uncompressed: the inner zip's bytes end the file
+    with tarfile.open(source, "w") as tar:
+        for name, payload in {**two_classes(), "originals.zip": inner}.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    assert zipfile.is_zipfile(source)  # the trap
+    dataset = read_imagefolder(source, data)
+    assert dataset.class_names == ("cat", "dog") and len(dataset.train.labels) == 6
+
+
+def patched_zip(path: Path, local_at: int, central_at: int, value: int) -> Path:
+    """Set a 2-byte field of every member's local and central header (zipfile writes
+    neither encrypted nor Deflate64 members itself)."""
+    data = bytearray(path.read_bytes())
+    for signature, offset in ((b"PK\x03\x04", local_at), (b"PK\x01\x02", central_at)):
+        start = data.find(signature)
+        while start != -1:
+            data[start + offset : start + offset + 2] = value.to_bytes(2, "little")
+            start = data.find(signature, start + 4)
+    path.write_bytes(data)
+    return path
+
+
+def test_encrypted_and_unreadably_compressed_zips_are_refused_before_decoding(tmp_path, data):
+    # General-purpose flags at 6 (local) and 8 (central): bit 0, encrypted (`zip -e`).
+    locked = patched_zip(write_zip(tmp_path / "locked.zip", two_classes()), 6, 8, 0x1)
+    with pytest.raises(ArchiveError, match=r"'train/cat/00.png' is encrypted; pack the images"):
+        read_imagefolder(locked, data)
+    # Compression method at 8 (local) and 10 (central): 9, Deflate64 (Windows' Explorer).
+    windows = patched_zip(write_zip(tmp_path / "windows.zip", two_classes()), 8, 10, 9)
+    with pytest.raises(ArchiveError, match=(
+        r"'train/cat/00.png' is compressed with zip method 9, which Python cannot read; pack "
+        r"the images again: `zip -r pets.zip pets` \(no -e\) or `tar czf pets.tgz pets`$"
+    )):  # fmt: skip
+        read_imagefolder(windows, data)
+
+
 @pytest.mark.slow
 def test_dvc_repro_prepares_an_image_folder_and_sees_a_changed_folder(tmp_path):
     files = two_classes(train=12, test=3)
