@@ -29,6 +29,7 @@ import http.client
 import os
 import re
 import shutil
+import stat
 import sys
 import time
 import urllib.error
@@ -141,6 +142,8 @@ def fetch(
     # data.url and data.md5 are checked before anything in data/raw is touched,
     # and what an earlier data.url left there is removed only after success.
     local = _local_path(url) if url.startswith("file://") else None
+    if url.startswith("file://") and local is None:
+        raise DownloadError(_host_named(url, name))
     if local is not None and not local.exists():
         hint = "" if url.startswith("file:///") else (
             f"A local path needs three slashes, e.g. file:///path/to/{name}; "
@@ -300,7 +303,7 @@ def _download_http(url: str, part: Path, name: str, progress: Progress, timeout_
                 print(f"download: server cannot resume; restarting {name}", flush=True)
             offset, mode = 0, "wb"
         total = offset + int(length) if length is not None else None
-        with part.open(mode) as out:
+        with _open_part(part, mode) as out:
             done = _stream(response, out, hasher, progress, offset, total)
     # http.client returns a short body without error when the peer closes early.
     if total is not None and done < total:
@@ -318,21 +321,48 @@ def _local_path(url: str) -> Path | None:
 def _copy_local(url: str, part: Path, name: str, progress: Progress) -> str:
     """Copy a file:// URL into `part` the same way, in chunks; return the md5."""
     source = _local_path(url)
-    if source is None:  # file://data/x.tar.gz: "data" is read as a host name
-        raise DownloadError(
-            f"{url} (data.url) names the host {urllib.parse.urlsplit(url).netloc!r}, not a path "
-            f"on this machine. A local path needs three slashes, e.g. file:///path/to/{name}; "
-            f"fix data.url: {FIX_HINT}"
-        )
+    if source is None:
+        raise DownloadError(_host_named(url, name))
     if not source.is_file():
         raise DownloadError(
             f"{url} (data.url): no such file {source}. A local copy needs an absolute path with "
             f"three slashes, e.g. file:///path/to/{name}; fix data.url: {FIX_HINT}"
         )
     hasher = hashlib.md5()
-    with source.open("rb") as stream, part.open("wb") as out:
+    try:
+        stream = source.open("rb")
+    except OSError as error:  # permission denied, say: not worth retrying
+        raise DownloadError(
+            f"{url} (data.url): cannot read {source} ({error.strerror}); make it readable "
+            f"or fix data.url: {FIX_HINT}"
+        ) from None
+    with stream, _open_part(part) as out:
         _stream(stream, out, hasher, progress, 0, source.stat().st_size)
     return hasher.hexdigest()
+
+
+def _host_named(url: str, name: str) -> str:
+    """file://data/x.tar.gz: "data" is read as a host name."""
+    return (
+        f"{url} (data.url) names the host {urllib.parse.urlsplit(url).netloc!r}, not a path "
+        f"on this machine. A local path needs three slashes, e.g. file:///path/to/{name}; "
+        f"fix data.url: {FIX_HINT}"
+    )
+
+
+def _open_part(part: Path, mode: str = "wb") -> BinaryIO:
+    try:
+        return part.open(mode)
+    except OSError as error:
+        raise _write_failed(part, error) from None
+
+
+def _write_failed(path: Path, error: OSError) -> DownloadError:
+    """Disk full, or data/raw not writable: the fix is here, not in data.url."""
+    return DownloadError(
+        f"cannot write {path} ({error.strerror or error}); free disk space or make "
+        f"{path.parent} writable, then run `dvc repro download` again"
+    )
 
 
 def _stream(
@@ -353,12 +383,18 @@ def _stream(
                 raise _Transient(f"connection lost after {done} bytes: {error!r}") from None
             if not chunk:
                 break
-            out.write(chunk)
+            try:
+                out.write(chunk)
+            except OSError as error:
+                raise _write_failed(Path(out.name), error) from None
             hasher.update(chunk)
             done += len(chunk)
             progress.update(done)
-        out.flush()
-        os.fsync(out.fileno())  # on disk before any rename can make it look complete
+        try:
+            out.flush()
+            os.fsync(out.fileno())  # on disk before any rename can make it look complete
+        except OSError as error:
+            raise _write_failed(Path(out.name), error) from None
     finally:
         progress.finish()
     return done
@@ -388,6 +424,15 @@ def copy_folder(source: Path, final: Path) -> Path:
             f"could not copy {failed} ({reason}) from the folder at data.url; "
             "fix or remove it, then run `dvc repro download` again"
         ) from None
+    except OSError as error:  # the folder itself cannot be listed, or data/raw not written
+        raise DownloadError(
+            f"could not copy the folder at data.url: {error.filename or source}: "
+            f"{error.strerror or error}; fix it, then run `dvc repro download` again"
+        ) from None
+    # copytree copies the source's modes: a read-only source would give folders that the
+    # next copy (or a change of data.url) cannot delete. The copy is the pipeline's own.
+    for folder, _, _ in os.walk(part):
+        os.chmod(folder, os.stat(folder).st_mode | stat.S_IRWXU)
     _replace(part, final)
     files = [p for p in final.rglob("*") if p.is_file()]
     megabytes = sum(p.stat().st_size for p in files) / MB
@@ -403,9 +448,19 @@ def copy_folder(source: Path, final: Path) -> Path:
 
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
+        # A read-only folder inside (copied by an older version from a read-only source)
+        # is made writable and the removal tried again.
+        shutil.rmtree(path, onerror=_writable_and_retry)
     elif path.exists() or path.is_symlink():
         path.unlink()
+
+
+def _writable_and_retry(function: Callable, target: str, excinfo) -> None:
+    parent = os.path.dirname(target)
+    if not isinstance(excinfo[1], PermissionError) or os.stat(parent).st_mode & stat.S_IWUSR:
+        raise excinfo[1]
+    os.chmod(parent, os.stat(parent).st_mode | stat.S_IRWXU)
+    function(target)
 
 
 def _hash_file(path: Path, hasher: hashlib._Hash) -> hashlib._Hash:

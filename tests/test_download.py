@@ -303,6 +303,65 @@ def test_folder_url_is_copied_without_hidden_files(tmp_path, capsys):
     assert not (path / "train/dog/2.png").exists() and (path / "train/cat/1.png").exists()
 
 
+def test_a_copy_of_a_read_only_folder_can_be_replaced(tmp_path):
+    """copytree copies modes: read-only folders in data/raw would make the next copy, or a
+    change of data.url, fail on deleting them (as any user but root)."""
+    folder = tmp_path / "pets"
+    (folder / "train/cat").mkdir(parents=True)
+    (folder / "train/cat/1.png").write_bytes(b"x")
+    for path in (folder / "train/cat", folder / "train", folder):
+        path.chmod(0o555)
+    try:
+        path = fetch(folder.as_uri(), "", tmp_path / "raw", progress=quiet(), **FAST)
+    finally:
+        for path_ in (folder, folder / "train", folder / "train/cat"):
+            path_.chmod(0o755)
+    for copied in (path, path / "train", path / "train/cat"):
+        assert copied.stat().st_mode & 0o700 == 0o700, copied
+    assert (path / "train/cat/1.png").read_bytes() == b"x"
+
+
+def test_a_read_only_folder_left_by_an_older_copy_is_still_removed(tmp_path):
+    """What rmtree's error handler does for a non-root user: make the parent writable, retry."""
+    stale = tmp_path / "pets.old.part" / "train"
+    stale.mkdir(parents=True)
+    (stale / "1.png").write_bytes(b"x")
+    stale.chmod(0o555)
+    denied = PermissionError(13, "Permission denied")
+    download._writable_and_retry(os.unlink, str(stale / "1.png"), (PermissionError, denied, None))
+    assert not (stale / "1.png").exists() and stale.stat().st_mode & 0o200
+    with pytest.raises(FileNotFoundError):  # any other failure is raised as it was
+        error = FileNotFoundError(2, "No such file")
+        download._writable_and_retry(
+            os.unlink, str(stale / "2.png"), (FileNotFoundError, error, None)
+        )
+
+
+def test_a_full_disk_is_one_line_naming_the_file_and_the_fix(tmp_path):
+    class FullDisk(io.BytesIO):
+        name = str(tmp_path / "raw" / f"{NAME}.part")
+
+        def write(self, chunk):
+            raise OSError(28, "No space left on device")
+
+    with pytest.raises(DownloadError) as error:
+        download._stream(io.BytesIO(PAYLOAD), FullDisk(), hashlib.md5(), quiet(), 0, len(PAYLOAD))
+    assert str(error.value) == (
+        f"cannot write {tmp_path / 'raw' / NAME}.part (No space left on device); free disk "
+        f"space or make {tmp_path / 'raw'} writable, then run `dvc repro download` again"
+    )
+
+
+def test_a_relative_file_url_says_it_needs_three_slashes_for_a_folder_too(tmp_path):
+    for md5 in ("", MD5):  # a folder's empty md5 gave "is a file, not a folder"
+        with pytest.raises(DownloadError) as error:
+            fetch("file://data/pets", md5, tmp_path / "raw", progress=quiet(), **FAST)
+        assert str(error.value).startswith(
+            "file://data/pets (data.url) names the host 'data', not a path on this machine. A "
+            "local path needs three slashes, e.g. file:///path/to/pets"
+        )
+
+
 def test_folder_with_an_md5_and_file_without_one_are_refused(tmp_path):
     (tmp_path / "pets").mkdir()
     with pytest.raises(
