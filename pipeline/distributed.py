@@ -59,6 +59,11 @@ class Cluster:
         if kind not in ("chief", "worker"):
             raise PipelineError(f"TF_CONFIG task type must be chief or worker, got {kind!r}")
         listed = len(chiefs if kind == "chief" else workers)
+        if kind == "chief" and not chiefs:
+            raise PipelineError(
+                "TF_CONFIG's task is a chief but its cluster lists no chief: give this task "
+                'type "worker" (worker 0 is then the chief), or list it under cluster.chief'
+            )
         if not 0 <= index < listed:
             raise PipelineError(
                 f"TF_CONFIG task index {index} is not one of the {listed} {kind}s listed in "

@@ -57,6 +57,17 @@ def make_schedule(params: TrainParams, total_steps: int):
     )
 
 
+def last_step_rate(optimizer) -> float:
+    """The learning rate the last step took. Keras's `optimizer.learning_rate` evaluates a
+    schedule at the step count, which after a step is the next step's: read at an epoch's
+    end it is the next epoch's first rate (0 after the last epoch of a cosine)."""
+    inner = getattr(optimizer, "inner_optimizer", optimizer)  # under loss scaling
+    schedule = inner._learning_rate  # Keras 3.15: a float variable or a schedule
+    if isinstance(schedule, keras.optimizers.schedules.LearningRateSchedule):
+        return float(schedule(max(int(inner.iterations) - 1, 0)))
+    return float(inner.learning_rate)
+
+
 def agreeing(optimizer, variables):
     """`optimizer`; a restored plain LossScaleOptimizer (a recovery checkpoint written
     before AgreedLossScaleOptimizer existed) as ours, with its state and loss scale."""

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import keras
 
+from pipeline.errors import PipelineError
+
 STATE_FILE = "state.json"
 
 
@@ -51,8 +53,9 @@ def changes(old: dict | None, new: dict | None, shown: int = 4) -> str:
     """What differs between two resume bases, for the line that discards a state.
 
     A basis is {"params": {dotted: value}, "meta": meta.json, "data": digest,
-    "precision": policy, "workers": count}; a state written before bases were
-    kept has none, and then only "other params or data" can be said.
+    "precision": policy, "workers": count, "code": {module: digest}}; a state
+    written before bases were kept has none, and then only "other params or data"
+    can be said.
     """
     if not old or not new:
         return "other params or data"
@@ -66,6 +69,10 @@ def changes(old: dict | None, new: dict | None, shown: int = 4) -> str:
     for key in ("precision", "workers"):
         if old.get(key) != new.get(key):
             found.append(f"{key} {old.get(key)} -> {new.get(key)}")
+    if "code" not in old:
+        found.append("the code of an earlier version")
+    elif edited := [k for k in new.get("code", {}) if old["code"].get(k) != new["code"][k]]:
+        found.append(f"the code of {', '.join(edited)}")
     meta = [k for k in dict.fromkeys([*new.get("meta", {}), *old.get("meta", {})])
             if old.get("meta", {}).get(k) != new.get("meta", {}).get(k)]  # fmt: skip
     if meta:
@@ -141,9 +148,20 @@ class StateStore:
         old = state.checkpoint
         # Keras insists on the .keras suffix; the epoch in the name keeps the old one intact.
         state.checkpoint = f"epoch-{state.epochs_done:05d}.keras"
-        model.save(self.directory / state.checkpoint)
-        _fsync(self.directory / state.checkpoint)  # on disk before state.json names it
-        _write_atomic(self.directory / STATE_FILE, json.dumps(asdict(state), indent=1))
+        try:
+            model.save(self.directory / state.checkpoint)
+            _fsync(self.directory / state.checkpoint)  # on disk before state.json names it
+            _write_atomic(self.directory / STATE_FILE, json.dumps(asdict(state), indent=1))
+        except OSError as error:  # a full disk: state.json still names the last whole epoch
+            (self.directory / state.checkpoint).unlink(missing_ok=True)
+            state.checkpoint = old  # as state.json has it
+            done = state.epochs_done - 1
+            then = f"resumes after epoch {done}" if done else "starts epoch 1 again"
+            raise PipelineError(
+                f"cannot write the recovery checkpoint of epoch {state.epochs_done} in "
+                f"{self.directory} ({error.strerror or error}); free disk space and run again: "
+                f"the training {then}"
+            ) from None
         if old and old != state.checkpoint:
             (self.directory / old).unlink(missing_ok=True)
 

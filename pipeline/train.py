@@ -11,10 +11,12 @@ the model to MLflow (see pipeline/tracking.py).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -109,16 +111,28 @@ class StepProgress:
     def __init__(self, epochs: int, steps: int, batch_size: int, every_s: float, clock=None):
         self.epochs, self.steps, self.batch_size, self.every_s = epochs, steps, batch_size, every_s
         self.clock = clock or time.perf_counter
-        self.epoch, self.started, self.last = 0, 0.0, 0.0
+        self.epoch, self.started, self.last, self.last_done = 0, 0.0, 0.0, 0
+        # Keras calls an async-safe callback from a thread pool: one step at a time here
+        # (reentrant: the caller may hold it around its print too, to keep lines in order).
+        self.lock = threading.RLock()
 
     def start(self, epoch: int) -> None:
         """Epoch `epoch` (0-based) begins now."""
-        self.epoch, self.started = epoch, self.clock()
-        self.last = self.started
+        with self.lock:
+            self.epoch, self.started = epoch, self.clock()
+            self.last, self.last_done = self.started, 0
 
     def step_done(self, done: int, logs: dict) -> str | None:
-        """`done` steps of this epoch are finished; a line if one is due, else None."""
+        """`done` steps of this epoch are finished; a line if one is due, else None. A step
+        reported after a later one (the pool's threads overtake each other) is left out."""
+        with self.lock:
+            return self._line(done, logs)
+
+    def _line(self, done: int, logs: dict) -> str | None:
         now = self.clock()
+        if done <= self.last_done:
+            return None
+        self.last_done = done
         if now - self.last < self.every_s or done >= self.steps:  # the epoch line follows
             return None
         self.last = now
@@ -191,6 +205,8 @@ class EpochRecorder:
         self.remedy = remedy  # what to change when the training diverges
 
     def end_epoch(self, model, epoch: int, logs: dict, train_s: float, total_s: float) -> None:
+        from pipeline.optimizer import last_step_rate  # imports Keras
+
         state = self.state
         row = {"epoch": epoch + 1, **{k: float(v) for k, v in logs.items()}}
         if not math.isfinite(row["loss"]):  # NaN weights from here on: nothing worth keeping
@@ -199,7 +215,7 @@ class EpochRecorder:
                 f"{self.remedy} (the recovery state keeps epoch {state.epochs_done}, which "
                 "only a rerun with the same params resumes)"
             )
-        row["learning_rate"] = float(np.asarray(model.optimizer.learning_rate))
+        row["learning_rate"] = last_step_rate(model.optimizer)  # the epoch's last, in logs
         row["images_per_second"] = self.images_per_epoch / train_s
         state.history.append({k: row[k] for k in HISTORY_COLUMNS if k in row})
         state.epochs_done = epoch + 1
@@ -235,9 +251,10 @@ def keras_callbacks(recorder: EpochRecorder, progress: StepProgress) -> list:
         async_safe = True
 
         def on_train_batch_end(self, batch, logs=None):
-            line = progress.step_done(batch + 1, logs or {})
-            if line:
-                print(line, flush=True)
+            with progress.lock:  # the pool's threads: lines in step order
+                line = progress.step_done(batch + 1, logs or {})
+                if line:
+                    print(line, flush=True)
 
     return [EpochEnd(), StepLines()]
 
@@ -349,20 +366,38 @@ def build_network(params: Params, meta: dict):
     )  # fmt: skip
 
 
+# The modules whose code decides what a training computes: the network, its input and
+# augmentation, the optimizer and schedule, SAM, and this stage (loss, compile, fit).
+# Tracking, recovery, devices and progress lines are left out: a fix there keeps a state.
+TRAINING_CODE = ("train.py", "model.py", "data.py", "optimizer.py", "sam.py")
+
+
+def code_digest(folder: Path = Path(__file__).parent) -> dict[str, str]:
+    """pipeline/<module>: the sha256 (16 hex digits) of each module in TRAINING_CODE."""
+    return {
+        f"pipeline/{name}": hashlib.sha256((folder / name).read_bytes()).hexdigest()[:16]
+        for name in TRAINING_CODE
+    }
+
+
 def resume_basis(
     params: Params, meta: dict, train: Split, val: Split, precision: str, workers: int
 ) -> dict:
-    """What a recovery state must match to be resumed: training params, data, precision, workers.
+    """What a recovery state must match to be resumed: training params, data, precision,
+    workers and the code that computes the training.
 
     The data by content (data.url or data.md5 may change with the same images);
-    evaluate.* not at all, so an evaluation edit never restarts a training.
+    evaluate.* not at all, so an evaluation edit never restarts a training. The code,
+    since dvc.yaml reruns this stage after an edit of it: resuming a checkpoint of other
+    code would fail at export after all the epochs (a changed layer), or mix two
+    networks in one model without a word (a changed pooling, say).
     """
     from pipeline.prepare import data_digest
 
     data = data_digest(train.images, train.labels, val.images, val.labels)
     return {
         "params": training_params(params), "meta": meta, "data": data,
-        "precision": precision, "workers": workers,
+        "precision": precision, "workers": workers, "code": code_digest(),
     }  # fmt: skip
 
 
@@ -388,14 +423,16 @@ def run_training(
     device = resolve_device(cfg)
     if warning := emulation_warning(device):
         print(warning, file=sys.stderr, flush=True)
-    strategy = make_strategy(device.count if device.kind == "GPU" else 1, cluster)
-    check_fits(cfg, train, strategy.num_replicas_in_sync)
-    if cfg.sam_rho and strategy.num_replicas_in_sync > 1:
+    gpus = device.count if device.kind == "GPU" else 1
+    # Before the strategy: under TF_CONFIG creating it waits for every worker to start.
+    if cfg.sam_rho and cluster.workers * gpus > 1:
         raise PipelineError(
             f"train.sam_rho: SAM moves the weights in place, on one device; this training "
-            f"has {strategy.num_replicas_in_sync} replicas (GPUs or workers): set "
+            f"has {cluster.workers * gpus} replicas (GPUs or workers): set "
             "train.sam_rho to 0, or train on one (CUDA_VISIBLE_DEVICES=0, no TF_CONFIG)"
         )
+    strategy = make_strategy(gpus, cluster)
+    check_fits(cfg, train, strategy.num_replicas_in_sync)
     keras.config.disable_interactive_logging()  # our one line per epoch replaces the bars
     keras.utils.set_random_seed(cfg.seed)  # weight init and dropout
     if cfg.deterministic:

@@ -123,32 +123,56 @@ def test_the_train_stage_switches_sam_on_at_its_epoch(
     params, meta, train, empty = tiny_training(raw_params, epochs=2)
     monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     tracking.connect(Path.cwd())  # mlflow_store's, in tmp_path
-    calls = []
+    calls, sam_on = [], []  # the switch's arguments; whether SAM's step is in, per epoch
     original = sam.sharpness_aware
-    monkeypatch.setattr(sam, "sharpness_aware", lambda *a: calls.append(a[1:]) or original(*a))
+
+    def spied(model, rho, from_epoch):
+        calls.append((rho, from_epoch))
+        switch = original(model, rho, from_epoch)
+        switch_on_epoch_begin = switch.on_epoch_begin
+
+        def on_epoch_begin(epoch, logs=None):
+            switch_on_epoch_begin(epoch, logs)
+            sam_on.append("train_step" in vars(model))
+
+        switch.on_epoch_begin = on_epoch_begin
+        return switch
+
+    monkeypatch.setattr(sam, "sharpness_aware", spied)
     run_training(params, meta, train, empty)
     assert calls == [(0.05, 2)]
+    assert sam_on == [False, True]  # Keras's own step in epoch 1, SAM's from epoch 2
     assert "; SAM rho 0.05 from epoch 2; MLflow run " in capsys.readouterr().out
     info = json.loads(Path("models/model_info.json").read_text())
     logged = mlflow_store.get_run(info["run_id"]).data.params
     assert (logged["train.sam_rho"], logged["train.sam_from_epoch"]) == ("0.05", "2")
 
 
-def test_sam_refuses_more_than_one_replica(raw_params, monkeypatch):
+def test_sam_refuses_more_than_one_replica_before_waiting_for_workers(raw_params, monkeypatch):
+    """Before make_strategy: with TF_CONFIG it waits for every worker, so a refusal after it
+    would come only once all were started."""
     import pipeline.distributed as distributed
+    import pipeline.train as train_module
+    from pipeline.device import Device
+    from pipeline.distributed import Cluster
     from pipeline.errors import PipelineError
-    from pipeline.train import run_training
     from tests.test_train import tiny_training
 
     raw_params["train"].update(sam_rho=0.05)
     params, meta, train, empty = tiny_training(raw_params)
 
-    class TwoReplicas:
-        num_replicas_in_sync = 2
+    def never(*args):
+        raise AssertionError("make_strategy reached: the workers would be waited for first")
 
-    monkeypatch.setattr(distributed, "make_strategy", lambda *args: TwoReplicas())
-    with pytest.raises(PipelineError) as error:
-        run_training(params, meta, train, empty)
-    assert str(error.value).startswith(
-        "train.sam_rho: SAM moves the weights in place, on one device; this training has 2 replicas"
-    )
+    monkeypatch.setattr(distributed, "make_strategy", never)
+    two_workers = Cluster(workers=2, index=0, chief=True)
+    two_gpus = Device("GPU", 2, "mixed_bfloat16", jit_compile=True)
+    for cluster, device in ((two_workers, None), (None, two_gpus)):
+        if device is not None:
+            monkeypatch.setattr(train_module, "resolve_device", lambda cfg, d=device: d)
+        with pytest.raises(PipelineError) as error:
+            train_module.run_training(params, meta, train, empty, cluster=cluster)
+        assert str(error.value).startswith(
+            "train.sam_rho: SAM moves the weights in place, on one device; this training "
+            "has 2 replicas"
+        )

@@ -86,6 +86,28 @@ def test_schedules_follow_their_shape(raw_params):
     assert float(none(100)) == pytest.approx(1e-6, rel=1e-3)
 
 
+@pytest.mark.parametrize("precision", ["float32", "mixed_float16"])
+def test_the_logged_rate_is_the_one_the_last_step_took(raw_params, precision):
+    """Not Keras's `learning_rate`, the next step's: after a cosine's last step that is 0,
+    and a onecycle's peak would show one epoch early."""
+    from pipeline.optimizer import last_step_rate
+
+    params = dataclasses.replace(parse_params(raw_params).train, lr_schedule="cosine")
+    optimizer = make_optimizer(params, 100, precision)
+    schedule = make_schedule(params, 100)
+    weight = keras.Variable(np.ones(3, np.float32))
+    for _ in range(100):  # the whole schedule, as fit would take it
+        optimizer.apply_gradients([(np.full(3, 0.1, np.float32), weight)])
+    assert int(optimizer.iterations) == 100
+    assert float(np.asarray(optimizer.learning_rate)) == pytest.approx(0.0, abs=1e-12)
+    assert last_step_rate(optimizer) == pytest.approx(float(schedule(99)), rel=1e-6)
+    assert last_step_rate(optimizer) > 1e-8
+    constant = make_optimizer(
+        params.__class__(**{**params.__dict__, "lr_schedule": "constant"}), 100
+    )
+    assert last_step_rate(constant) == pytest.approx(0.001)
+
+
 def test_optimizers_and_decoupled_weight_decay(raw_params):
     params = parse_params(raw_params).train
     adam = make_optimizer(params, 100)
@@ -188,6 +210,33 @@ def test_a_checkpoint_with_keras_own_loss_scaling_resumes_with_the_agreeing_one(
     assert any(m.numpy().any() for m in optimizer.inner_optimizer.momentums)  # the finite step's
 
 
+def test_a_full_disk_at_a_checkpoint_keeps_the_last_whole_epoch(tmp_path):
+    from pipeline.resume import StateStore, TrainState
+
+    class Model:  # what Keras's save does on a full disk: part of the file, then OSError
+        def save(self, path):
+            Path(path).write_bytes(b"PK half a zip")
+            raise OSError(28, "No space left on device")
+
+    store = StateStore(tmp_path / "state")
+    state = TrainState(fingerprint="f", epochs_done=3, checkpoint="epoch-00003.keras")
+    store.record(state)
+    (tmp_path / "state/epoch-00003.keras").write_bytes(b"epoch 3")
+    before = (tmp_path / "state/state.json").read_text()
+    state.epochs_done = 4
+    with pytest.raises(PipelineError) as error:
+        store.save(state, Model())
+    assert str(error.value) == (
+        f"cannot write the recovery checkpoint of epoch 4 in {tmp_path / 'state'} (No space "
+        "left on device); free disk space and run again: the training resumes after epoch 3"
+    )
+    assert (tmp_path / "state/state.json").read_text() == before
+    assert sorted(p.name for p in (tmp_path / "state").iterdir()) == [
+        "epoch-00003.keras", "state.json"
+    ]  # fmt: skip
+    assert store.load("f").epochs_done == 3
+
+
 def test_training_params_are_the_sections_the_train_stage_declares(raw_params):
     stage = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["train"]
     assert tuple(stage["params"]) == TRAINING_SECTIONS == ("model", "train")
@@ -282,6 +331,12 @@ def test_progress_lines_come_every_interval_within_an_epoch_and_not_at_its_end()
     assert progress.step_done(2, {}) == (
         "train: epoch 4/50  step 2/390  2 img/s  epoch ends in 6h31m"
     )
+    # Keras's thread pool may run step 4's callback before step 3's: no line goes back.
+    now[0] += 200
+    assert progress.step_done(4, {}).startswith("train: epoch 4/50  step 4/390")
+    now[0] += 200
+    assert progress.step_done(3, {}) is None
+    assert progress.step_done(5, {}).startswith("train: epoch 4/50  step 5/390")
 
 
 def test_both_training_loops_print_progress_within_the_epoch(raw_params, capsys):
@@ -373,6 +428,34 @@ def test_a_discarded_recovery_state_says_what_changed(raw_params, tmp_path, caps
         basis, resume_basis(wider, {**meta, "mean": [1.0] * 3}, train, val, "float32", 2)
     )
     assert "settings: model.filters [4] -> [4, 8]; workers 1 -> 2; data/prepared's mean)" in out
+    # The code that computes the training: an edited network (or pooling) is another model.
+    edited = {**basis, "code": {**basis["code"], "pipeline/model.py": "0" * 16}}
+    out = discarded(basis, edited)
+    assert "(it belongs to other settings: the code of pipeline/model.py)" in out
+    older = {k: v for k, v in basis.items() if k != "code"}  # written before code was kept
+    assert "(it belongs to other settings: the code of an earlier version)" in discarded(
+        older, basis
+    )
+
+
+def test_the_code_a_state_must_match_is_what_computes_the_training(tmp_path):
+    """Hashes of the network, input, optimizer, SAM and stage modules; a tracking or
+    recovery fix keeps the state."""
+    from pipeline.train import TRAINING_CODE, code_digest
+
+    digest = code_digest()
+    assert sorted(digest) == sorted(f"pipeline/{name}" for name in TRAINING_CODE) == [
+        "pipeline/data.py", "pipeline/model.py", "pipeline/optimizer.py", "pipeline/sam.py",
+        "pipeline/train.py",
+    ]  # fmt: skip
+    stage = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["train"]
+    assert set(digest) <= set(stage["deps"])  # each edit reruns the stage, then decides
+    for name in TRAINING_CODE:
+        (tmp_path / name).write_text((ROOT / "pipeline" / name).read_text())
+    assert code_digest(tmp_path) == digest
+    (tmp_path / "model.py").write_text((ROOT / "pipeline/model.py").read_text() + "# edit\n")
+    changed = code_digest(tmp_path)
+    assert [k for k in digest if digest[k] != changed[k]] == ["pipeline/model.py"]
 
 
 def test_every_public_store_call_waits_out_a_locked_sqlite_store():
@@ -1094,14 +1177,19 @@ def test_a_kill_during_the_first_epoch_starts_again_in_the_same_run(repo, tmp_pa
 @pytest.mark.slow
 def test_deterministic_training_repeats_exactly(repo):
     set_params(repo, {"train.deterministic": True})
-    histories = []
+    histories, weights = [], []
     for _ in range(2):
         train(repo)
         histories.append((repo / "metrics/history.csv").read_text().splitlines()[1:])
+        weights.append(keras.saving.load_model(repo / "models/model.keras").get_weights())
     first = [row.split(",")[1:5] for row in histories[0]]  # loss, acc, val_loss, val_acc
     second = [row.split(",")[1:5] for row in histories[1]]
     assert len(first) == 2
     assert first == second
+    # history.csv rounds to 6 digits: the trained weights must match bit for bit.
+    assert len(weights[0]) == len(weights[1]) > 0
+    for one, other in zip(*weights, strict=True):
+        assert np.array_equal(one, other)
 
 
 @pytest.mark.slow
@@ -1351,6 +1439,12 @@ def test_tf_config_is_read_into_the_workers_place_and_a_wrong_index_is_one_line(
         cluster({"type": "worker", "index": 5}, **two)
     with pytest.raises(PipelineError, match="TF_CONFIG is not a cluster description"):
         cluster({"type": "worker"}, **two)
+    with pytest.raises(PipelineError) as error:  # not "one of the 0 chiefs (0 to -1)"
+        cluster({"type": "chief", "index": 0}, **two)
+    assert str(error.value) == (
+        "TF_CONFIG's task is a chief but its cluster lists no chief: give this task type "
+        '"worker" (worker 0 is then the chief), or list it under cluster.chief'
+    )
     monkeypatch.delenv("TF_CONFIG")
     assert Cluster.from_environment() == Cluster()
 
