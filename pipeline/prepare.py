@@ -135,6 +135,9 @@ def check_member(member: tarfile.TarInfo) -> None:
 def read_members(archive: Path, wanted: set[str]) -> dict[str, bytes]:
     """Return {basename: bytes} of the wanted files under cifar-10-batches-py/."""
     found: dict[str, bytes] = {}
+    # A folder or a zip (not a tar that merely ends in one): images for data.format imagefolder.
+    if archive.is_dir() or (zipfile.is_zipfile(archive) and not tarfile.is_tarfile(archive)):
+        raise ArchiveError(f"{archive}: {NOT_CIFAR}")
     try:
         with tarfile.open(archive, "r:*") as tar:
             for member in tar:
@@ -145,10 +148,13 @@ def read_members(archive: Path, wanted: set[str]) -> dict[str, bytes]:
     except ArchiveError:
         raise
     except (tarfile.TarError, EOFError, OSError, zlib.error) as error:
+        reason = " ".join(str(error).split()) or type(error).__name__  # tarfile's: lines
         raise ArchiveError(
-            f"{archive}: truncated or corrupt archive ({error or type(error).__name__}); "
+            f"{archive}: truncated or corrupt archive ({reason}); "
             f"delete it and run `dvc repro download` to fetch it again"
         ) from None
+    if not found:  # a tar of something else: most likely one's own images
+        raise ArchiveError(f"{archive}: {NOT_CIFAR}")
     missing = sorted(wanted - set(found))
     if missing:
         raise ArchiveError(
@@ -156,6 +162,13 @@ def read_members(archive: Path, wanted: set[str]) -> dict[str, bytes]:
             + ", ".join(f"{BATCH_DIR}/{m}" for m in missing)
         )
     return found
+
+
+NOT_CIFAR = (
+    f"no {BATCH_DIR}/ batches in it, so not the CIFAR-10 python archive that data.format "
+    "cifar10-python reads; for a folder or archive of your own images in class folders, "
+    "set data.format: imagefolder"
+)
 
 
 def parse_batch(payload: bytes, member: str, num_classes: int) -> Split:

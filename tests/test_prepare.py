@@ -210,16 +210,51 @@ def test_truncated_archive_is_reported_clearly(archive):
 
 
 def test_wrong_layout_names_missing_members(tmp_path):
+    import io
     import tarfile
 
-    path = tmp_path / "other.tar.gz"
-    with tarfile.open(path, "w:gz"):
-        pass
+    path = tmp_path / "cifar-10-python.tar.gz"
+    write_archive(path)
+    with tarfile.open(path, "r:gz") as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar if m.isfile()]
+    with tarfile.open(path, "w:gz") as tar:
+        for member, data in members:
+            if not member.name.endswith(("batches.meta", "data_batch_1")):
+                tar.addfile(member, io.BytesIO(data))
     with pytest.raises(
         ArchiveError,
-        match="missing cifar-10-batches-py/batches.meta, cifar-10-batches-py/data_batch_1",
+        match="missing cifar-10-batches-py/batches.meta, cifar-10-batches-py/data_batch_1$",
     ):
         read_cifar10(path)
+
+
+def test_ones_own_images_without_data_format_imagefolder_say_to_set_it(tmp_path):
+    """A folder, a zip or a tar of class folders, read as CIFAR-10's python archive: one
+    line naming data.format, not "truncated or corrupt ... delete it and download again"
+    (tarfile's five-line reason) for ever, as the md5 matches."""
+    import io
+    import tarfile
+    import zipfile
+
+    folder = tmp_path / "pets"
+    (folder / "train/cat").mkdir(parents=True)
+    (folder / "train/cat/1.png").write_bytes(b"png")
+    zipped = tmp_path / "pets.zip"
+    with zipfile.ZipFile(zipped, "w") as archive:
+        archive.writestr("train/cat/1.png", b"png")
+    tarred = tmp_path / "pets.tar.gz"
+    with tarfile.open(tarred, "w:gz") as tar:
+        info = tarfile.TarInfo("pets/train/cat/1.png")
+        info.size = 3
+        tar.addfile(info, io.BytesIO(b"png"))
+    for source in (folder, zipped, tarred):
+        with pytest.raises(ArchiveError) as error:
+            read_cifar10(source)
+        assert str(error.value) == (
+            f"{source}: no cifar-10-batches-py/ batches in it, so not the CIFAR-10 python "
+            "archive that data.format cifar10-python reads; for a folder or archive of your "
+            "own images in class folders, set data.format: imagefolder"
+        )
 
 
 def test_bad_labels_and_shapes_are_refused(tmp_path):
