@@ -168,8 +168,13 @@ def _folder_members(root: Path) -> list[Member]:
         for name in [*folders, *sorted(files)]:
             path = Path(directory, name)
             relative = path.relative_to(root).as_posix()
-            if path.is_symlink():
-                raise ArchiveError(f"unsafe folder entry {relative!r}: a link, refused")
+            # A link to a file is read like the file: DVC's symlink cache (cache.type
+            # symlink, common for shared caches) turns every copied image into one, and
+            # nothing is extracted anywhere. Links to folders (loops) or nowhere are refused.
+            if path.is_symlink() and not path.is_file():
+                raise ArchiveError(
+                    f"unsafe folder entry {relative!r}: a link to a folder or to nothing, refused"
+                )
             members.append(Member(relative, name in folders, path))
     return members
 

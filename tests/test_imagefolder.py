@@ -300,11 +300,35 @@ def test_links_are_refused_in_tar_zip_and_folder(tmp_path, data):
         info = zipfile.ZipInfo("train/cat/passwd.png")
         info.external_attr = (stat.S_IFLNK | 0o777) << 16
         archive.writestr(info, "/etc/passwd")
-    folder = write_folder(tmp_path / "folder", two_classes())
-    (folder / "train" / "cat" / "passwd.png").symlink_to("/etc/passwd")
-    for source in (tar_path, zip_path, folder):
+    for source in (tar_path, zip_path):
         with pytest.raises(ArchiveError, match=r"'train/cat/passwd.png': a link, refused"):
             read_imagefolder(source, data)
+    # In a folder, links to folders (a loop) or to nothing are refused; a link to a file is
+    # read as that file (nothing is extracted): /etc/passwd is then no image.
+    folder = write_folder(tmp_path / "folder", two_classes())
+    for target, refused in (("..", "a link to a folder"), ("/nowhere", "to nothing")):
+        (folder / "train/cat/linked").symlink_to(target)
+        with pytest.raises(ArchiveError, match=rf"'train/cat/linked': .*{refused}.*, refused"):
+            read_imagefolder(folder, data)
+        (folder / "train/cat/linked").unlink()
+    (folder / "train/cat/passwd.png").symlink_to("/etc/passwd")
+    with pytest.raises(PipelineError, match=r"passwd.png"):
+        read_imagefolder(folder, data)
+
+
+def test_a_folder_whose_images_dvc_turned_into_links_reads_as_the_folder(tmp_path, data):
+    """`dvc config cache.type symlink`: after the download stage every copied file in
+    data/raw is a link into .dvc/cache."""
+    files = two_classes()
+    folder = write_folder(tmp_path / "pets", files)
+    cache = write_folder(tmp_path / "cache", files)
+    for name in files:
+        (folder / name).unlink()
+        (folder / name).symlink_to(cache / name)
+    linked, plain = read_imagefolder(folder, data), read_imagefolder(cache, data)
+    assert linked.class_names == plain.class_names
+    assert np.array_equal(linked.train.images, plain.train.images)
+    assert np.array_equal(linked.test.labels, plain.test.labels)
 
 
 def test_an_unreadable_file_in_a_folder_says_to_copy_the_folder_again(tmp_path, data, monkeypatch):
