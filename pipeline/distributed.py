@@ -108,7 +108,8 @@ def peers_reachable() -> Iterator[None]:
             "a training worker stopped or became unreachable "
             f"({type(error).__name__}: {str(error).splitlines()[0][:160]}); restart all "
             "workers with `python -m pipeline.train`: training resumes from the last "
-            "completed epoch"
+            "completed epoch if .train-state/ is on storage all workers share (only the "
+            "chief writes it); otherwise delete the chief's to start over"
         ) from None
 
 

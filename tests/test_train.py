@@ -284,7 +284,9 @@ def test_a_failed_collective_becomes_one_clear_error():
         raise tf.errors.UnavailableError(None, None, "task 1 stopped sending heartbeats\nmore")
     assert str(error.value).startswith(
         "a training worker stopped or became unreachable (UnavailableError: task 1 stopped "
-        "sending heartbeats); restart all workers with `python -m pipeline.train`"
+        "sending heartbeats); restart all workers with `python -m pipeline.train`: training "
+        "resumes from the last completed epoch if .train-state/ is on storage all workers "
+        "share (only the chief writes it); otherwise delete the chief's to start over"
     )
 
 
