@@ -215,7 +215,11 @@ def measure(mode: str, args: argparse.Namespace, label: str = "") -> dict:
     if args.prepared:
         command += ["--prepared", str(Path(args.prepared).resolve())]
     print(f"bench: {label}{mode} ...", flush=True)
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    # One GPU for every mode: the pipeline's path would otherwise mirror over all of a
+    # machine's GPUs while bare fit and the tutorial train on the first. A
+    # CUDA_VISIBLE_DEVICES of the user's own is kept (and recorded in the JSON).
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "0")}
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env)
     if result.returncode != 0:
         raise SystemExit(f"bench: {mode} failed:\n{result.stderr[-3000:]}")
     measured = json.loads(result.stdout.strip().splitlines()[-1])
@@ -325,6 +329,7 @@ def main() -> None:
     report = {
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "device": device(),
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", "0"),  # as measure set it
         "onednn": results["pipeline:auto"]["onednn"],
         "images_per_epoch": args.images, "epochs": args.epochs, "rounds": args.rounds,
         "batch_size": args.batch_size, "params": str(args.params),

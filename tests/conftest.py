@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,15 @@ import pytest
 from pipeline.config import read_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def pytest_configure(config):
+    """The tests' servers (archives over HTTP, MLflow, PostgreSQL, training workers) listen
+    on loopback: a proxy set for the package registries must not carry their traffic,
+    here or in the stages' subprocesses, which inherit this environment."""
+    for name in ("NO_PROXY", "no_proxy"):
+        kept = [host for host in os.environ.get(name, "").split(",") if host.strip()]
+        os.environ[name] = ",".join(dict.fromkeys([*kept, "127.0.0.1", "localhost"]))
 
 
 @pytest.fixture

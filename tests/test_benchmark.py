@@ -4,6 +4,7 @@ quotes, and the ratios are the ones of the medians it prints. No timing is asser
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 
@@ -46,12 +47,41 @@ def test_benchmark_runs_every_mode_and_reports_consistent_ratios(tmp_path, raw_p
         rate["pipeline:auto"] / rate["tutorial"]
     )
     assert report["batch_size"] == 32 and report["rounds"] == 2
+    assert report["cuda_visible_devices"] == os.environ.get("CUDA_VISIBLE_DEVICES", "0")
     assert report["params"] == str(params)
     assert "b/a" in result.stdout and "b/c" in result.stdout
     assert "absl::InitializeLog" not in result.stdout + result.stderr  # TensorFlow's chatter
     assert report["pipeline_float32_over_bare"] == pytest.approx(
         rate["pipeline:float32" if others else "pipeline:auto"] / rate["bare"]
     )
+
+
+def test_every_mode_trains_on_one_gpu_unless_the_user_chose(monkeypatch, tmp_path):
+    """The pipeline would mirror over all GPUs while bare fit and the tutorial use one."""
+    import argparse
+    import subprocess
+
+    from benchmarks import throughput
+
+    seen = []
+
+    def fake_run(command, **kwargs):
+        seen.append(kwargs["env"].get("CUDA_VISIBLE_DEVICES"))
+        line = (
+            '{"images_per_second": 1.0, "precision": "float32", "peak_rss_mb": 1.0, '
+            '"peak_gpu_mb": null}'
+        )
+        return subprocess.CompletedProcess(command, 0, stdout=line + "\n", stderr="")
+
+    monkeypatch.setattr(throughput.subprocess, "run", fake_run)
+    args = argparse.Namespace(
+        images=8, epochs=2, batch_size=4, params=tmp_path / "params.yaml", prepared=None
+    )
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    throughput.measure("bare", args)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    throughput.measure("pipeline:auto", args)
+    assert seen == ["0", "2,3"]
 
 
 def test_an_epoch_is_timed_from_the_end_of_the_one_before_to_its_own_end():

@@ -36,9 +36,12 @@ def repo(served_archive, tmp_path_factory):
 
 @pytest.fixture
 def client(repo):
-    """The repository's MLflow store; created by the stages, only read here."""
+    """The repository's MLflow store; created by the stages, only read here. MLflow's
+    process-wide tracking URI is put back afterwards, for the tests that follow."""
+    previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
-    return mlflow.MlflowClient()
+    yield mlflow.MlflowClient()
+    mlflow.set_tracking_uri(previous)
 
 
 def ran(output: str) -> list[str]:
