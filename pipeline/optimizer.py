@@ -63,9 +63,12 @@ def last_step_rate(optimizer) -> float:
     end it is the next epoch's first rate (0 after the last epoch of a cosine)."""
     inner = getattr(optimizer, "inner_optimizer", optimizer)  # under loss scaling
     schedule = inner._learning_rate  # Keras 3.15: a float variable or a schedule
+    # As tensors: under tf.distribute the variables are MirroredVariables, which int()
+    # and float() refuse.
     if isinstance(schedule, keras.optimizers.schedules.LearningRateSchedule):
-        return float(schedule(max(int(inner.iterations) - 1, 0)))
-    return float(inner.learning_rate)
+        steps = keras.ops.convert_to_tensor(inner.iterations)
+        return float(keras.ops.convert_to_numpy(schedule(keras.ops.maximum(steps - 1, 0))))
+    return float(keras.ops.convert_to_numpy(keras.ops.convert_to_tensor(inner.learning_rate)))
 
 
 def agreeing(optimizer, variables):

@@ -108,6 +108,26 @@ def test_the_logged_rate_is_the_one_the_last_step_took(raw_params, precision):
     assert last_step_rate(constant) == pytest.approx(0.001)
 
 
+@pytest.mark.parametrize("lr_schedule", ["cosine", "constant"])
+def test_the_logged_rate_is_read_under_tf_distribute_too(raw_params, lr_schedule):
+    """Its variables are then MirroredVariables, which int() and float() refuse: the
+    two-worker training failed at its first epoch's end."""
+    import tensorflow as tf
+
+    from pipeline.optimizer import last_step_rate
+
+    params = dataclasses.replace(parse_params(raw_params).train, lr_schedule=lr_schedule)
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0"])
+    with strategy.scope():
+        optimizer = make_optimizer(params, 100)
+        weight = keras.Variable(np.ones(3, np.float32))
+        optimizer.build([weight])
+    assert "Mirrored" in type(optimizer.iterations.value).__name__  # what fit_workers has
+    strategy.run(lambda: optimizer.apply_gradients([(tf.fill([3], 0.1), weight)]))
+    expected = float(make_schedule(params, 100)(0)) if lr_schedule == "cosine" else 0.001
+    assert last_step_rate(optimizer) == pytest.approx(expected, rel=1e-6)
+
+
 def test_optimizers_and_decoupled_weight_decay(raw_params):
     params = parse_params(raw_params).train
     adam = make_optimizer(params, 100)
@@ -543,6 +563,13 @@ def test_artifacts_go_beside_the_sqlite_store_whatever_the_working_directory(
         assert tracking.tracking_uri(repo) == in_memory and not tracking.sqlite_file(in_memory)
     assert tracking.artifact_location("http://tracking:5000") is None  # a server decides
     assert not (copy / "mlruns").exists()
+    # A file store by a relative path: the repository's folder too; other URIs as they are.
+    for relative in ("mlruns", "file:mlruns", "file:./mlruns"):
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", relative)
+        assert tracking.tracking_uri(repo) == (repo / "mlruns").as_uri(), relative
+    for kept in ("file:///srv/mlruns", "/srv/mlruns", "http://tracking:5000", "databricks"):
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", kept)
+        assert tracking.tracking_uri(repo) == kept, kept
 
 
 def test_a_run_the_store_no_longer_has_is_replaced_by_a_new_one(mlflow_store, capsys):
@@ -648,6 +675,78 @@ def test_a_busy_store_is_waited_out_briefly_inside_few_retries(monkeypatch):
     with tracking.few_retries():
         assert gave_up_after() == 40.5  # 20 s, 0.5 s asleep, 20 s: past the 30 s
     assert 600 < gave_up_after() < 650  # and back to the long wait afterwards
+
+
+def test_only_a_locked_sqlite_store_is_waited_for(monkeypatch):
+    """MLflow gives every database OperationalError (a read-only or full disk) and any 503
+    the code TEMPORARILY_UNAVAILABLE: those fail at once, not after ten silent minutes."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import TEMPORARILY_UNAVAILABLE
+
+    from pipeline import tracking
+
+    monkeypatch.setattr(tracking.time, "sleep", lambda seconds: None)
+    tries = []
+
+    @tracking.retry_locked
+    def write(message):
+        tries.append(message)
+        if len(tries) == 1 or "locked" not in message:
+            raise MlflowException(message, error_code=TEMPORARILY_UNAVAILABLE)
+
+    for message in (
+        "(sqlite3.OperationalError) attempt to write a readonly database",
+        "(sqlite3.OperationalError) database or disk is full",
+        "API request to http://mlflow:5000 failed with error code 503 != 200",
+    ):
+        tries.clear()
+        with pytest.raises(MlflowException):
+            write(message)
+        assert len(tries) == 1, message
+    tries.clear()
+    write("(sqlite3.OperationalError) database is locked")  # waited out: the second try
+    assert len(tries) == 2
+
+
+def test_a_refusal_after_connect_says_to_ask_for_permission_not_to_wait(monkeypatch):
+    """A server whose default permission is READ lets connect() through, then refuses the
+    first write: "rerun once the store answers" would repeat the refusal for ever."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import PERMISSION_DENIED, UNAUTHENTICATED
+
+    from pipeline import tracking
+
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "bob")
+    with pytest.raises(tracking.TrackingError) as error:
+        with tracking.reported("the evaluation is done but not logged", "rerun later"):
+            raise MlflowException("Permission denied", error_code=PERMISSION_DENIED)
+    assert str(error.value) == (
+        "the evaluation is done but not logged: permission denied (HTTP 403) for user 'bob' "
+        "on experiment 'cifar10-resnet' or the registered model it writes to. Ask the "
+        "server's admin for EDIT permission on it; then run `dvc repro` again"
+    )
+    with pytest.raises(tracking.TrackingError, match=r"login refused \(HTTP 401\) for user"):
+        with tracking.reported("x", "rerun later"):
+            raise MlflowException("Unauthenticated", error_code=UNAUTHENTICATED)
+
+
+def test_a_password_in_the_tracking_uri_is_never_printed(monkeypatch):
+    from pipeline import tracking
+
+    # requests takes basic auth from the URL; nothing listens on the port.
+    uri = f"http://alice:hunter2-secret@127.0.0.1:{free_port()}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    with pytest.raises(tracking.TrackingError) as error:
+        tracking.connect(Path.cwd())
+    assert "hunter2" not in str(error.value)
+    assert str(error.value).startswith("MLflow tracking store http://alice:***@127.0.0.1:")
+    database = "postgresql://mlflow:hunter2-secret@db/mlflow"  # a store MLflow also takes
+    assert tracking._unreachable(database, "down").startswith(
+        "MLflow tracking store postgresql://mlflow:***@db/mlflow is not usable: down."
+    )
+    # Credentials in the URL are credentials sent: not "no credentials were sent".
+    monkeypatch.delenv("MLFLOW_TRACKING_USERNAME", raising=False)
+    assert "for user 'alice'" in tracking._refused("http://alice:pw@mlflow:5000", 401)
 
 
 def test_a_store_error_after_the_work_is_one_line_saying_what_is_kept():
