@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import re
 import secrets
 import signal
 import subprocess
@@ -44,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.errors import PipelineError, cli
+from pipeline.tracking import redact
 
 PERMISSIONS = ("READ", "USE", "EDIT", "MANAGE", "NO_PERMISSIONS")
 AUTH_CONFIG_FILE = "basic_auth.ini"
@@ -185,14 +185,6 @@ def _integer(option: str, text: str, low: int, high: int) -> int:
     if value is None or not low <= value <= high:
         raise PipelineError(f"{option}: must be an integer from {low} to {high}, got {text!r}")
     return value
-
-
-def redact(uri: str) -> str:
-    """`uri` with its password replaced by ***, for messages and logs."""
-    # user:password@ as SQLAlchemy splits it (the password runs to the first @, and may
-    # hold / ? #; the user may be empty), and a libpq-style ?password= query parameter.
-    uri = re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", uri)
-    return re.sub(r"([?&]password=)[^&#]*", r"\1***", uri, flags=re.IGNORECASE)
 
 
 def check_database(uri: str, option: str, private: bool = False) -> None:

@@ -16,6 +16,7 @@ import contextvars
 import functools
 import logging
 import os
+import re
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -57,8 +58,9 @@ def tracking_uri(root: Path) -> str:
     """MLFLOW_TRACKING_URI, else the repository's own SQLite store.
 
     A relative SQLite path (`sqlite:///mlflow.db`, as `mlflow` commands run from the
-    repository root take it) is the repository root's file: not one in the working
-    directory, which for `dvc exp run --temp` and queued runs is a copy deleted with it.
+    repository root take it) is the repository root's file, and a relative file store
+    (`mlruns`, `file:./mlruns`) the root's folder: not one in the working directory, which
+    for `dvc exp run --temp` and queued runs is a copy deleted with it.
     """
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
@@ -66,7 +68,15 @@ def tracking_uri(root: Path) -> str:
     database = sqlite_file(uri)
     if database is not None and not database.is_absolute():
         return f"sqlite:///{root}/{uri.removeprefix('sqlite:///')}"  # any ?query kept
-    return uri
+    # A file store given as a relative path (`mlruns`, `file:./mlruns`): the same reason.
+    # MLflow reads a value without a scheme as a path, but for its Databricks names.
+    if uri.startswith("file:") and not uri.startswith("file://"):
+        folder = uri.removeprefix("file:")
+    elif ":" not in uri and uri not in ("databricks", "databricks-uc"):
+        folder = uri
+    else:
+        return uri
+    return uri if Path(folder).is_absolute() else (root / folder).as_uri()
 
 
 def sqlite_file(uri: str) -> Path | None:
@@ -79,9 +89,21 @@ def sqlite_file(uri: str) -> Path | None:
 
 
 def _is_locked(error: Exception) -> bool:
-    text = str(error)
-    code = getattr(error, "error_code", "")
-    return "database is locked" in text or code == "TEMPORARILY_UNAVAILABLE"
+    """SQLite busy with another writer, locally or behind a server (its text is passed on).
+
+    Not MLflow's TEMPORARILY_UNAVAILABLE alone: it gives that code to every database
+    OperationalError (a read-only or full disk, I/O errors) and to any HTTP 503, none of
+    which waiting ten minutes in silence mends.
+    """
+    return "database is locked" in str(error)
+
+
+def redact(uri: str) -> str:
+    """`uri` with its password replaced by ***, for messages and logs."""
+    # user:password@ as SQLAlchemy splits it (the password runs to the first @, and may
+    # hold / ? #; the user may be empty), and a libpq-style ?password= query parameter.
+    uri = re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", uri)
+    return re.sub(r"([?&]password=)[^&#]*", r"\1***", uri, flags=re.IGNORECASE)
 
 
 def retry_locked(function: Callable[..., T]) -> Callable[..., T]:
@@ -153,11 +175,15 @@ def connect(root: Path) -> str:
     except MlflowException as error:
         refused = _refused(uri, error.get_http_status_code())
         if refused:
-            raise TrackingError(refused) from None
+            raise TrackingError(
+                f"MLflow tracking store {redact(uri)} is not usable: {refused}"
+            ) from None
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise TrackingError(_unreachable(uri, message)) from None
+        raise TrackingError(_unreachable(uri, redact(message))) from None
+    except TrackingError:  # already one line (a missing folder for the SQLite file)
+        raise
     except Exception as error:  # network and driver errors come in many types
-        raise TrackingError(_unreachable(uri, f"{type(error).__name__}: {error}")) from None
+        raise TrackingError(_unreachable(uri, redact(f"{type(error).__name__}: {error}"))) from None
 
 
 @contextlib.contextmanager
@@ -196,32 +222,36 @@ def _create_schema_once(uri: str) -> None:
 
 def _unreachable(uri: str, reason: str) -> str:
     return (
-        f"MLflow tracking store {uri} is not usable: {reason}. Start the server or fix "
+        f"MLflow tracking store {redact(uri)} is not usable: {reason}. Start the server or fix "
         "MLFLOW_TRACKING_URI (unset it to use the local mlflow.db), and for a server that "
         "needs a login set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
     )
 
 
-def _refused(uri: str, status: int) -> str | None:
-    """The message for a server that refused our login (401) or our user (403), else None."""
-    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+def _refused(uri: str, status: int, on: str = f"experiment '{EXPERIMENT}'") -> str | None:
+    """Why a server refused our login (401) or our user (403) and what to do, else None.
+
+    on: what the 403 was about; the server says no more than the status.
+    """
+    from urllib.parse import urlsplit
+
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME") or urlsplit(uri).username
     who = f" for user '{user}'" if user else ""
     if status == 401 and not (user or os.environ.get("MLFLOW_TRACKING_TOKEN")):
         return (
-            f"MLflow tracking store {uri} is not usable: login refused (HTTP 401), no "
-            "credentials were sent. The server needs a login: set MLFLOW_TRACKING_USERNAME "
-            "and MLFLOW_TRACKING_PASSWORD"
+            "login refused (HTTP 401), no credentials were sent. The server needs a login: "
+            "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
         )
     if status == 401:
         return (
-            f"MLflow tracking store {uri} is not usable: login refused (HTTP 401){who}: wrong "
-            "user name or password. Check MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD "
-            "(the server's admin creates users and resets passwords)"
+            f"login refused (HTTP 401){who}: wrong user name or password. Check "
+            "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (the server's admin "
+            "creates users and resets passwords)"
         )
     if status == 403:
         return (
-            f"MLflow tracking store {uri} is not usable: permission denied (HTTP 403){who} on "
-            f"experiment '{EXPERIMENT}'. Ask the server's admin for EDIT permission on it"
+            f"permission denied (HTTP 403){who} on {on}. Ask the server's admin for EDIT "
+            "permission on it"
         )
     return None
 
@@ -327,7 +357,21 @@ def reported(what: str, then: str) -> Iterator[None]:
     try:
         yield
     except store_errors() as error:
+        if refused := _refusal(error):  # no rerun mends it by itself
+            raise TrackingError(f"{what}: {refused}; then run `dvc repro` again") from None
         raise TrackingError(f"{what} ({short_reason(error)}); {then}") from None
+
+
+def _refusal(error: Exception) -> str | None:
+    """What a server's 401 or 403 after connect() means (a server whose default permission
+    is READ lets connect through, then refuses the first write), else None."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    if not isinstance(error, MlflowException):
+        return None
+    on = f"experiment '{EXPERIMENT}' or the registered model it writes to"
+    return _refused(mlflow.get_tracking_uri(), error.get_http_status_code(), on)
 
 
 @contextlib.contextmanager
@@ -597,8 +641,8 @@ def check_run(run_id: str, named_by: Path) -> None:
     if run_is_gone(run_id):
         raise TrackingError(
             f"{named_by} names MLflow run {run_id}, which is deleted or not in the tracking "
-            f"store {mlflow.get_tracking_uri()}: the evaluation is logged into the run that "
-            "trained the model. Point MLFLOW_TRACKING_URI at that run's store (a model from "
+            f"store {redact(mlflow.get_tracking_uri())}: the evaluation is logged into the run "
+            "that trained the model. Point MLFLOW_TRACKING_URI at that run's store (a model from "
             "`dvc pull` needs the team's server), or retrain with `dvc repro -f train`"
         )
 
