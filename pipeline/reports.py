@@ -10,6 +10,19 @@ from pathlib import Path
 
 import numpy as np
 
+# Inches and counts past which the charts stop growing with the class count: a figure of
+# 1,000 classes at the per-class sizes below would be 55,000 px square (a 12 GB buffer),
+# past Agg's 65,536 px limit soon after, and its cells' counts unreadable long before.
+MAX_INCHES = 40
+MAX_COUNTED_CLASSES = 30  # confusion cells with their counts written in
+MAX_LABELLED_CLASSES = 100  # class names on the confusion matrix's axes
+
+
+def _plain(name: str) -> str:
+    """A class name as text, not math: matplotlib reads "$...$" as TeX, and savefig raises
+    on what is not TeX (a class "$x^$ plan")."""
+    return name.replace("$", r"\$")
+
 
 def _pyplot():
     import matplotlib
@@ -48,8 +61,8 @@ def misclassified_grid(
     for axis, index in zip(axes.flat, wrong, strict=False):
         axis.imshow(images[index], interpolation="nearest")
         axis.set_title(
-            f"true: {class_names[labels[index]]}\npred: {class_names[predictions[index]]} "
-            f"({confidences[index]:.0%})",
+            f"true: {_plain(class_names[labels[index]])}\n"
+            f"pred: {_plain(class_names[predictions[index]])} ({confidences[index]:.0%})",
             fontsize=8,
             color="firebrick",
         )
@@ -80,8 +93,10 @@ def per_class_chart(accuracies: dict[str, float], overall: float, path: Path) ->
     plt = _pyplot()
     names = list(accuracies)
     values = [accuracies[n] for n in names]
-    figure, axis = plt.subplots(figsize=(6, 0.35 * len(names) + 1.2))
-    bars = axis.barh(names, values, color="steelblue")
+    height = min(0.35 * len(names) + 1.2, 5 * MAX_INCHES)  # inches; 100 px each
+    figure, axis = plt.subplots(figsize=(6, height))
+    bars = axis.barh(range(len(names)), values, color="steelblue")
+    axis.set_yticks(range(len(names)), [_plain(n) for n in names], fontsize=8)
     axis.invert_yaxis()  # first class on top
     axis.axvline(overall, color="black", linestyle="--", linewidth=1, zorder=1)
     axis.bar_label(
@@ -101,14 +116,18 @@ def per_class_chart(accuracies: dict[str, float], overall: float, path: Path) ->
 def confusion_chart(matrix: np.ndarray, class_names: Sequence[str], path: Path) -> None:
     """The confusion matrix as a heat map with counts (rows: true class, columns: predicted)."""
     plt = _pyplot()
-    size = 0.55 * len(class_names) + 2
+    classes = len(class_names)
+    size = min(0.55 * classes + 2, MAX_INCHES)  # inches, square
     figure, axis = plt.subplots(figsize=(size, size))
     axis.imshow(matrix, cmap="Blues")
-    ticks = range(len(class_names))
-    axis.set_xticks(ticks, class_names, rotation=45, ha="right", fontsize=8)
-    axis.set_yticks(ticks, class_names, fontsize=8)
+    if classes <= MAX_LABELLED_CLASSES:
+        ticks, names = range(classes), [_plain(n) for n in class_names]
+        axis.set_xticks(ticks, names, rotation=45, ha="right", fontsize=8)
+        axis.set_yticks(ticks, names, fontsize=8)
     threshold = matrix.max() / 2 if matrix.size else 0
     for (row, column), value in np.ndenumerate(matrix):
+        if classes > MAX_COUNTED_CLASSES:  # the colours alone: counts would not fit
+            break
         color = "white" if value > threshold else "black"
         axis.text(column, row, str(value), ha="center", va="center", fontsize=7, color=color)
     axis.set_xlabel("predicted")

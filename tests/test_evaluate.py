@@ -164,6 +164,30 @@ def test_the_error_grid_says_how_many_it_leaves_out(tmp_path):
     assert (tmp_path / "grid.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_charts_take_any_class_name_and_stop_growing_with_many_classes(tmp_path):
+    """Text between two "$" is TeX to matplotlib (savefig raised on a class "$x^$ plan");
+    1,000 classes (an ImageNet as an image folder) made a 55,000 px confusion chart."""
+    from PIL import Image
+
+    from pipeline import reports
+
+    names = ["$x^$ plan", "$5 coupons", "a_b^c"]  # "$x^$" is broken TeX to mathtext
+    images = np.zeros((3, 8, 8, 3), np.uint8)
+    labels, predictions = np.array([0, 1, 2]), np.array([1, 2, 0])
+    reports.misclassified_grid(
+        images, labels, predictions, np.full(3, 0.9), names, tmp_path / "grid.png", count=3
+    )
+    reports.per_class_chart(dict.fromkeys(names, 0.5), 0.5, tmp_path / "per_class.png")
+    reports.confusion_chart(np.eye(3, dtype=int), names, tmp_path / "confusion.png")
+    many = [f"class {i}" for i in range(400)]
+    reports.confusion_chart(np.eye(400, dtype=int), many, tmp_path / "many.png")
+    reports.per_class_chart(dict.fromkeys(many, 0.5), 0.5, tmp_path / "many_bars.png")
+    with Image.open(tmp_path / "many.png") as chart:
+        assert max(chart.size) <= reports.MAX_INCHES * 100  # 100 dpi
+    with Image.open(tmp_path / "many_bars.png") as chart:
+        assert chart.size[1] <= 5 * reports.MAX_INCHES * 100
+
+
 def test_a_model_of_other_classes_or_image_size_is_not_evaluated():
     from pipeline.evaluate import check_model_fits
 

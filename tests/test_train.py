@@ -749,6 +749,17 @@ def test_a_password_in_the_tracking_uri_is_never_printed(monkeypatch):
     assert "for user 'alice'" in tracking._refused("http://alice:pw@mlflow:5000", 401)
 
 
+def test_a_sqlite_store_in_a_missing_folder_is_one_plain_line(tmp_path, monkeypatch):
+    from pipeline import tracking
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'gone/mlflow.db'}")
+    with pytest.raises(tracking.TrackingError) as error:
+        tracking.connect(tmp_path)
+    assert str(error.value) == (  # not wrapped again with server and login advice
+        f"sqlite:///{tmp_path / 'gone/mlflow.db'}: the folder {tmp_path / 'gone'} does not exist"
+    )
+
+
 def test_a_store_error_after_the_work_is_one_line_saying_what_is_kept():
     from mlflow.exceptions import MlflowException
 
