@@ -437,6 +437,19 @@ def start_run(run_id: str | None):
             flush=True,
         )
         run_id = None
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return mlflow.start_run(run_id=run_id)
+    except MlflowException as error:
+        # Its experiment was renamed in the UI since: connect() made a new one of our name,
+        # and MLflow continues no run of another experiment than the active one.
+        if run_id is None or "active experiment ID does not match" not in str(error):
+            raise
+    own = mlflow.MlflowClient().get_run(run_id).info.experiment_id
+    name = mlflow.get_experiment(own).name
+    print(f"train: MLflow run {run_id} is in experiment '{name}' now; it goes on there")
+    mlflow.set_experiment(experiment_id=own)
     return mlflow.start_run(run_id=run_id)
 
 

@@ -589,6 +589,24 @@ def test_a_run_the_store_no_longer_has_is_replaced_by_a_new_one(mlflow_store, ca
         )
 
 
+def test_a_run_whose_experiment_was_renamed_goes_on_there(mlflow_store, tmp_path, capsys):
+    """connect() then makes a new experiment of the pipeline's name, and MLflow refused to
+    continue the run of another experiment: every rerun failed the same way."""
+    from pipeline import tracking
+
+    experiment = tracking.connect(tmp_path)
+    with tracking.start_run(None) as run:
+        pass
+    mlflow_store.rename_experiment(experiment, "cifar10-resnet (old)")
+    assert tracking.connect(tmp_path) != experiment  # a new "cifar10-resnet"
+    with tracking.start_run(run.info.run_id) as resumed:
+        assert resumed.info.run_id == run.info.run_id
+    assert capsys.readouterr().out == (
+        f"train: MLflow run {run.info.run_id} is in experiment 'cifar10-resnet (old)' now; "
+        "it goes on there\n"
+    )
+
+
 def test_a_store_that_stops_answering_costs_a_warning_and_the_epochs_follow_later(
     mlflow_store, monkeypatch, capsys
 ):
