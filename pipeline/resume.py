@@ -152,18 +152,30 @@ class StateStore:
             model.save(self.directory / state.checkpoint)
             _fsync(self.directory / state.checkpoint)  # on disk before state.json names it
             _write_atomic(self.directory / STATE_FILE, json.dumps(asdict(state), indent=1))
-        except OSError as error:  # a full disk: state.json still names the last whole epoch
-            (self.directory / state.checkpoint).unlink(missing_ok=True)
-            state.checkpoint = old  # as state.json has it
-            done = state.epochs_done - 1
+        except OSError as error:  # a full disk, say
+            # state.json names the last whole epoch: this one if its rename was done (only
+            # the folder's fsync failed), else the one before, whose checkpoint stays.
+            epoch = state.epochs_done
+            (self.directory / f"{STATE_FILE}.part").unlink(missing_ok=True)
+            done = epoch if self._named() == state.checkpoint else epoch - 1
+            if done < epoch:
+                (self.directory / state.checkpoint).unlink(missing_ok=True)
+                state.checkpoint = old
             then = f"resumes after epoch {done}" if done else "starts epoch 1 again"
             raise PipelineError(
-                f"cannot write the recovery checkpoint of epoch {state.epochs_done} in "
-                f"{self.directory} ({error.strerror or error}); free disk space and run again: "
-                f"the training {then}"
+                f"cannot save the recovery state of epoch {epoch} in {self.directory} "
+                f"({error.strerror or error}); free disk space and run again: the training "
+                f"{then}"
             ) from None
         if old and old != state.checkpoint:
             (self.directory / old).unlink(missing_ok=True)
+
+    def _named(self) -> str | None:
+        """The checkpoint state.json names on disk now, if it can be read."""
+        try:
+            return json.loads((self.directory / STATE_FILE).read_text()).get("checkpoint")
+        except (OSError, ValueError, AttributeError):
+            return None
 
     def checkpoint_path(self, state: TrainState) -> Path:
         return self.directory / state.checkpoint
