@@ -207,6 +207,13 @@ def child(mode: str, args: argparse.Namespace) -> None:
     print(json.dumps(result))
 
 
+def one_gpu() -> dict[str, str]:
+    """The environment every mode runs in: one GPU. The pipeline's path would otherwise
+    mirror over all of a machine's GPUs while bare fit and the tutorial train on the first.
+    A CUDA_VISIBLE_DEVICES of the user's own is kept (and recorded in the JSON)."""
+    return {**os.environ, "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "0")}
+
+
 def measure(mode: str, args: argparse.Namespace, label: str = "") -> dict:
     command = [sys.executable, "-m", "benchmarks.throughput", "--child", mode,
                "--images", str(args.images), "--epochs", str(args.epochs),
@@ -215,11 +222,7 @@ def measure(mode: str, args: argparse.Namespace, label: str = "") -> dict:
     if args.prepared:
         command += ["--prepared", str(Path(args.prepared).resolve())]
     print(f"bench: {label}{mode} ...", flush=True)
-    # One GPU for every mode: the pipeline's path would otherwise mirror over all of a
-    # machine's GPUs while bare fit and the tutorial train on the first. A
-    # CUDA_VISIBLE_DEVICES of the user's own is kept (and recorded in the JSON).
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "0")}
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env)
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=one_gpu())
     if result.returncode != 0:
         raise SystemExit(f"bench: {mode} failed:\n{result.stderr[-3000:]}")
     measured = json.loads(result.stdout.strip().splitlines()[-1])
@@ -324,12 +327,13 @@ def main() -> None:
     if args.child:
         return child(args.child, args)
 
+    os.environ.update(one_gpu())  # here too: the device named in the JSON is the one measured
     results = interleaved(args)
     rate = {mode: r["images_per_second"] for mode, r in results.items()}
     report = {
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "device": device(),
-        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", "0"),  # as measure set it
+        "cuda_visible_devices": os.environ["CUDA_VISIBLE_DEVICES"],  # as one_gpu set it
         "onednn": results["pipeline:auto"]["onednn"],
         "images_per_epoch": args.images, "epochs": args.epochs, "rounds": args.rounds,
         "batch_size": args.batch_size, "params": str(args.params),

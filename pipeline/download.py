@@ -320,10 +320,8 @@ def _local_path(url: str) -> Path | None:
 
 def _copy_local(url: str, part: Path, name: str, progress: Progress) -> str:
     """Copy a file:// URL into `part` the same way, in chunks; return the md5."""
-    source = _local_path(url)
-    if source is None:
-        raise DownloadError(_host_named(url, name))
-    if not source.is_file():
+    source = _local_path(url)  # not None: fetch refused a URL that names a host
+    if source is None or not source.is_file():
         raise DownloadError(
             f"{url} (data.url): no such file {source}. A local copy needs an absolute path with "
             f"three slashes, e.g. file:///path/to/{name}; fix data.url: {FIX_HINT}"

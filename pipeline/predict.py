@@ -167,7 +167,7 @@ def _mlflow_predictor(uri: str) -> Predictor:
         )
     tracking.quiet_mlflow_logs()
     mlflow.set_tracking_uri(store)
-    where = f" from {store}" if needs_store else ""
+    where = f" from {tracking.redact(store)}" if needs_store else ""
     try:
         # A model fetched from a server or bucket lands in a folder MLflow never removes
         # (17 MB a call); this one goes once the weights are in memory.
@@ -177,7 +177,7 @@ def _mlflow_predictor(uri: str) -> Predictor:
                 model = mlflow.pyfunc.load_model(uri, dst_path=download)
     except MlflowException as error:
         raise PipelineError(
-            f"cannot load model {uri}{where}: {str(error).splitlines()[0]}"
+            f"cannot load model {uri}{where}: {tracking.redact(str(error).splitlines()[0])}"
         ) from None
     except ImportError as error:  # s3://, gs://, ... need their client package
         raise PipelineError(

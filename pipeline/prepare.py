@@ -135,8 +135,23 @@ def check_member(member: tarfile.TarInfo) -> None:
 def read_members(archive: Path, wanted: set[str]) -> dict[str, bytes]:
     """Return {basename: bytes} of the wanted files under cifar-10-batches-py/."""
     found: dict[str, bytes] = {}
-    # A folder or a zip (not a tar that merely ends in one): images for data.format imagefolder.
+    # A folder or a zip (not a tar that merely ends in one): read only by imagefolder.
     if archive.is_dir() or (zipfile.is_zipfile(archive) and not tarfile.is_tarfile(archive)):
+        if archive.is_dir():
+            # The folder itself, or one of that name inside it.
+            names = [
+                archive.name,
+                *(p.relative_to(archive).as_posix() for p in archive.rglob(BATCH_DIR)),
+            ]
+        else:
+            with zipfile.ZipFile(archive) as zipped:
+                names = zipped.namelist()
+        if any(BATCH_DIR in PurePosixPath(name).parts for name in names):  # CIFAR, unpacked
+            raise ArchiveError(
+                f"{archive}: holds CIFAR-10's {BATCH_DIR}/ batches, but data.format "
+                "cifar10-python reads them from the original cifar-10-python.tar.gz only; "
+                "point data.url at that archive"
+            )
         raise ArchiveError(f"{archive}: {NOT_CIFAR}")
     try:
         with tarfile.open(archive, "r:*") as tar:

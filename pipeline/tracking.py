@@ -89,7 +89,8 @@ def sqlite_file(uri: str) -> Path | None:
 
 
 def _is_locked(error: Exception) -> bool:
-    """SQLite busy with another writer, locally or behind a server (its text is passed on).
+    """SQLite busy with another writer (a local store; a server's 503 MLflow's client
+    retries itself, then reports without the server's text).
 
     Not MLflow's TEMPORARILY_UNAVAILABLE alone: it gives that code to every database
     OperationalError (a read-only or full disk, I/O errors) and to any HTTP 503, none of

@@ -321,7 +321,7 @@ def test_a_copy_of_a_read_only_folder_can_be_replaced(tmp_path):
     assert (path / "train/cat/1.png").read_bytes() == b"x"
 
 
-def test_a_read_only_folder_left_by_an_older_copy_is_still_removed(tmp_path):
+def test_a_read_only_folder_left_by_an_older_copy_is_still_removed(tmp_path, monkeypatch):
     """What rmtree's error handler does for a non-root user: make the parent writable, retry."""
     stale = tmp_path / "pets.old.part" / "train"
     stale.mkdir(parents=True)
@@ -330,6 +330,11 @@ def test_a_read_only_folder_left_by_an_older_copy_is_still_removed(tmp_path):
     denied = PermissionError(13, "Permission denied")
     download._writable_and_retry(os.unlink, str(stale / "1.png"), (PermissionError, denied, None))
     assert not (stale / "1.png").exists() and stale.stat().st_mode & 0o200
+    # And _remove hands it to rmtree (as root, as in CI, nothing is ever denied).
+    handed = []
+    monkeypatch.setattr(download.shutil, "rmtree", lambda path, onerror: handed.append(onerror))
+    download._remove(tmp_path / "pets.old.part")
+    assert handed == [download._writable_and_retry]
     with pytest.raises(FileNotFoundError):  # any other failure is raised as it was
         error = FileNotFoundError(2, "No such file")
         download._writable_and_retry(

@@ -255,6 +255,21 @@ def test_ones_own_images_without_data_format_imagefolder_say_to_set_it(tmp_path)
             "archive that data.format cifar10-python reads; for a folder or archive of your "
             "own images in class folders, set data.format: imagefolder"
         )
+    # CIFAR-10 itself, unpacked or zipped again: not someone's images.
+    unpacked = tmp_path / "cifar"
+    (unpacked / "cifar-10-batches-py").mkdir(parents=True)
+    (unpacked / "cifar-10-batches-py/data_batch_1").write_bytes(b"batch")
+    rezipped = tmp_path / "cifar.zip"
+    with zipfile.ZipFile(rezipped, "w") as archive:
+        archive.writestr("cifar-10-batches-py/data_batch_1", b"batch")
+    for source in (unpacked, unpacked / "cifar-10-batches-py", rezipped):
+        with pytest.raises(ArchiveError) as error:
+            read_cifar10(source)
+        assert str(error.value) == (
+            f"{source}: holds CIFAR-10's cifar-10-batches-py/ batches, but data.format "
+            "cifar10-python reads them from the original cifar-10-python.tar.gz only; point "
+            "data.url at that archive"
+        )
 
 
 def test_bad_labels_and_shapes_are_refused(tmp_path):
