@@ -236,36 +236,36 @@ def test_ones_own_images_without_data_format_imagefolder_say_to_set_it(tmp_path)
     import tarfile
     import zipfile
 
-    folder = tmp_path / "pets"
-    (folder / "train/cat").mkdir(parents=True)
-    (folder / "train/cat/1.png").write_bytes(b"png")
-    zipped = tmp_path / "pets.zip"
-    with zipfile.ZipFile(zipped, "w") as archive:
-        archive.writestr("train/cat/1.png", b"png")
+    def folder_and_zip(name: str, member: str) -> tuple:
+        """A folder holding `member`, and a zip of it."""
+        (tmp_path / name / member).parent.mkdir(parents=True)
+        (tmp_path / name / member).write_bytes(b"bytes")
+        with zipfile.ZipFile(tmp_path / f"{name}.zip", "w") as archive:
+            archive.writestr(member, b"bytes")
+        return tmp_path / name, tmp_path / f"{name}.zip"
+
+    folder, zipped = folder_and_zip("pets", "train/cat/1.png")
     tarred = tmp_path / "pets.tar.gz"
     with tarfile.open(tarred, "w:gz") as tar:
         info = tarfile.TarInfo("pets/train/cat/1.png")
         info.size = 3
         tar.addfile(info, io.BytesIO(b"png"))
-    for source in (folder, zipped, tarred):
+
+    def refusal(source) -> str:
         with pytest.raises(ArchiveError) as error:
             read_cifar10(source)
-        assert str(error.value) == (
+        return str(error.value)
+
+    for source in (folder, zipped, tarred):
+        assert refusal(source) == (
             f"{source}: no cifar-10-batches-py/ batches in it, so not the CIFAR-10 python "
             "archive that data.format cifar10-python reads; for a folder or archive of your "
             "own images in class folders, set data.format: imagefolder"
         )
     # CIFAR-10 itself, unpacked or zipped again: not someone's images.
-    unpacked = tmp_path / "cifar"
-    (unpacked / "cifar-10-batches-py").mkdir(parents=True)
-    (unpacked / "cifar-10-batches-py/data_batch_1").write_bytes(b"batch")
-    rezipped = tmp_path / "cifar.zip"
-    with zipfile.ZipFile(rezipped, "w") as archive:
-        archive.writestr("cifar-10-batches-py/data_batch_1", b"batch")
+    unpacked, rezipped = folder_and_zip("cifar", "cifar-10-batches-py/data_batch_1")
     for source in (unpacked, unpacked / "cifar-10-batches-py", rezipped):
-        with pytest.raises(ArchiveError) as error:
-            read_cifar10(source)
-        assert str(error.value) == (
+        assert refusal(source) == (
             f"{source}: holds CIFAR-10's cifar-10-batches-py/ batches, but data.format "
             "cifar10-python reads them from the original cifar-10-python.tar.gz only; point "
             "data.url at that archive"
