@@ -137,16 +137,12 @@ def read_members(archive: Path, wanted: set[str]) -> dict[str, bytes]:
     found: dict[str, bytes] = {}
     # A folder or a zip (not a tar that merely ends in one): read only by imagefolder.
     if archive.is_dir() or (zipfile.is_zipfile(archive) and not tarfile.is_tarfile(archive)):
-        if archive.is_dir():
-            # The folder itself, or one of that name inside it.
-            names = [
-                archive.name,
-                *(p.relative_to(archive).as_posix() for p in archive.rglob(BATCH_DIR)),
-            ]
+        if archive.is_dir():  # the batches' folder itself, or one inside
+            unpacked = archive.name == BATCH_DIR or next(archive.rglob(BATCH_DIR), None)
         else:
             with zipfile.ZipFile(archive) as zipped:
-                names = zipped.namelist()
-        if any(BATCH_DIR in PurePosixPath(name).parts for name in names):  # CIFAR, unpacked
+                unpacked = any(BATCH_DIR in PurePosixPath(n).parts for n in zipped.namelist())
+        if unpacked:  # CIFAR-10 itself, not someone's images
             raise ArchiveError(
                 f"{archive}: holds CIFAR-10's {BATCH_DIR}/ batches, but data.format "
                 "cifar10-python reads them from the original cifar-10-python.tar.gz only; "

@@ -112,23 +112,16 @@ class StepProgress:
         self.epochs, self.steps, self.batch_size, self.every_s = epochs, steps, batch_size, every_s
         self.clock = clock or time.perf_counter
         self.epoch, self.started, self.last, self.last_done = 0, 0.0, 0.0, 0
-        # Keras calls an async-safe callback from a thread pool: one step at a time here
-        # (reentrant: the caller may hold it around its print too, to keep lines in order).
-        self.lock = threading.RLock()
 
     def start(self, epoch: int) -> None:
         """Epoch `epoch` (0-based) begins now."""
-        with self.lock:
-            self.epoch, self.started = epoch, self.clock()
-            self.last, self.last_done = self.started, 0
+        self.epoch, self.started = epoch, self.clock()
+        self.last, self.last_done = self.started, 0
 
     def step_done(self, done: int, logs: dict) -> str | None:
         """`done` steps of this epoch are finished; a line if one is due, else None. A step
-        reported after a later one (the pool's threads overtake each other) is left out."""
-        with self.lock:
-            return self._line(done, logs)
-
-    def _line(self, done: int, logs: dict) -> str | None:
+        reported after a later one (Keras's thread pool runs callbacks out of order) is
+        left out."""
         now = self.clock()
         if done <= self.last_done:
             return None
@@ -249,9 +242,10 @@ def keras_callbacks(recorder: EpochRecorder, progress: StepProgress) -> list:
         # Keras may then call it from a worker thread, without holding up the next step
         # to turn this step's logs into numbers; the epoch's end waits for it.
         async_safe = True
+        lock = threading.Lock()  # the pool's threads, one at a time: lines in step order
 
         def on_train_batch_end(self, batch, logs=None):
-            with progress.lock:  # the pool's threads: lines in step order
+            with self.lock:
                 line = progress.step_done(batch + 1, logs or {})
                 if line:
                     print(line, flush=True)
