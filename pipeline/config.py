@@ -21,23 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
+from ruamel.yaml import YAML
+from ruamel.yaml.error import YAMLError
 
 from pipeline.errors import PipelineError
 
 CIFAR10_TRAIN_IMAGES = 50_000  # images in the canonical training batches
-
-
-class _Loader(yaml.SafeLoader):
-    """YAML as DVC reads params.yaml (YAML 1.2): `1e-3` is a number. PyYAML alone follows
-    YAML 1.1, where a float needs a dot (`1.0e-3`) and `1e-3` is a string."""
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"),
-)
 
 
 class ParamsError(PipelineError):
@@ -374,7 +363,10 @@ def load_params(path: Path | str = "params.yaml") -> Params:
 
 
 def read_yaml(path: Path | str) -> Any:
-    """params.yaml as plain data, read as DVC reads it (YAML 1.2 numbers)."""
+    """params.yaml as plain data, parsed as DVC parses it (ruamel.yaml's safe loader, YAML
+    1.2), so a value means here what `dvc params diff` and `dvc exp show` show: `1e-3` is a
+    number, `yes`/`on` are words (YAML 1.1's booleans), `010` is ten, a repeated key is an
+    error. PyYAML alone reads YAML 1.1, where all four differ."""
     path = Path(path)
     try:
         text = path.read_text()
@@ -384,12 +376,12 @@ def read_yaml(path: Path | str) -> Any:
         reason = f"{error.reason} at byte {error.start}"
         raise ParamsError(f"{path}: not UTF-8 text ({reason})") from None
     try:
-        return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader)
-    except yaml.YAMLError as error:
+        return YAML(typ="safe").load(text)
+    except YAMLError as error:
         raise ParamsError(f"{path}: not valid YAML: {_yaml_problem(error)}") from None
 
 
-def _yaml_problem(error: yaml.YAMLError) -> str:
+def _yaml_problem(error: YAMLError) -> str:
     """The parser's complaint in one line: what it found where (1-based), and what it
     was reading, from where: the `[` left open, not only the line it gave up on."""
 

@@ -249,8 +249,9 @@ def test_a_bad_param_stops_train_and_evaluate_before_tensorflow_loads(tmp_path, 
     assert result.stderr == "error: train.epochs: must be a positive integer, got 0\n"
 
 
-def test_exponents_without_a_dot_are_numbers_as_dvc_reads_them(tmp_path):
-    """`learning_rate: 1e-3` is a float to DVC (YAML 1.2); PyYAML's YAML 1.1 says string."""
+def test_values_mean_what_dvc_reads_them_as(tmp_path):
+    """DVC reads params.yaml as YAML 1.2, where `1e-3` is a float (YAML 1.1: a string),
+    `yes` a word (1.1: true) and `010` ten (1.1: eight); `dvc exp run -S` writes them so."""
     text = (ROOT / "params.yaml").read_text()
     text = re.sub(r"(?m)^  learning_rate: .*$", "  learning_rate: 1e-3", text)
     text = re.sub(r"(?m)^  weight_decay: .*$", "  weight_decay: 5E-4", text)
@@ -260,6 +261,18 @@ def test_exponents_without_a_dot_are_numbers_as_dvc_reads_them(tmp_path):
     text = re.sub(r"(?m)^  learning_rate: .*$", "  learning_rate: 1e-3x", text)
     (tmp_path / "params.yaml").write_text(text)
     with pytest.raises(ParamsError, match=r"train.learning_rate: must be a number .*got '1e-3x'"):
+        load_params(tmp_path / "params.yaml")
+    text = re.sub(r"(?m)^  learning_rate: .*$", "  learning_rate: 1e-3", text)
+    text = re.sub(r"(?m)^  seed: 42 .*$", "  seed: 010", text)  # data.seed and train.seed
+    (tmp_path / "params.yaml").write_text(text)
+    params = load_params(tmp_path / "params.yaml")
+    assert params.data.seed == params.train.seed == 10  # as `dvc exp show` shows them
+    (tmp_path / "params.yaml").write_text(re.sub(r"(?m)^    flip: .*$", "    flip: yes", text))
+    with pytest.raises(ParamsError, match="train.augment.flip: must be true or false, got 'yes'"):
+        load_params(tmp_path / "params.yaml")  # DVC records the word, so it is refused
+    (tmp_path / "params.yaml").write_text(text.replace("  epochs: 50", "  epochs: 50\n  epochs: 3"))
+    with pytest.raises(ParamsError, match=r'not valid YAML: found duplicate key "epochs" with value'
+                       r' "3" \(original value: "50"\) at line \d+'):  # fmt: skip
         load_params(tmp_path / "params.yaml")
 
 
