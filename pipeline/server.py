@@ -24,10 +24,17 @@ and the Flask secret key (unless MLFLOW_FLASK_SERVER_SECRET_KEY is set; several
 replicas behind one address need the same key). Both files are readable by
 their owner only: the ini holds the auth database's URI.
 
-Arguments after `--` go to `mlflow server` as they are, e.g.
-`-- --allowed-hosts mlflow.example.com` for a server reached by name. Give
-URIs that hold a password through their environment variables rather than as
-flags: any user of the machine can read a command line (`ps`).
+MLflow answers only requests whose Host header it allows (its check against DNS
+rebinding; HTTP 403 "Invalid Host header" otherwise), by default localhost and
+private IP addresses, and its UI may only change things from such origins. This
+command adds the machine's own names, so clients reach it as http://NAME:PORT;
+for another name (a DNS alias, a proxy) set MLFLOW_SERVER_ALLOWED_HOSTS (e.g.
+`mlflow.example.com:*,mlflow.example.com`) and MLFLOW_SERVER_CORS_ALLOWED_ORIGINS
+(`https://mlflow.example.com`), which MLflow then uses as they are.
+
+Arguments after `--` go to `mlflow server` as they are. Give URIs that hold a
+password through their environment variables rather than as flags: any user of
+the machine can read a command line (`ps`).
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ import contextlib
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -49,6 +57,9 @@ PERMISSIONS = ("READ", "USE", "EDIT", "MANAGE", "NO_PERMISSIONS")
 AUTH_CONFIG_FILE = "basic_auth.ini"
 SECRET_KEY_FILE = "flask_secret_key"
 AUTH_DATABASE_FILE = "basic_auth.db"
+# MLflow's own variables for the Host headers and browser origins it answers.
+ALLOWED_HOSTS = "MLFLOW_SERVER_ALLOWED_HOSTS"
+ALLOWED_ORIGINS = "MLFLOW_SERVER_CORS_ALLOWED_ORIGINS"
 
 
 @dataclass(frozen=True)
@@ -262,8 +273,12 @@ def _write_private(path: Path, text: str) -> None:
     os.replace(partial, path)
 
 
-def mlflow_server_args(cfg: ServerConfig) -> list[str]:
-    """The `mlflow server` command line (without `mlflow server`) for `cfg`."""
+def mlflow_server_args(cfg: ServerConfig, names: list[str] | None = None) -> list[str]:
+    """The `mlflow server` command line (without `mlflow server`) for `cfg`.
+
+    names: this machine's names (machine_names()), allowed as Host headers and origins
+    on top of MLflow's defaults unless the user gave MLflow lists of their own.
+    """
     return [
         "--app-name", "basic-auth",
         "--backend-store-uri", cfg.backend_store_uri,
@@ -272,8 +287,40 @@ def mlflow_server_args(cfg: ServerConfig) -> list[str]:
         "--host", cfg.host,
         "--port", str(cfg.port),
         "--workers", str(cfg.workers),
+        *_allowed_names_args(cfg, names or []),
         *cfg.mlflow_args,
     ]  # fmt: skip
+
+
+def machine_names() -> list[str]:
+    """The names other machines likely reach this one by: its host name and full name."""
+    names: list[str] = []
+    for name in (socket.gethostname(), socket.getfqdn()):
+        name = name.strip().lower()
+        if name and name != "localhost" and name not in names:
+            names.append(name)
+    return names
+
+
+def _allowed_names_args(cfg: ServerConfig, names: list[str]) -> list[str]:
+    """--allowed-hosts and --cors-allowed-origins: MLflow's defaults (localhost, private IP
+    addresses) plus `names` at this port, each unless the user set that list already (the
+    variable MLflow reads, or the option after `--`): then theirs is used as it is."""
+    from mlflow.server.security_utils import get_default_allowed_hosts
+
+    def given(option: str, variable: str) -> bool:
+        return bool(os.environ.get(variable)) or any(
+            arg == option or arg.startswith(f"{option}=") for arg in cfg.mlflow_args
+        )
+
+    args: list[str] = []
+    if names and not given("--allowed-hosts", ALLOWED_HOSTS):
+        hosts = [*get_default_allowed_hosts(), *(f"{name}:{cfg.port}" for name in names)]
+        args += ["--allowed-hosts", ",".join(hosts)]
+    if names and not given("--cors-allowed-origins", ALLOWED_ORIGINS):
+        # The UI's own requests carry its origin, which MLflow refuses unless listed.
+        args += ["--cors-allowed-origins", ",".join(f"http://{n}:{cfg.port}" for n in names)]
+    return args
 
 
 @cli
@@ -296,6 +343,15 @@ def main(argv: list[str] | None = None) -> None:
         f"users in {redact(cfg.auth_database_uri)}; config {os.environ['MLFLOW_AUTH_CONFIG_PATH']}",
         flush=True,
     )
+    names = machine_names()
+    args = mlflow_server_args(cfg, names)
+    if args.count("--allowed-hosts") > cfg.mlflow_args.count("--allowed-hosts"):  # ours
+        reached = ", ".join(f"http://{name}:{cfg.port}" for name in names)
+        print(
+            f"server: clients may use {reached}, localhost or a private IP address; for "
+            f"another name set {ALLOWED_HOSTS} and {ALLOWED_ORIGINS} (README)",
+            flush=True,
+        )
 
     import click
     from mlflow.cli import server as mlflow_server
@@ -305,9 +361,7 @@ def main(argv: list[str] | None = None) -> None:
         # MLflow's own command, in this process: it bootstraps the admin user, then runs the
         # workers until stopped. Its configuration errors (no admin password) become one line.
         with keep_server_process() as started:
-            mlflow_server.main(
-                mlflow_server_args(cfg), prog_name="mlflow server", standalone_mode=False
-            )
+            mlflow_server.main(args, prog_name="mlflow server", standalone_mode=False)
     except MlflowException as error:
         hint = ""
         if "admin_password" in error.message or "ADMIN_PASSWORD" in error.message:

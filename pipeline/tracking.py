@@ -174,7 +174,7 @@ def connect(root: Path) -> str:
                 _create_schema_once(uri)
             return retry_locked(_get_or_create_experiment)(mlflow, artifact_location(uri))
     except MlflowException as error:
-        refused = _refused(uri, error.get_http_status_code())
+        refused = _refused(uri, error.get_http_status_code(), message=str(error))
         if refused:
             raise TrackingError(
                 f"MLflow tracking store {redact(uri)} is not usable: {refused}"
@@ -229,14 +229,27 @@ def _unreachable(uri: str, reason: str) -> str:
     )
 
 
-def _refused(uri: str, status: int, on: str = f"experiment '{EXPERIMENT}'") -> str | None:
-    """Why a server refused our login (401) or our user (403) and what to do, else None.
+def _refused(
+    uri: str, status: int, on: str = f"experiment '{EXPERIMENT}'", message: str = ""
+) -> str | None:
+    """Why a server refused our login (401), our user (403) or the host name we reached it
+    by (403 from its DNS-rebinding check), and what to do, else None.
 
-    on: what the 403 was about; the server says no more than the status.
+    on: what a permission 403 was about; the server says no more than the status.
+    message: MLflow's error text, which holds the body of a response that was not JSON.
     """
     from urllib.parse import urlsplit
 
-    user = os.environ.get("MLFLOW_TRACKING_USERNAME") or urlsplit(uri).username
+    parts = urlsplit(uri)
+    if status == 403 and "Invalid Host header" in message:
+        name = parts.hostname or "?"
+        return (
+            f"the server refuses the host name '{name}' (HTTP 403, MLflow's check against "
+            "DNS rebinding: by default it answers only localhost and private IP addresses). "
+            f"Its admin allows the name: MLFLOW_SERVER_ALLOWED_HOSTS='{name}:*' "
+            '(README, "A shared tracking server"), or use the server\'s IP address'
+        )
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME") or parts.username
     who = f" for user '{user}'" if user else ""
     if status == 401 and not (user or os.environ.get("MLFLOW_TRACKING_TOKEN")):
         return (
@@ -372,7 +385,7 @@ def _refusal(error: Exception) -> str | None:
     if not isinstance(error, MlflowException):
         return None
     on = f"experiment '{EXPERIMENT}' or the registered model it writes to"
-    return _refused(mlflow.get_tracking_uri(), error.get_http_status_code(), on)
+    return _refused(mlflow.get_tracking_uri(), error.get_http_status_code(), on, str(error))
 
 
 @contextlib.contextmanager

@@ -70,6 +70,38 @@ def test_launcher_takes_its_options_from_the_environment_and_passes_extra_ones_o
     assert cfg.default_permission == "EDIT"
 
 
+def test_the_machines_own_names_are_allowed_unless_the_user_gave_mlflow_lists(
+    monkeypatch, tmp_path
+):
+    """MLflow answers only Host headers it allows (localhost and private IPs by default), so
+    clients of a server on mlflow-host reaching it as http://mlflow-host:5000 got 403."""
+    from mlflow.server.security_utils import get_default_allowed_hosts
+
+    for name in (launcher.ALLOWED_HOSTS, launcher.ALLOWED_ORIGINS):
+        monkeypatch.delenv(name, raising=False)
+    base = ["--backend-store-uri", "sqlite:///x.db", "--artifacts-destination", "a",
+            "--state-dir", str(tmp_path)]  # fmt: skip
+    cfg = launcher.parse_args(base)
+    args = launcher.mlflow_server_args(cfg, ["mlflow-host", "mlflow-host.team.lan"])
+    hosts = args[args.index("--allowed-hosts") + 1].split(",")
+    assert hosts == [*get_default_allowed_hosts(), "mlflow-host:5000", "mlflow-host.team.lan:5000"]
+    assert "localhost:*" in hosts and "10.*" in hosts  # MLflow's defaults kept
+    assert args[args.index("--cors-allowed-origins") + 1] == (
+        "http://mlflow-host:5000,http://mlflow-host.team.lan:5000"
+    )
+    # The user's own lists win, as an option after `--` or as MLflow's variable.
+    cfg = launcher.parse_args([*base, "--", "--allowed-hosts=mlflow.example.com:*"])
+    args = launcher.mlflow_server_args(cfg, ["mlflow-host"])
+    assert [a for a in args if a.startswith("--allowed-hosts")] == [
+        "--allowed-hosts=mlflow.example.com:*"
+    ]
+    assert "--cors-allowed-origins" in args
+    monkeypatch.setenv(launcher.ALLOWED_ORIGINS, "https://mlflow.example.com")
+    assert "--cors-allowed-origins" not in launcher.mlflow_server_args(cfg, ["mlflow-host"])
+    assert launcher.mlflow_server_args(cfg, []) == launcher.mlflow_server_args(cfg)
+    assert "localhost" not in launcher.machine_names()
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
@@ -474,6 +506,36 @@ def test_server_refuses_a_client_without_a_valid_login_and_it_logs_nothing(serve
         assert client.search_runs(["0"]) == []
         assert client.search_registered_models() == []
     assert not (repo / "mlflow.db").exists()  # and nothing fell back to the local store
+
+
+@pytest.mark.slow
+def test_server_answers_its_machines_own_name_and_refuses_other_names(server):
+    """A client reaching the server by this machine's name gets past MLflow's Host check (to
+    the login, 401); any other name is refused with 403, as a browser page from elsewhere."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    names = launcher.machine_names()
+    if not names:
+        pytest.skip("this machine's only name is localhost")
+    port = urlsplit(server.url).port
+
+    def status(method: str, headers: dict) -> tuple[int, str]:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        try:
+            connection.request(method, "/api/2.0/mlflow/experiments/search", headers=headers)
+            response = connection.getresponse()
+            return response.status, response.read().decode(errors="replace")
+        finally:
+            connection.close()
+
+    assert status("GET", {"Host": f"{names[0]}:{port}"})[0] == 401
+    code, body = status("GET", {"Host": f"elsewhere.example:{port}"})
+    assert (code, body) == (403, "Invalid Host header - possible DNS rebinding attack detected")
+    # The UI served at http://NAME:PORT changes things with requests from that origin.
+    own = {"Host": f"{names[0]}:{port}", "Origin": f"http://{names[0]}:{port}"}
+    assert status("POST", own)[0] == 401
+    assert status("POST", {**own, "Origin": "http://elsewhere.example"})[0] == 403
 
 
 @pytest.mark.slow

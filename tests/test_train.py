@@ -790,6 +790,47 @@ def test_a_refusal_after_connect_says_to_ask_for_permission_not_to_wait(monkeypa
             raise MlflowException("Unauthenticated", error_code=UNAUTHENTICATED)
 
 
+def test_a_server_refusing_the_host_name_says_so_not_permission_denied(monkeypatch):
+    """MLflow's server answers a Host header it does not allow (any name but localhost's
+    and private IPs' by default) with a plain-text 403, before any login is looked at."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from pipeline import tracking
+
+    class RefuseHost(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (http.server's name)
+            body = b"Invalid Host header - possible DNS rebinding attack detected"
+            self.send_response(403)
+            self.send_header("Content-Type", "text/plain")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_POST = do_GET  # noqa: N815
+
+        def log_message(self, *args):  # quiet
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), RefuseHost)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://localhost:{server.server_port}")
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "alice")
+        with pytest.raises(tracking.TrackingError) as error:
+            tracking.connect(Path.cwd())
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert str(error.value) == (
+        f"MLflow tracking store http://localhost:{server.server_port} is not usable: the server "
+        "refuses the host name 'localhost' (HTTP 403, MLflow's check against DNS rebinding: by "
+        "default it answers only localhost and private IP addresses). Its admin allows the "
+        "name: MLFLOW_SERVER_ALLOWED_HOSTS='localhost:*' (README, \"A shared tracking "
+        "server\"), or use the server's IP address"
+    )
+
+
 def test_a_password_in_the_tracking_uri_is_never_printed(monkeypatch):
     from pipeline import tracking
 
