@@ -5,13 +5,20 @@
 #   make bench          training throughput benchmark (BENCHMARKS.md)
 #   make ui             mlflow ui on the local store (http://127.0.0.1:5000)
 #   make repro GPU=1    the same, with the CUDA build of TensorFlow installed
+#   make venv REMOTE=s3 the environment with DVC's S3 plugin (gs, azure, ssh likewise)
 #   make tracking-server  a team's MLflow server: PostgreSQL, proxied artifacts, logins
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 GPU ?= 0
+# REMOTE=s3 (or gs, azure, ssh; several: REMOTE="s3 ssh"): DVC's plugin for that kind of
+# remote, without which `dvc pull` refuses it (README, "A DVC remote").
+REMOTE ?=
+REMOTES := s3 gs azure ssh
 comma := ,
-EXTRAS := dev$(if $(filter 1 yes true,$(GPU)),$(comma)gpu,)
+space := $(subst ,, )
+$(if $(filter-out $(REMOTES),$(REMOTE)),$(error REMOTE=$(REMOTE): must be one of $(REMOTES)))
+EXTRAS := dev$(if $(filter 1 yes true,$(GPU)),$(comma)gpu,)$(if $(strip $(REMOTE)),$(comma)$(subst $(space),$(comma),$(strip $(REMOTE))),)
 # Reinstall when the dependencies change; the stamp records which extras are in.
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 # The venv's programs first on PATH, as `source .venv/bin/activate` would: dvc runs each

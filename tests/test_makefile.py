@@ -51,3 +51,31 @@ def test_make_repro_runs_the_stages_with_the_venv_python(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     prefix = (tmp_path / "prefix.txt").read_text().strip()
     assert Path(prefix).resolve() == (ROOT / ".venv").resolve()
+
+
+@pytest.mark.parametrize(
+    ("flags", "extras"),
+    [(["REMOTE=s3"], "dev,s3"), (["REMOTE=s3 ssh", "GPU=1"], "dev,gpu,s3,ssh")],
+)
+def test_remote_flag_adds_dvcs_plugin_for_that_remote(flags, extras):
+    """`dvc pull` from an s3:// remote needs dvc-s3, which plain dvc lacks (README: a DVC
+    remote; a teammate's `make venv REMOTE=s3`)."""
+    assert f"pip install --quiet -e '.[{extras}]'" in planned(*flags)
+
+
+def test_an_unknown_remote_kind_stops_make_naming_the_known_ones():
+    result = subprocess.run(
+        ["make", "-n", "REMOTE=hdfs", "venv"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert result.returncode != 0
+    assert "REMOTE=hdfs: must be one of s3 gs azure ssh" in result.stderr
+
+
+def test_each_remote_extra_is_dvcs_own_extra_at_the_pinned_dvc():
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    (dvc,) = [d for d in project["dependencies"] if d.startswith("dvc==")]
+    version = dvc.removeprefix("dvc==")
+    for kind in ("s3", "gs", "azure", "ssh"):
+        assert project["optional-dependencies"][kind] == [f"dvc[{kind}]=={version}"]
