@@ -336,7 +336,7 @@ def main(argv: list[str] | None = None) -> None:
     if not cfg.register:
         return
     from pipeline import registry
-    from pipeline.prepare import data_digest
+    from pipeline.prepare import digest_of_test_set
 
     with tracking.reported(
         f"evaluation {number} is logged, but the model could not be registered",
@@ -346,7 +346,7 @@ def main(argv: list[str] | None = None) -> None:
     ):
         decision = registry.register(
             info["model_uri"], info["run_id"], figures["accuracy"], cfg.registered_model,
-            test_set=data_digest(test.images, test.labels),
+            test_set=digest_of_test_set(test.images, test.labels, class_names),
         )  # fmt: skip
     print(f"evaluate: registry: {decision.describe()}", flush=True)
     # The registry has decided (above); only its record on the run is missing if this fails.

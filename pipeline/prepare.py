@@ -241,6 +241,23 @@ def data_digest(*arrays: np.ndarray) -> str:
     return digest.hexdigest()
 
 
+def digest_of_test_set(images: np.ndarray, labels: np.ndarray, class_names: list[str]) -> str:
+    """A hash of the test set as a set of (image, class name) pairs, in no order.
+
+    The registry compares models only on the same test images. The same images in
+    another order are the same test set: the canonical archive's batches and an image
+    folder read class by class hold the same images in different orders.
+    """
+    pairs = sorted(
+        hashlib.blake2b(image.tobytes() + class_names[int(label)].encode(), digest_size=16).digest()
+        for image, label in zip(images, labels, strict=True)
+    )
+    digest = hashlib.blake2b(f"{images.dtype.str}{images.shape}".encode(), digest_size=16)
+    for pair in pairs:
+        digest.update(pair)
+    return digest.hexdigest()
+
+
 def stratified_split(labels: np.ndarray, val_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Indices (train, val) with `val_size` validation items drawn per class in proportion.
 

@@ -14,6 +14,7 @@ from pipeline.prepare import (
     ArchiveError,
     Dataset,
     Split,
+    digest_of_test_set,
     find_download,
     load_split,
     prepare,
@@ -282,3 +283,29 @@ def test_bad_labels_and_shapes_are_refused(tmp_path):
     write_archive(path, replace={"test_batch": bad_shape})
     with pytest.raises(ArchiveError, match="test_batch: 'data' rows hold 100 values, not 3072"):
         read_cifar10(path)
+
+
+def test_the_test_set_digest_is_of_the_images_and_their_classes_in_any_order():
+    """The registry compares champions on one test set: the canonical batches (shuffled)
+    and an image folder read class by class hold the same images in different orders."""
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (40, 8, 8, 3), dtype=np.uint8)
+    labels = rng.integers(0, 3, 40)
+    names = ["cat", "dog", "ship"]
+    digest = digest_of_test_set(images, labels, names)
+    order = rng.permutation(40)
+    assert digest_of_test_set(images[order], labels[order], names) == digest
+    relabelled = labels.copy()
+    relabelled[0] = (labels[0] + 1) % 3
+    changed = images.copy()
+    changed[5, 0, 0, 0] ^= 1
+    others = {
+        digest_of_test_set(images, relabelled, names),
+        digest_of_test_set(changed, labels, names),
+        digest_of_test_set(images[:-1], labels[:-1], names),
+        digest_of_test_set(images, labels, ["cat", "dog", "truck"]),  # another class, same index
+    }
+    assert digest not in others and len(others) == 4
+    # The same classes listed in another order, labels following: the same test set.
+    swapped = np.array([1, 0, 2])[labels]
+    assert digest_of_test_set(images, swapped, ["dog", "cat", "ship"]) == digest
