@@ -26,11 +26,12 @@ their owner only: the ini holds the auth database's URI.
 
 MLflow answers only requests whose Host header it allows (its check against DNS
 rebinding; HTTP 403 "Invalid Host header" otherwise), by default localhost and
-private IP addresses, and its UI may only change things from such origins. This
-command adds the machine's own names, so clients reach it as http://NAME:PORT;
-for another name (a DNS alias, a proxy) set MLFLOW_SERVER_ALLOWED_HOSTS (e.g.
-`mlflow.example.com:*,mlflow.example.com`) and MLFLOW_SERVER_CORS_ALLOWED_ORIGINS
-(`https://mlflow.example.com`), which MLflow then uses as they are.
+private IP addresses, and its UI may only change things from localhost. This
+command adds the machine's own names to both, so clients and browsers reach it
+as http://NAME:PORT; for another name (a DNS alias, a proxy) add it to
+MLFLOW_SERVER_ALLOWED_HOSTS (e.g. `mlflow.example.com:*,mlflow.example.com`)
+and MLFLOW_SERVER_CORS_ALLOWED_ORIGINS (`https://mlflow.example.com`): their
+entries are kept beside the defaults and the machine's names.
 
 Arguments after `--` go to `mlflow server` as they are. Give URIs that hold a
 password through their environment variables rather than as flags: any user of
@@ -47,6 +48,7 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,6 +62,7 @@ AUTH_DATABASE_FILE = "basic_auth.db"
 # MLflow's own variables for the Host headers and browser origins it answers.
 ALLOWED_HOSTS = "MLFLOW_SERVER_ALLOWED_HOSTS"
 ALLOWED_ORIGINS = "MLFLOW_SERVER_CORS_ALLOWED_ORIGINS"
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 @dataclass(frozen=True)
@@ -273,12 +276,8 @@ def _write_private(path: Path, text: str) -> None:
     os.replace(partial, path)
 
 
-def mlflow_server_args(cfg: ServerConfig, names: list[str] | None = None) -> list[str]:
-    """The `mlflow server` command line (without `mlflow server`) for `cfg`.
-
-    names: this machine's names (machine_names()), allowed as Host headers and origins
-    on top of MLflow's defaults unless the user gave MLflow lists of their own.
-    """
+def mlflow_server_args(cfg: ServerConfig) -> list[str]:
+    """The `mlflow server` command line (without `mlflow server`) for `cfg`."""
     return [
         "--app-name", "basic-auth",
         "--backend-store-uri", cfg.backend_store_uri,
@@ -287,7 +286,6 @@ def mlflow_server_args(cfg: ServerConfig, names: list[str] | None = None) -> lis
         "--host", cfg.host,
         "--port", str(cfg.port),
         "--workers", str(cfg.workers),
-        *_allowed_names_args(cfg, names or []),
         *cfg.mlflow_args,
     ]  # fmt: skip
 
@@ -302,25 +300,34 @@ def machine_names() -> list[str]:
     return names
 
 
-def _allowed_names_args(cfg: ServerConfig, names: list[str]) -> list[str]:
-    """--allowed-hosts and --cors-allowed-origins: MLflow's defaults (localhost, private IP
-    addresses) plus `names` at this port, each unless the user set that list already (the
-    variable MLflow reads, or the option after `--`): then theirs is used as it is."""
+def allowed_names(cfg: ServerConfig, names: list[str], environ: Mapping[str, str]) -> dict:
+    """MLflow's variables for the Host headers and UI origins it answers, as the server is
+    to see them: the user's own entries (in those variables), MLflow's default hosts
+    (localhost, private IP addresses) and this machine's `names` at the port.
+
+    Set as variables, not options: MLflow refuses the options beside --gunicorn-opts or
+    --waitress-opts, and its Flask and FastAPI checks read the variables in every worker.
+    Left alone: a list given as an option after `--` (MLflow's own, used as it is), or `*`.
+    Origins get only the machine's names: a private address is no proof that a page
+    served from there may act for a logged-in user.
+    """
     from mlflow.server.security_utils import get_default_allowed_hosts
 
-    def given(option: str, variable: str) -> bool:
-        return bool(os.environ.get(variable)) or any(
-            arg == option or arg.startswith(f"{option}=") for arg in cfg.mlflow_args
-        )
+    def listed(variable: str) -> list[str]:
+        return [entry.strip() for entry in environ.get(variable, "").split(",") if entry.strip()]
 
-    args: list[str] = []
-    if names and not given("--allowed-hosts", ALLOWED_HOSTS):
-        hosts = [*get_default_allowed_hosts(), *(f"{name}:{cfg.port}" for name in names)]
-        args += ["--allowed-hosts", ",".join(hosts)]
-    if names and not given("--cors-allowed-origins", ALLOWED_ORIGINS):
-        # The UI's own requests carry its origin, which MLflow refuses unless listed.
-        args += ["--cors-allowed-origins", ",".join(f"http://{n}:{cfg.port}" for n in names)]
-    return args
+    def given(option: str) -> bool:
+        return any(arg == option or arg.startswith(f"{option}=") for arg in cfg.mlflow_args)
+
+    settings = {}
+    hosts, origins = listed(ALLOWED_HOSTS), listed(ALLOWED_ORIGINS)
+    if not given("--allowed-hosts") and "*" not in hosts:
+        ours = [*get_default_allowed_hosts(), *(f"{name}:{cfg.port}" for name in names)]
+        settings[ALLOWED_HOSTS] = ",".join(dict.fromkeys([*hosts, *ours]))
+    if not given("--cors-allowed-origins") and "*" not in origins and (origins or names):
+        ours = [f"http://{name}:{cfg.port}" for name in names]
+        settings[ALLOWED_ORIGINS] = ",".join(dict.fromkeys([*origins, *ours]))
+    return settings
 
 
 @cli
@@ -344,12 +351,14 @@ def main(argv: list[str] | None = None) -> None:
         flush=True,
     )
     names = machine_names()
-    args = mlflow_server_args(cfg, names)
-    if args.count("--allowed-hosts") > cfg.mlflow_args.count("--allowed-hosts"):  # ours
-        reached = ", ".join(f"http://{name}:{cfg.port}" for name in names)
+    settings = allowed_names(cfg, names, os.environ)
+    os.environ.update(settings)
+    if ALLOWED_HOSTS in settings and cfg.host not in LOOPBACK:  # else only this machine
+        reached = ", ".join(f"http://{name}:{cfg.port}" for name in names) or "localhost"
         print(
-            f"server: clients may use {reached}, localhost or a private IP address; for "
-            f"another name set {ALLOWED_HOSTS} and {ALLOWED_ORIGINS} (README)",
+            f"server: clients may use {reached} (API clients also a private IP address); "
+            f"for another name add it to {ALLOWED_HOSTS} and, for the UI, "
+            f"{ALLOWED_ORIGINS} (README)",
             flush=True,
         )
 
@@ -361,7 +370,9 @@ def main(argv: list[str] | None = None) -> None:
         # MLflow's own command, in this process: it bootstraps the admin user, then runs the
         # workers until stopped. Its configuration errors (no admin password) become one line.
         with keep_server_process() as started:
-            mlflow_server.main(args, prog_name="mlflow server", standalone_mode=False)
+            mlflow_server.main(
+                mlflow_server_args(cfg), prog_name="mlflow server", standalone_mode=False
+            )
     except MlflowException as error:
         hint = ""
         if "admin_password" in error.message or "ADMIN_PASSWORD" in error.message:

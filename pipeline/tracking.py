@@ -243,11 +243,12 @@ def _refused(
     parts = urlsplit(uri)
     if status == 403 and "Invalid Host header" in message:
         name = parts.hostname or "?"
+        host = f"{name}:{parts.port}" if parts.port else name  # the Host header sent
         return (
             f"the server refuses the host name '{name}' (HTTP 403, MLflow's check against "
             "DNS rebinding: by default it answers only localhost and private IP addresses). "
-            f"Its admin allows the name: MLFLOW_SERVER_ALLOWED_HOSTS='{name}:*' "
-            '(README, "A shared tracking server"), or use the server\'s IP address'
+            f"Its admin adds the name: MLFLOW_SERVER_ALLOWED_HOSTS='{host}' (README, \"A "
+            'shared tracking server"), or reach it by its private IP address'
         )
     user = os.environ.get("MLFLOW_TRACKING_USERNAME") or parts.username
     who = f" for user '{user}'" if user else ""

@@ -70,35 +70,41 @@ def test_launcher_takes_its_options_from_the_environment_and_passes_extra_ones_o
     assert cfg.default_permission == "EDIT"
 
 
-def test_the_machines_own_names_are_allowed_unless_the_user_gave_mlflow_lists(
-    monkeypatch, tmp_path
-):
+def test_the_machines_own_names_are_allowed_beside_the_defaults_and_the_users_own(tmp_path):
     """MLflow answers only Host headers it allows (localhost and private IPs by default), so
     clients of a server on mlflow-host reaching it as http://mlflow-host:5000 got 403."""
     from mlflow.server.security_utils import get_default_allowed_hosts
 
-    for name in (launcher.ALLOWED_HOSTS, launcher.ALLOWED_ORIGINS):
-        monkeypatch.delenv(name, raising=False)
     base = ["--backend-store-uri", "sqlite:///x.db", "--artifacts-destination", "a",
             "--state-dir", str(tmp_path)]  # fmt: skip
     cfg = launcher.parse_args(base)
-    args = launcher.mlflow_server_args(cfg, ["mlflow-host", "mlflow-host.team.lan"])
-    hosts = args[args.index("--allowed-hosts") + 1].split(",")
-    assert hosts == [*get_default_allowed_hosts(), "mlflow-host:5000", "mlflow-host.team.lan:5000"]
-    assert "localhost:*" in hosts and "10.*" in hosts  # MLflow's defaults kept
-    assert args[args.index("--cors-allowed-origins") + 1] == (
+    names = ["mlflow-host", "mlflow-host.team.lan"]
+    settings = launcher.allowed_names(cfg, names, {})
+    assert settings[launcher.ALLOWED_HOSTS].split(",") == [
+        *get_default_allowed_hosts(),
+        "mlflow-host:5000",
+        "mlflow-host.team.lan:5000",
+    ]  # MLflow's defaults kept: localhost:*, 10.*, ...
+    assert settings[launcher.ALLOWED_ORIGINS] == (
         "http://mlflow-host:5000,http://mlflow-host.team.lan:5000"
     )
-    # The user's own lists win, as an option after `--` or as MLflow's variable.
-    cfg = launcher.parse_args([*base, "--", "--allowed-hosts=mlflow.example.com:*"])
-    args = launcher.mlflow_server_args(cfg, ["mlflow-host"])
-    assert [a for a in args if a.startswith("--allowed-hosts")] == [
-        "--allowed-hosts=mlflow.example.com:*"
-    ]
-    assert "--cors-allowed-origins" in args
-    monkeypatch.setenv(launcher.ALLOWED_ORIGINS, "https://mlflow.example.com")
-    assert "--cors-allowed-origins" not in launcher.mlflow_server_args(cfg, ["mlflow-host"])
-    assert launcher.mlflow_server_args(cfg, []) == launcher.mlflow_server_args(cfg)
+    # Variables, not options: MLflow refuses the options beside --gunicorn-opts.
+    assert not any(a.startswith("--allowed-hosts") for a in launcher.mlflow_server_args(cfg))
+    # The user's own entries are kept, first; `*` and MLflow's own options are left alone.
+    user = {launcher.ALLOWED_HOSTS: "mlflow.example.com:*, mlflow.example.com",
+            launcher.ALLOWED_ORIGINS: "https://mlflow.example.com"}  # fmt: skip
+    settings = launcher.allowed_names(cfg, ["mlflow-host"], user)
+    hosts = settings[launcher.ALLOWED_HOSTS].split(",")
+    assert hosts[:2] == ["mlflow.example.com:*", "mlflow.example.com"]
+    assert {"localhost:*", "mlflow-host:5000"} <= set(hosts)
+    assert settings[launcher.ALLOWED_ORIGINS] == (
+        "https://mlflow.example.com,http://mlflow-host:5000"
+    )
+    assert launcher.allowed_names(cfg, names, {launcher.ALLOWED_HOSTS: "*"}).keys() == {
+        launcher.ALLOWED_ORIGINS
+    }
+    given = launcher.parse_args([*base, "--", "--allowed-hosts=mlflow.example.com:*"])
+    assert launcher.allowed_names(given, names, {}).keys() == {launcher.ALLOWED_ORIGINS}
     assert "localhost" not in launcher.machine_names()
 
 

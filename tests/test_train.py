@@ -825,9 +825,9 @@ def test_a_server_refusing_the_host_name_says_so_not_permission_denied(monkeypat
     assert str(error.value) == (
         f"MLflow tracking store http://localhost:{server.server_port} is not usable: the server "
         "refuses the host name 'localhost' (HTTP 403, MLflow's check against DNS rebinding: by "
-        "default it answers only localhost and private IP addresses). Its admin allows the "
-        "name: MLFLOW_SERVER_ALLOWED_HOSTS='localhost:*' (README, \"A shared tracking "
-        "server\"), or use the server's IP address"
+        "default it answers only localhost and private IP addresses). Its admin adds the "
+        f"name: MLFLOW_SERVER_ALLOWED_HOSTS='localhost:{server.server_port}' (README, \"A "
+        'shared tracking server"), or reach it by its private IP address'
     )
 
 
