@@ -13,7 +13,10 @@ BIN := $(VENV)/bin
 GPU ?= 0
 # REMOTE=s3 (or gs, azure, ssh; several: REMOTE="s3 ssh"): DVC's plugin for that kind of
 # remote, without which `dvc pull` refuses it (README, "A DVC remote").
-REMOTE ?=
+# Read from make's command line only: an exported REMOTE (a git remote's name, say) is not this.
+ifeq ($(origin REMOTE),environment)
+REMOTE :=
+endif
 REMOTES := s3 gs azure ssh
 comma := ,
 space := $(subst ,, )

@@ -71,6 +71,11 @@ def test_an_unknown_remote_kind_stops_make_naming_the_known_ones():
     assert "REMOTE=hdfs: must be one of s3 gs azure ssh" in result.stderr
 
 
+def test_an_exported_remote_variable_is_not_taken_for_the_flag(monkeypatch):
+    monkeypatch.setenv("REMOTE", "origin")  # a shell's own variable of that name
+    assert "pip install --quiet -e '.[dev]'" in planned()
+
+
 def test_each_remote_extra_is_dvcs_own_extra_at_the_pinned_dvc():
     import tomllib
 
