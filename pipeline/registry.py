@@ -3,8 +3,8 @@
 A trained model is registered once as a version of `evaluate.registered_model`
 (`cifar10-resnet`; a re-evaluation of the same model reuses its version); the
 version carries its latest test accuracy as the tag `test_accuracy` and a digest
-of the test images it was scored on as `test_set` (prepare.digest_of_test_set: the
-images and their class names, in any order). The alias `champion` moves
+of the test images it was scored on as `test_images` (prepare.digest_of_test_set:
+the images and their class names, in any order). The alias `champion` moves
 to it only when that accuracy beats the current champion's on the same test
 images: a tie keeps the old one, a champion with no recorded accuracy (aliased
 by hand) is replaced, and one scored on other test images (another dataset
@@ -19,6 +19,10 @@ from dataclasses import dataclass
 from pipeline.tracking import retry_locked, store_lock
 
 MODEL_NAME = "cifar10-resnet"
+# The version tag with the digest of its test images. Versions tagged before 2026-12-01
+# carry `test_set`, a digest that depended on the images' order: not read, so such a
+# champion counts as untagged and is compared with, as before the tag existed.
+TEST_SET_TAG = "test_images"
 CHAMPION = "champion"
 # The test_accuracy tag's decimals. Accuracies are compared at them, so a model that
 # ties the champion is a tie even when the tag rounded the champion's figure down
@@ -130,7 +134,7 @@ def register(
             version = str(register_model(model_uri, name).version)
         client.set_model_version_tag(name, version, "test_accuracy", f"{accuracy:.{DECIMALS}f}")
         if test_set:
-            client.set_model_version_tag(name, version, "test_set", test_set)
+            client.set_model_version_tag(name, version, TEST_SET_TAG, test_set)
         try:
             champion = client.get_model_version_by_alias(name, CHAMPION)
         except MlflowException as error:
@@ -146,7 +150,7 @@ def register(
             champion
             and champion_version != version
             and test_set
-            and champion.tags.get("test_set", test_set) != test_set
+            and champion.tags.get(TEST_SET_TAG, test_set) != test_set
         )
         if champion_version == version or other:
             promoted = False

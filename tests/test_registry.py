@@ -125,7 +125,7 @@ def test_a_champion_scored_on_other_test_images_is_not_compared(store):
     client, run = store
     first = register(f"runs:/{run.info.run_id}/model", run.info.run_id, 0.5, test_set="cifar")
     assert first.promoted and client.get_model_version("cifar10-resnet", "2").tags == {
-        "test_accuracy": "0.500000", "test_set": "cifar"
+        "test_accuracy": "0.500000", "test_images": "cifar"
     }  # fmt: skip
     with mlflow.start_run() as pets:
         mlflow.log_text("stand-in", "model/MLmodel")
@@ -143,3 +143,9 @@ def test_a_champion_scored_on_other_test_images_is_not_compared(store):
     assert own.promoted and own.describe().startswith("pets-resnet version 1 (test accuracy")
     assert own.tags()["registry.model"] == "pets-resnet"
     assert str(client.get_model_version_by_alias("cifar10-resnet", "champion").version) == "2"
+    # A champion tagged the old way (`test_set`, an order-dependent digest) is compared with.
+    client.delete_model_version_tag("cifar10-resnet", "2", "test_images")
+    client.set_model_version_tag("cifar10-resnet", "2", "test_set", "cifar-in-batch-order")
+    assert register(
+        f"runs:/{pets.info.run_id}/model", pets.info.run_id, 0.95, test_set="pets"
+    ).promoted
