@@ -42,7 +42,7 @@ import numpy as np
 from pipeline import paths
 from pipeline.config import flatten, load_params
 from pipeline.errors import PipelineError, cli
-from pipeline.prepare import load_meta, load_split
+from pipeline.prepare import Split, load_meta, load_split
 from pipeline.startup import import_tensorflow
 
 EPSILON = 1e-7  # probabilities are clipped as Keras's cross-entropy clips them
@@ -208,11 +208,16 @@ def write_outputs(figures: dict, matrix_labels, probabilities, test, class_names
     return drawn
 
 
-def check_model_fits(info: dict, meta: dict) -> None:
-    """The model must have been trained on classes and an image size the test data has.
+def check_model_fits(info: dict, meta: dict, now: dict | None = None) -> None:
+    """The model must have been trained on classes and an image size the test data has,
+    and its test images must not be drawn anew beside other training images.
 
     `dvc repro` keeps them in step; running this stage by hand after preparing other
-    data would otherwise fail deep in TensorFlow, or report figures under wrong names.
+    data would otherwise fail deep in TensorFlow, report figures under wrong names, or
+    score the model on images it may have learnt from (another data.seed or
+    data.test_size splits one image folder otherwise) and register that score.
+    now: `test_set` and, when it differs from the model's, `training_data` of
+    data/prepared as it is (training_digests), compared with what train recorded.
     """
     trained, prepared = info["class_names"], meta["class_names"]
     differences = []
@@ -222,11 +227,37 @@ def check_model_fits(info: dict, meta: dict) -> None:
         differences.append("other class names")
     if info["image_size"] != meta["image_size"]:
         differences.append(f"{info['image_size']} px images against {meta['image_size']} px")
+    if not differences and now and _drawn_anew(info, now):
+        differences.append(
+            "other training and test images: its test images may be ones it learnt from"
+        )
     if differences:
         raise PipelineError(
             f"{paths.MODEL_INFO} was trained on other data than {paths.PREPARED_DIR} holds "
             f"({', '.join(differences)}); run `dvc repro` to train on it first"
         )
+
+
+def _drawn_anew(info: dict, now: dict) -> bool:
+    """Both splits differ from the model's. Another test set beside the same training
+    images is another dataset, fine to score on; the same test set beside other training
+    images (data.val_size changed) was held out from either."""
+    return all(key in info and now.get(key) not in (None, info[key]) for key in DIGESTS)
+
+
+DIGESTS = ("test_set", "training_data")  # what model_info.json records of the data
+
+
+def training_digests(info: dict, test: Split, class_names: list[str]) -> dict:
+    """data/prepared as it is, in the digests train records; the training images are
+    read (about 1 s for CIFAR-10) only when the test set differs from the model's."""
+    from pipeline.prepare import data_digest, digest_of_test_set
+
+    now = {"test_set": digest_of_test_set(test.images, test.labels, class_names)}
+    if "test_set" in info and now["test_set"] != info["test_set"]:
+        train, val = (load_split(paths.PREPARED_DIR, split) for split in ("train", "val"))
+        now["training_data"] = data_digest(train.images, train.labels, val.images, val.labels)
+    return now
 
 
 def load_model_info() -> dict:
@@ -250,7 +281,8 @@ def main(argv: list[str] | None = None) -> None:
     cfg = params.evaluate
     info = load_model_info()
     test = load_split(paths.PREPARED_DIR, "test")
-    check_model_fits(info, load_meta(paths.PREPARED_DIR))
+    meta = load_meta(paths.PREPARED_DIR)
+    check_model_fits(info, meta, training_digests(info, test, meta["class_names"]))
     class_names = info["class_names"]
 
     from pipeline import tracking

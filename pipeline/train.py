@@ -562,11 +562,19 @@ def finish(params: Params, meta: dict, train: Split, val: Split, model, state, s
             examples = val if len(val.labels) else train
             state.model_uri = tracking.log_model(export, examples, meta["class_names"])
         store.record(state)
+    from pipeline.prepare import data_digest, digest_of_test_set
+
+    test = load_split(paths.PREPARED_DIR, "test")
     info = {
         "run_id": state.run_id,
         "model_uri": state.model_uri,
         "class_names": meta["class_names"],
         "image_size": meta["image_size"],
+        # What it learnt from and what was held out from it then: evaluate refuses test
+        # images drawn anew beside other training images (prepared since), which may be
+        # ones it learnt from.
+        "training_data": data_digest(train.images, train.labels, val.images, val.labels),
+        "test_set": digest_of_test_set(test.images, test.labels, meta["class_names"]),
     }
     paths.MODEL_INFO.write_text(json.dumps(info, indent=2) + "\n")
     with tracking.reported(

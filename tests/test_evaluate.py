@@ -200,6 +200,22 @@ def test_a_model_of_other_classes_or_image_size_is_not_evaluated():
     ):
         with pytest.raises(PipelineError, match=re.escape(says)):
             check_model_fits(cifar, other)
+    # Test images drawn anew beside other training images: refused. Either alone is fine:
+    # data.val_size changed (same test set), or another test set of the same classes.
+    trained = dict(cifar, test_set="t" * 32, training_data="d" * 32)
+    for now in (
+        {"test_set": "t" * 32},  # the same test set: training data not even read
+        {"test_set": "T" * 32, "training_data": "d" * 32},
+    ):
+        check_model_fits(trained, cifar, now)
+    check_model_fits(cifar, cifar, {"test_set": "T" * 32, "training_data": "D" * 32})  # old info
+    with pytest.raises(PipelineError) as error:
+        check_model_fits(trained, cifar, {"test_set": "T" * 32, "training_data": "D" * 32})
+    assert str(error.value) == (
+        "models/model_info.json was trained on other data than data/prepared holds (other "
+        "training and test images: its test images may be ones it learnt from); run "
+        "`dvc repro` to train on it first"
+    )
 
 
 def test_a_damaged_model_info_is_one_line_naming_the_file(tmp_path, monkeypatch):

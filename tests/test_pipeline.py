@@ -191,6 +191,36 @@ def test_train_change_reruns_train_and_evaluate_only(repo, client):
     commit(repo, "train change")
 
 
+def test_evaluating_by_hand_on_test_images_drawn_anew_is_refused(repo, tmp_path):
+    """`python -m pipeline.evaluate` by hand (README: re-scoring with TTA) after preparing
+    another split of one image folder would score, and register, the model on images it
+    may have learnt from; another validation split alone (same test set) is fine."""
+
+    def evaluate_by_hand():
+        command = [sys.executable, "-m", "pipeline.evaluate"]
+        return run(command, repo, stage_env({"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/other.db"}),
+                   check=False)  # fmt: skip
+
+    set_params(repo, {"data.val_size": 60})
+    dvc(repo, "repro", "prepare")  # the same test set
+    allowed = evaluate_by_hand()  # past the check, to the store, which lacks the run
+    assert "was trained on other data" not in allowed.stderr, allowed.stderr
+    assert "which is deleted or not in the tracking store" in allowed.stderr, allowed.stderr
+    info = json.loads((repo / "models/model_info.json").read_text())
+    info["test_set"] = "0" * 32  # as if the model's test images had been others
+    (repo / "models/model_info.json").write_text(json.dumps(info))
+    refused = evaluate_by_hand()
+    assert refused.returncode == 1
+    assert refused.stderr.strip().splitlines()[-1] == (
+        "error: models/model_info.json was trained on other data than data/prepared holds "
+        "(other training and test images: its test images may be ones it learnt from); run "
+        "`dvc repro` to train on it first"
+    )
+    run(["git", "checkout", "params.yaml", "dvc.lock"], repo, stage_env())
+    dvc(repo, "checkout", "--force", "prepare", "train")  # the committed split and model info
+    assert dvc(repo, "status").stdout.strip().endswith("up to date.")
+
+
 def start_queue(repo, workers: int) -> None:
     """`dvc queue start` as a user's shell runs it: it returns once the workers are spawned.
 
