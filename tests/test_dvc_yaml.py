@@ -20,10 +20,36 @@ def out_paths(stage: str) -> list[str]:
     return [next(iter(o)) if isinstance(o, dict) else o for o in DVC[stage]["outs"]]
 
 
+def posix(*files) -> list[str]:
+    return [file.as_posix() for file in files]
+
+
 def test_stage_paths_match_pipeline_paths():
-    assert out_paths("download") == [paths.RAW_DIR.as_posix()]
-    assert out_paths("prepare") == [paths.PREPARED_DIR.as_posix()]
+    """Every out, metrics file and plot dvc.yaml names is a path pipeline/paths.py gives the
+    code, so a rename in one fails here, not as a missing out after a whole training."""
+    assert out_paths("download") == posix(paths.RAW_DIR)
+    assert out_paths("prepare") == posix(paths.PREPARED_DIR)
     assert paths.RAW_DIR.as_posix() in DVC["prepare"]["deps"]
+    assert out_paths("train") == posix(
+        paths.MODEL_FILE, paths.MODEL_INFO, paths.TRAIN_METRICS, paths.HISTORY_FILE
+    )
+    assert sorted(out_paths("evaluate")) == sorted(posix(
+        paths.TEST_METRICS, paths.CONFUSION_FILE, paths.MISCLASSIFIED_PNG, paths.PER_CLASS_PNG,
+        paths.CONFUSION_PNG,
+    ))  # fmt: skip
+    assert {"models/model.keras", "models/model_info.json"} <= set(DVC["evaluate"]["deps"])
+    top = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    assert top["metrics"] == posix(paths.TRAIN_METRICS, paths.TEST_METRICS)
+    drawn = set()
+    for plot in top["plots"]:
+        if isinstance(plot, str):
+            drawn.add(plot)
+        else:
+            (spec,) = plot.values()
+            drawn |= set(spec["y"])
+    assert drawn == set(posix(
+        paths.HISTORY_FILE, paths.CONFUSION_FILE, paths.PER_CLASS_PNG, paths.MISCLASSIFIED_PNG
+    ))  # fmt: skip
 
 
 # Plumbing every stage imports: listing it would re-run the whole DAG for a reworded error
@@ -35,10 +61,12 @@ NOT_DEPS = {"pipeline/config.py", "pipeline/paths.py", "pipeline/errors.py", "pi
 READERS = {"pipeline/prepare.py"}
 
 
-def imported_modules(path: str) -> set[str]:
-    """pipeline/*.py files that `path` imports, at the top or inside a function."""
+def imported_modules(path: str, top_level: bool = False) -> set[str]:
+    """pipeline/*.py files that `path` imports, at the top or inside a function (or at the
+    top only: what importing it runs)."""
     found = set()
-    for node in ast.walk(ast.parse((ROOT / path).read_text())):
+    tree = ast.parse((ROOT / path).read_text())
+    for node in tree.body if top_level else ast.walk(tree):
         names = []
         if isinstance(node, ast.ImportFrom) and node.module:
             names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
@@ -48,11 +76,23 @@ def imported_modules(path: str) -> set[str]:
     return {file for file in found if (ROOT / file).is_file()}
 
 
+def code_of(module: str) -> set[str]:
+    """The stage's module, what it imports anywhere, and what those import at their top,
+    on and on: prepare imports imagefolder, whose top imports predict's image decoder."""
+    code = {module} | imported_modules(module)
+    todo = sorted(code - {module})
+    while todo:
+        for found in imported_modules(todo.pop(), top_level=True) - code - NOT_DEPS:
+            code.add(found)
+            todo.append(found)
+    return code
+
+
 @pytest.mark.parametrize("stage", sorted(DVC))
 def test_stage_depends_on_the_code_it_runs(stage):
-    """The stage's module and every module it imports, so that a code change re-runs it."""
+    """The stage's module and every module it runs, so that a code change re-runs it."""
     module = DVC[stage]["cmd"].removeprefix("python -m ").replace(".", "/") + ".py"
-    code = {module} | imported_modules(module)
+    code = code_of(module)
     readers = READERS - {module}
     assert sorted(code - NOT_DEPS - readers - set(DVC[stage]["deps"])) == []
 

@@ -9,6 +9,7 @@ import pytest
 
 from pipeline.errors import PipelineError
 from pipeline.evaluate import (
+    EPSILON,
     check_finite,
     confusion_csv,
     confusion_matrix,
@@ -43,8 +44,13 @@ def test_score_counts_hits_per_class_and_the_clipped_loss():
     assert figures["precision_macro"] == pytest.approx((1 / 2 + 2 / 3 + 1) / 3)
     assert figures["recall_macro"] == pytest.approx((1 / 2 + 1 + 1 / 2) / 3)
     assert figures["f1_macro"] == pytest.approx((1 / 2 + 4 / 5 + 2 / 3) / 3)
-    perfect = np.eye(3)[labels]  # probability 0 elsewhere: log is clipped, not -inf
+    perfect = np.eye(3)[labels]
     assert score(perfect, labels, CLASSES)["loss"] == pytest.approx(-np.log(1.0), abs=1e-6)
+    # A confident miss (probability 0 on the true class) is clipped, not an infinite loss
+    # that json.dumps would write as Infinity into metrics/test.json.
+    wrong = np.eye(3)[(labels + 1) % 3]
+    loss = score(wrong, labels, CLASSES)["loss"]
+    assert np.isfinite(loss) and loss == pytest.approx(-np.log(EPSILON), rel=1e-6)
     np.testing.assert_array_equal(
         confusion_matrix(labels, np.array([0, 1, 1, 1, 2, 0]), 3), [[1, 1, 0], [0, 2, 0], [1, 0, 1]]
     )
@@ -181,7 +187,8 @@ def test_charts_take_any_class_name_and_stop_growing_with_many_classes(tmp_path)
     reports.confusion_chart(np.eye(3, dtype=int), names, tmp_path / "confusion.png")
     many = [f"class {i}" for i in range(400)]
     reports.confusion_chart(np.eye(400, dtype=int), many, tmp_path / "many.png")
-    reports.per_class_chart(dict.fromkeys(many, 0.5), 0.5, tmp_path / "many_bars.png")
+    more = [f"class {i}" for i in range(700)]  # 0.35 inch a bar: past the cap
+    reports.per_class_chart(dict.fromkeys(more, 0.5), 0.5, tmp_path / "many_bars.png")
     with Image.open(tmp_path / "many.png") as chart:
         assert max(chart.size) <= reports.MAX_INCHES * 100  # 100 dpi
     with Image.open(tmp_path / "many_bars.png") as chart:
