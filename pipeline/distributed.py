@@ -113,16 +113,37 @@ def peers_reachable() -> Iterator[None]:
         ) from None
 
 
-def check_same_start(strategy, epochs_done: int) -> None:
-    """All workers must resume from the same epoch, i.e. read the same recovery state."""
+def check_same_start(strategy, epochs_done: int, fingerprint: str) -> None:
+    """All workers must train the same thing from the same epoch: the same recovery-state
+    fingerprint (params, data, training code, precision, worker count) and epochs done.
+
+    Run before the model is built: building it broadcasts the chief's initial values to
+    the others, with no timeout, and workers building different models or optimizers
+    (another params.yaml, `auto` resolving to another precision on another GPU) would wait
+    there for ever; other learning rates or augmentation would train on without a word.
+    One all-reduce of each value, its square and a count: all equal exactly when
+    count * sum of squares == sum squared. The fingerprint's first 4 bytes go as numbers
+    below 256, so float32 sums stay exact for any number of workers TensorFlow takes.
+    """
     import tensorflow as tf
 
-    def values():
-        value = tf.constant(float(epochs_done))
-        return tf.stack([value, value * value, 1.0])
+    ours = [float(epochs_done)] + [float(int(fingerprint[i : i + 2], 16)) for i in range(0, 8, 2)]
 
-    total, squares, count = strategy.reduce("SUM", strategy.run(values), axis=None).numpy()
-    if squares * count != total * total:  # not all equal
+    def values():
+        value = tf.constant(ours)
+        return tf.concat([value, value * value, [1.0]], axis=0)
+
+    sums = strategy.reduce("SUM", strategy.run(values), axis=None).numpy()
+    n = len(ours)
+    totals, squares, count = sums[:n], sums[n : 2 * n], sums[-1]
+    differ = squares * count != totals * totals
+    if differ[1:].any():
+        raise PipelineError(
+            "the workers would train different things: params.yaml (model, train, data), "
+            "data/prepared, the training code or the precision differ between them (train."
+            "precision auto picks by GPU kind); make them the same on every worker"
+        )
+    if differ[0]:
         raise PipelineError(
             "the workers found different recovery states in .train-state; keep it on "
             "storage all workers share, or delete it on every worker to start over"
@@ -206,8 +227,6 @@ def fit_workers(
         right = tf.reduce_sum(tf.cast(predicted == labels, tf.float32))
         return tf.stack([tf.reduce_sum(tf.cast(losses, tf.float32)), right])
 
-    with peers_reachable():  # the first collective: a peer may die before any step
-        check_same_start(strategy, first_epoch)
     for epoch in range(first_epoch, cfg.epochs):
         started = time.perf_counter()
         if progress is not None:

@@ -11,6 +11,7 @@ the model to MLflow (see pipeline/tracking.py).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import math
@@ -428,7 +429,12 @@ def run_training(
 
     from pipeline import tracking
     from pipeline.data import make_dataset, steps_per_epoch
-    from pipeline.distributed import fit_workers, make_strategy
+    from pipeline.distributed import (
+        check_same_start,
+        fit_workers,
+        make_strategy,
+        peers_reachable,
+    )
     from pipeline.resume import StateStore, TrainState
 
     cfg, cluster = params.train, cluster or Cluster()
@@ -457,13 +463,21 @@ def run_training(
     basis = resume_basis(params, meta, train, val, device.precision, cluster.workers)
     expected = resume_key(basis)
     state = store.load(expected, basis) or TrainState(fingerprint=expected, basis=basis)
+    if cluster.workers > 1:
+        with peers_reachable():  # the first collective: a peer may die before any step
+            check_same_start(strategy, state.epochs_done, expected)
     with strategy.scope():
         model = compiled_model(params, meta, state, store, steps, device)
 
     if cluster.chief:
-        with tracking.reported(
-            "cannot start or continue the MLflow run",
-            "no epoch was trained by this attempt; rerun once the store answers",
+        with (
+            tracking.reported(
+                "cannot start or continue the MLflow run",
+                "no epoch was trained by this attempt; rerun once the store answers",
+            ),
+            # The other workers wait in their first collective for at most 120 s: an
+            # unreachable server must fail in seconds, not after MLflow's minutes of retries.
+            tracking.few_retries() if cluster.workers > 1 else contextlib.nullcontext(),
         ):
             start_run(params, state, store, device)
     where = f"{device.count} {device.kind}"

@@ -1582,6 +1582,26 @@ def test_an_overflow_on_one_local_replica_is_skipped_not_summed_into_nan_weights
 
 
 @pytest.mark.slow
+def test_workers_with_different_params_refuse_before_building_the_model(prepared_repo, tmp_path):
+    """Another learning rate on one machine trained on in silence; another model or
+    precision hung in the untimed broadcasts that build the model."""
+    repos = worker_repos(prepared_repo, tmp_path)
+    set_params(repos[1], {"train.learning_rate": 0.002})
+    with Background(tmp_path) as background:
+        processes = start_workers(background, repos)
+        outputs = background.wait(*processes, timeout=300)
+    assert [process.returncode for process in processes] == [1, 1], outputs
+    for output in outputs:
+        assert output.strip().splitlines()[-1] == (
+            "error: the workers would train different things: params.yaml (model, train, "
+            "data), data/prepared, the training code or the precision differ between them "
+            "(train.precision auto picks by GPU kind); make them the same on every worker"
+        ), output[-2000:]
+        assert "train: epoch" not in output
+    assert not (repos[0] / "models").exists()
+
+
+@pytest.mark.slow
 def test_a_dead_worker_ends_the_run_with_a_clear_error(prepared_repo, tmp_path):
     repos = worker_repos(prepared_repo, tmp_path)
     with Background(tmp_path) as background:
