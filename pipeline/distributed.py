@@ -22,6 +22,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -29,6 +31,9 @@ from dataclasses import dataclass
 from pipeline.errors import PipelineError
 
 COLLECTIVE_TIMEOUT_S = 120  # a step waiting longer than this on a peer fails the run
+# Seconds the workers in TF_CONFIG have to start (by hand, machine after machine) before a
+# waiting one stops; TensorFlow alone waits an hour, deaf to Ctrl-C.
+WORKER_WAIT_S = 600
 
 
 @dataclass(frozen=True)
@@ -83,16 +88,58 @@ def make_strategy(gpus: int, cluster: Cluster):
         # TF_CPP_MIN_LOG_LEVEL hides: a worker that was never started would look like a hang.
         print(
             f"train: worker {cluster.index} of {cluster.workers}: waiting for every worker "
-            "in TF_CONFIG to start (each runs `python -m pipeline.train` with its own task index)",
+            "in TF_CONFIG to start (each runs `python -m pipeline.train` with its own task "
+            f"index), at most {WORKER_WAIT_S // 60} minutes",
             flush=True,
         )
         options = tf.distribute.experimental.CommunicationOptions(
             timeout_seconds=COLLECTIVE_TIMEOUT_S
         )
-        return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+        wait = f"{WORKER_WAIT_S // 60} minutes" if WORKER_WAIT_S >= 120 else f"{WORKER_WAIT_S} s"
+        stopped = (
+            f"error: worker {cluster.index} of {cluster.workers}: not every worker in TF_CONFIG "
+            f"started within {wait}; start each with `python -m "
+            "pipeline.train` and its own task index (one that failed says why in its own "
+            "output), then start this one again"
+        )
+        with deadline(WORKER_WAIT_S, stopped):
+            return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
     if gpus > 1:
         return tf.distribute.MirroredStrategy()
     return tf.distribute.get_strategy()
+
+
+# Run by `deadline` in a process of its own: pid, seconds, message.
+_WATCHDOG = """
+import os, signal, sys, time
+pid, seconds, message = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3]
+time.sleep(seconds)
+try:
+    os.kill(pid, 0)
+except OSError:
+    sys.exit(0)
+print(message, file=sys.stderr, flush=True)
+os.kill(pid, signal.SIGKILL)
+"""
+
+
+@contextlib.contextmanager
+def deadline(seconds: float, message: str) -> Iterator[None]:
+    """Kill this process, printing `message`, if the block is still running after `seconds`.
+
+    A watchdog process, not a thread or an alarm: while TensorFlow waits for the other
+    workers it holds the GIL and ignores SIGTERM and SIGINT (seen: a timer thread never
+    ran, `timeout` could not stop it), so only SIGKILL from outside ends the wait.
+    """
+    watchdog = subprocess.Popen(
+        [sys.executable, "-c", _WATCHDOG, str(os.getpid()), str(seconds), message],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        yield
+    finally:
+        watchdog.kill()
+        watchdog.wait()
 
 
 @contextlib.contextmanager

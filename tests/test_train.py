@@ -1582,6 +1582,32 @@ def test_an_overflow_on_one_local_replica_is_skipped_not_summed_into_nan_weights
 
 
 @pytest.mark.slow
+def test_a_worker_whose_peers_never_start_stops_after_its_wait(tmp_path):
+    """TensorFlow waits an hour for the other workers, holding the GIL and deaf to SIGTERM
+    and Ctrl-C; the stage stops itself after distributed.WORKER_WAIT_S (here 3 s)."""
+    from tests.repo import free_ports
+
+    workers = [f"127.0.0.1:{port}" for port in free_ports(2)]
+    config = {"cluster": {"worker": workers}, "task": {"type": "worker", "index": 1}}
+    script = (
+        "from pipeline import distributed; distributed.WORKER_WAIT_S = 3; "
+        "distributed.make_strategy(1, distributed.Cluster(2, 1, False))"
+    )
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True,
+        env=stage_env({"TF_CONFIG": json.dumps(config), "PYTHONPATH": str(ROOT)}), timeout=120,
+    )  # fmt: skip
+    assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
+    assert time.monotonic() - started < 60  # TensorFlow's import and the 3 s, not an hour
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: worker 1 of 2: not every worker in TF_CONFIG started within 3 s; start "
+        "each with `python -m pipeline.train` and its own task index (one that failed says "
+        "why in its own output), then start this one again"
+    )
+
+
+@pytest.mark.slow
 def test_workers_with_different_params_refuse_before_building_the_model(prepared_repo, tmp_path):
     """Another learning rate on one machine trained on in silence; another model or
     precision hung in the untimed broadcasts that build the model."""
