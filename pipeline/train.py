@@ -315,7 +315,12 @@ def main(argv: list[str] | None = None) -> None:
         from pipeline import tracking
 
         tracking.connect(tracking.repository_root())
-    run_training(params, meta, train, val, cluster)
+    from pipeline.prepare import digest_of_test_set
+
+    test = load_split(paths.PREPARED_DIR, "test")  # held out: only its digest is kept
+    test_set = digest_of_test_set(test.images, test.labels, meta["class_names"])
+    del test
+    run_training(params, meta, train, val, cluster, test_set=test_set)
 
 
 def compiled_model(params: Params, meta: dict, state, store, steps: int, device: Device):
@@ -422,8 +427,15 @@ def resume_key(basis: dict) -> str:
 
 
 def run_training(
-    params: Params, meta: dict, train: Split, val: Split, cluster: Cluster | None = None
+    params: Params,
+    meta: dict,
+    train: Split,
+    val: Split,
+    cluster: Cluster | None = None,
+    test_set: str | None = None,
 ) -> None:
+    """Train (or resume) and export the model. test_set: the digest of the test images
+    held out beside `train` (prepare.digest_of_test_set), kept in model_info.json."""
     import keras
     import tensorflow as tf
 
@@ -520,7 +532,7 @@ def run_training(
             validation_data=validation, callbacks=callbacks, verbose=0, shuffle=False,
         )  # fmt: skip
     if cluster.chief:
-        finish(params, meta, train, val, model, state, store, device)
+        finish(params, meta, train, val, model, state, store, device, test_set)
 
 
 def start_run(params: Params, state, store, device: Device) -> None:
@@ -549,7 +561,10 @@ def start_run(params: Params, state, store, device: Device) -> None:
     tracking.set_tags(tracking.run_tags())
 
 
-def finish(params: Params, meta: dict, train: Split, val: Split, model, state, store, device):
+def finish(
+    params: Params, meta: dict, train: Split, val: Split, model, state, store, device,
+    test_set: str | None = None,
+):  # fmt: skip
     """Chief only: save the model and metrics, log them to MLflow, clear the recovery state."""
     import keras
 
@@ -576,9 +591,8 @@ def finish(params: Params, meta: dict, train: Split, val: Split, model, state, s
             examples = val if len(val.labels) else train
             state.model_uri = tracking.log_model(export, examples, meta["class_names"])
         store.record(state)
-    from pipeline.prepare import data_digest, digest_of_test_set
+    from pipeline.prepare import data_digest
 
-    test = load_split(paths.PREPARED_DIR, "test")
     info = {
         "run_id": state.run_id,
         "model_uri": state.model_uri,
@@ -588,8 +602,9 @@ def finish(params: Params, meta: dict, train: Split, val: Split, model, state, s
         # images drawn anew beside other training images (prepared since), which may be
         # ones it learnt from.
         "training_data": data_digest(train.images, train.labels, val.images, val.labels),
-        "test_set": digest_of_test_set(test.images, test.labels, meta["class_names"]),
     }
+    if test_set:  # training from data/prepared, not from images in memory (a benchmark)
+        info["test_set"] = test_set
     paths.MODEL_INFO.write_text(json.dumps(info, indent=2) + "\n")
     with tracking.reported(
         "the training is logged to MLflow but its run could not be marked finished",
