@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,34 @@ def pytest_configure(config):
     for name in ("NO_PROXY", "no_proxy"):
         kept = [host for host in os.environ.get(name, "").split(",") if host.strip()]
         os.environ[name] = ",".join(dict.fromkeys([*kept, "127.0.0.1", "localhost"]))
+
+
+# MLflow's process-wide URIs: (module, attribute), read only where MLflow is loaded.
+MLFLOW_URIS = (
+    ("mlflow.tracking._tracking_service.utils", "_tracking_uri"),
+    ("mlflow.tracking._model_registry.utils", "_registry_uri"),
+)
+
+
+@pytest.fixture(autouse=True)
+def _mlflow_process_state_restored():
+    """MLflow keeps its tracking and registry URIs process-wide, and exports the tracking
+    URI as MLFLOW_TRACKING_URI (the stages set other MLFLOW_* variables): what one test
+    leaves there would point later tests, and the stages they start, at its store."""
+    saved = {name: value for name, value in os.environ.items() if name.startswith("MLFLOW_")}
+    uris = {
+        (module, name): getattr(sys.modules[module], name)
+        for module, name in MLFLOW_URIS
+        if module in sys.modules
+    }
+    yield
+    for name in [name for name in os.environ if name.startswith("MLFLOW_")]:
+        if name not in saved:
+            del os.environ[name]
+    os.environ.update(saved)
+    for module, name in MLFLOW_URIS:
+        if module in sys.modules:  # loaded by this test: back to unset
+            setattr(sys.modules[module], name, uris.get((module, name)))
 
 
 @pytest.fixture
