@@ -49,5 +49,6 @@ def test_bad_input_names_the_problem(tmp_path):
         curves.read_history(tmp_path / "h.csv")
     with pytest.raises(SystemExit, match="cannot read"):
         curves.read_history(tmp_path / "absent.csv")
-    with pytest.raises(SystemExit):  # argparse: LABEL=path expected
+    with pytest.raises(SystemExit) as refused:  # argparse: LABEL=path expected
         curves.main([str(tmp_path / "x.png"), "no-label.csv"])
+    assert refused.value.code == 2  # argparse's usage error, not read_history's "cannot read"

@@ -335,11 +335,12 @@ def test_a_read_only_folder_left_by_an_older_copy_is_still_removed(tmp_path, mon
     monkeypatch.setattr(download.shutil, "rmtree", lambda path, onerror: handed.append(onerror))
     download._remove(tmp_path / "pets.old.part")
     assert handed == [download._writable_and_retry]
-    with pytest.raises(FileNotFoundError):  # any other failure is raised as it was
-        error = FileNotFoundError(2, "No such file")
-        download._writable_and_retry(
-            os.unlink, str(stale / "2.png"), (FileNotFoundError, error, None)
-        )
+    kept = stale / "2.png"  # any other failure is raised as it was, not retried
+    kept.write_bytes(b"x")
+    error = OSError(28, "No space left on device")
+    with pytest.raises(OSError) as raised:
+        download._writable_and_retry(os.unlink, str(kept), (OSError, error, None))
+    assert raised.value is error and kept.exists()
 
 
 def test_a_full_disk_is_one_line_naming_the_file_and_the_fix(tmp_path):

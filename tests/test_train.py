@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import yaml
 
-from pipeline.config import flatten, parse_params
+from pipeline.config import ParamsError, flatten, parse_params
 from pipeline.distributed import peers_reachable
 from pipeline.errors import PipelineError
 from pipeline.optimizer import make_optimizer, make_schedule
@@ -341,7 +341,7 @@ def test_batch_larger_than_training_set_is_a_params_error(raw_params):
     params = parse_params(raw_params).train
     tiny = Split(np.zeros((100, 32, 32, 3), np.uint8), np.zeros(100, np.int32))
     with pytest.raises(
-        Exception, match=r"^train.batch_size: must be at most the 100 training images, got 128"
+        ParamsError, match=r"^train.batch_size: must be at most the 100 training images, got 128"
     ):
         check_fits(params, tiny)
 
