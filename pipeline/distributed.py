@@ -32,7 +32,8 @@ from pipeline.errors import PipelineError
 
 COLLECTIVE_TIMEOUT_S = 120  # a step waiting longer than this on a peer fails the run
 # Seconds the workers in TF_CONFIG have to start (by hand, machine after machine) before a
-# waiting one stops; TensorFlow alone waits an hour, deaf to Ctrl-C.
+# waiting one stops. TensorFlow alone keeps waiting (an hour, by its source), deaf to
+# SIGINT and SIGTERM (seen).
 WORKER_WAIT_S = 600
 
 

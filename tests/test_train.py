@@ -1583,8 +1583,8 @@ def test_an_overflow_on_one_local_replica_is_skipped_not_summed_into_nan_weights
 
 @pytest.mark.slow
 def test_a_worker_whose_peers_never_start_stops_after_its_wait(tmp_path):
-    """TensorFlow waits an hour for the other workers, holding the GIL and deaf to SIGTERM
-    and Ctrl-C; the stage stops itself after distributed.WORKER_WAIT_S (here 3 s)."""
+    """TensorFlow keeps waiting for the other workers, holding the GIL and deaf to SIGTERM
+    and SIGINT; the stage stops itself after distributed.WORKER_WAIT_S (here 3 s)."""
     from tests.repo import free_ports
 
     workers = [f"127.0.0.1:{port}" for port in free_ports(2)]
