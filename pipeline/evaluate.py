@@ -238,6 +238,9 @@ def check_model_fits(info: dict, meta: dict, now: dict | None = None) -> None:
         )
 
 
+DIGESTS = ("test_set", "training_data")  # what model_info.json records of the data
+
+
 def _drawn_anew(info: dict, now: dict) -> bool:
     """Both splits differ from the model's. Another test set beside the same training
     images is another dataset, fine to score on; the same test set beside other training
@@ -245,18 +248,15 @@ def _drawn_anew(info: dict, now: dict) -> bool:
     return all(key in info and now.get(key) not in (None, info[key]) for key in DIGESTS)
 
 
-DIGESTS = ("test_set", "training_data")  # what model_info.json records of the data
-
-
 def training_digests(info: dict, test: Split, class_names: list[str]) -> dict:
     """data/prepared as it is, in the digests train records; the training images are
     read (about 1 s for CIFAR-10) only when the test set differs from the model's."""
-    from pipeline.prepare import data_digest, digest_of_test_set
+    from pipeline.prepare import digest_of_test_set, training_data_digest
 
     now = {"test_set": digest_of_test_set(test.images, test.labels, class_names)}
     if "test_set" in info and now["test_set"] != info["test_set"]:
         train, val = (load_split(paths.PREPARED_DIR, split) for split in ("train", "val"))
-        now["training_data"] = data_digest(train.images, train.labels, val.images, val.labels)
+        now["training_data"] = training_data_digest(train, val)
     return now
 
 

@@ -241,6 +241,12 @@ def data_digest(*arrays: np.ndarray) -> str:
     return digest.hexdigest()
 
 
+def training_data_digest(train: Split, val: Split) -> str:
+    """The images training learns from, train and validation splits: the recovery state's
+    `data` and model_info.json's `training_data`, which evaluate compares."""
+    return data_digest(train.images, train.labels, val.images, val.labels)
+
+
 def digest_of_test_set(images: np.ndarray, labels: np.ndarray, class_names: list[str]) -> str:
     """A hash of the test set as a set of (image, class name) pairs, in no order.
 

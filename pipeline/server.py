@@ -353,8 +353,8 @@ def main(argv: list[str] | None = None) -> None:
     names = machine_names()
     settings = allowed_names(cfg, names, os.environ)
     os.environ.update(settings)
-    if ALLOWED_HOSTS in settings and cfg.host not in LOOPBACK:  # else only this machine
-        reached = ", ".join(f"http://{name}:{cfg.port}" for name in names) or "localhost"
+    if names and ALLOWED_HOSTS in settings and cfg.host not in LOOPBACK:  # others reach it
+        reached = ", ".join(f"http://{name}:{cfg.port}" for name in names)
         print(
             f"server: clients may use {reached} (API clients also a private IP address); "
             f"for another name add it to {ALLOWED_HOSTS} and, for the UI, "

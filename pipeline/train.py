@@ -410,9 +410,9 @@ def resume_basis(
     code would fail at export after all the epochs (a changed layer), or mix two
     networks in one model without a word (a changed pooling, say).
     """
-    from pipeline.prepare import data_digest
+    from pipeline.prepare import training_data_digest
 
-    data = data_digest(train.images, train.labels, val.images, val.labels)
+    data = training_data_digest(train, val)
     return {
         "params": training_params(params), "meta": meta, "data": data,
         "precision": precision, "workers": workers, "code": code_digest(),
@@ -591,7 +591,7 @@ def finish(
             examples = val if len(val.labels) else train
             state.model_uri = tracking.log_model(export, examples, meta["class_names"])
         store.record(state)
-    from pipeline.prepare import data_digest
+    from pipeline.prepare import training_data_digest
 
     info = {
         "run_id": state.run_id,
@@ -601,7 +601,7 @@ def finish(
         # What it learnt from and what was held out from it then: evaluate refuses test
         # images drawn anew beside other training images (prepared since), which may be
         # ones it learnt from.
-        "training_data": data_digest(train.images, train.labels, val.images, val.labels),
+        "training_data": training_data_digest(train, val),
     }
     if test_set:  # training from data/prepared, not from images in memory (a benchmark)
         info["test_set"] = test_set
