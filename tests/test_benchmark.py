@@ -33,7 +33,12 @@ def test_benchmark_runs_every_mode_and_reports_consistent_ratios(tmp_path, raw_p
     others = [m for m in results if m.startswith("pipeline:") and m != "pipeline:auto"]
     # The comparison this machine gets without --with-bfloat16 (see the test below).
     assert others == ([] if auto == "float32" else ["pipeline:float32"])
-    assert set(results) == {"bare", "pipeline:auto", "tutorial", *others}
+    assert set(results) == {"bare", "pipeline:auto", "tutorial", "input", *others}
+    assert len(results["input"]["epoch_rates"]) == 1  # once, in round 1; warm-up dropped
+    assert report["input_over_pipeline"] == pytest.approx(
+        results["input"]["images_per_second"] / results["pipeline:auto"]["images_per_second"]
+    )
+    assert report["images_per_epoch"] == 128 and report["data"] == "random uint8 images"
     if not others:
         assert "mixed_bfloat16 not measured" in result.stdout
     for mode in ("bare", "pipeline:auto", "tutorial"):
@@ -200,3 +205,133 @@ def test_sam_benchmark_times_both_kinds_of_step(tmp_path, raw_params):
     assert plain == pytest.approx((rates[0] + rates[2]) / 2, abs=0.11)  # medians of two
     assert sam == pytest.approx((rates[1] + rates[3]) / 2, abs=0.11)
     assert ratio == pytest.approx(sam / plain, rel=0.05)
+
+
+def fake_child(results_by_mode: dict, gpus: int = 0, seen: list | None = None):
+    """A stand-in for the measuring child processes: the mode's rate (per batch size) as
+    the JSON line a child prints."""
+    import subprocess
+
+    real_run = subprocess.run
+
+    def fake_run(command, **kwargs):
+        if "--child" not in command:  # git, for the commit measured
+            return real_run(command, **kwargs)
+        mode = command[command.index("--child") + 1]
+        batch = int(command[command.index("--batch-size") + 1])
+        if seen is not None:
+            seen.append((mode, batch))
+        rate = results_by_mode[mode] * (batch / 128 if mode == "pipeline:auto" else 1)
+        line = json.dumps({
+            "images_per_second": rate, "epoch_rates": [rate, rate], "precision": "float32",
+            "peak_rss_mb": 1.0, "peak_gpu_mb": None, "onednn": True, "images": 256,
+            "gpus": gpus,
+        })  # fmt: skip
+        return subprocess.CompletedProcess(command, 0, stdout=line + "\n", stderr="")
+
+    return fake_run
+
+
+def test_the_sweep_measures_the_pipeline_at_each_batch_and_names_the_fastest(
+    monkeypatch, tmp_path, capsys
+):
+    """--sweep: (b) once at each batch size after the rounds; the input alone once."""
+    from benchmarks import throughput
+
+    seen: list = []
+    rates = {"bare": 100.0, "pipeline:auto": 96.0, "tutorial": 48.0, "input": 960.0}
+    monkeypatch.setattr(throughput.subprocess, "run", fake_child(rates, seen=seen))
+    monkeypatch.setattr(throughput, "nvidia_device", lambda: False)
+    monkeypatch.setattr(throughput, "device", lambda: "CPU: test")
+    out = tmp_path / "bench.json"
+    monkeypatch.setattr(
+        sys, "argv",
+        ["throughput", "--images", "256", "--rounds", "2", "--sweep", "64,256", "--out", str(out)],
+    )  # fmt: skip
+    throughput.main()
+    report = json.loads(out.read_text())
+
+    assert seen == [
+        ("bare", 128), ("pipeline:auto", 128), ("tutorial", 128), ("input", 128),
+        ("bare", 128), ("pipeline:auto", 128), ("tutorial", 128),
+        ("pipeline:auto", 64), ("pipeline:auto", 256),
+    ]  # fmt: skip
+    results = report["results"]
+    assert results["pipeline:auto@64"]["images_per_second"] == 48.0
+    assert results["pipeline:auto@256"]["images_per_second"] == 192.0
+    assert (report["fastest_batch_size"], report["fastest_images_per_second"]) == (256, 192.0)
+    assert report["input_over_pipeline"] == pytest.approx(10.0)
+    assert report["pipeline_over_tutorial"] == pytest.approx(2.0)  # at --batch-size, 128
+    assert report["images_per_epoch"] == 256 and report["data"] == "random uint8 images"
+    assert report["tensorflow"] and report["keras"]
+    printed = capsys.readouterr().out
+    assert "fastest batch 256: 192.0 img/s" in printed
+    assert "auto / " not in printed and not any(k.startswith("auto_over") for k in report)
+
+
+def test_batch_sizes_are_read_and_bad_ones_refused():
+    import argparse
+
+    from benchmarks.throughput import batch_sizes
+
+    assert batch_sizes("256,512, 1024") == [256, 512, 1024]
+    for bad in ("", "big", "256,0"):
+        with pytest.raises(argparse.ArgumentTypeError, match="256,512,1024"):
+            batch_sizes(bad)
+
+
+def test_a_gpu_machine_whose_tensorflow_sees_no_gpu_stops_at_the_first_child(monkeypatch):
+    """Without TensorFlow's CUDA build the benchmark would time the CPU on a GPU machine."""
+    import argparse
+
+    from benchmarks import throughput
+
+    monkeypatch.setattr(throughput.subprocess, "run", fake_child({"bare": 1.0}, gpus=0))
+    monkeypatch.setattr(throughput, "nvidia_device", lambda: True)
+    args = argparse.Namespace(
+        images=8, epochs=2, batch_size=4, params=ROOT / "params.yaml", prepared=None
+    )
+    with pytest.raises(SystemExit, match=r"TensorFlow sees no GPU.*make bench GPU=1"):
+        throughput.measure("bare", args)
+    monkeypatch.setattr(throughput.subprocess, "run", fake_child({"bare": 1.0}, gpus=1))
+    assert throughput.measure("bare", args)["gpus"] == 1
+
+
+def test_only_whole_batches_are_fed_so_no_epoch_ends_on_a_short_one():
+    import numpy as np
+
+    from benchmarks.throughput import full_batches
+    from pipeline.prepare import Split
+
+    split = Split(np.zeros((70, 2, 2, 3), np.uint8), np.arange(70, dtype=np.int32))
+    images, labels = full_batches(split, 32)
+    assert images.shape[0] == 64 and labels.tolist() == list(range(64))
+
+
+def test_an_image_folder_is_read_as_prepare_reads_it_into_a_prepared_folder(tmp_path, raw_params):
+    """--imagefolder ../shared/data/cifar10-jpeg.tar.gz: its train/ images, all of them."""
+    import io
+    import tarfile
+
+    import numpy as np
+    from PIL import Image
+
+    from benchmarks.throughput import load_images, prepare_imagefolder
+    from pipeline.config import parse_params
+
+    archive = tmp_path / "images.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        for split, count in (("train", 3), ("test", 1)):
+            for name in ("cat", "dog"):
+                for index in range(count):
+                    buffer = io.BytesIO()
+                    Image.new("RGB", (40, 40), (index * 50, 0, 0)).save(buffer, "JPEG")
+                    member = tarfile.TarInfo(f"{split}/{name}/{index}.jpg")
+                    member.size = len(buffer.getvalue())
+                    tar.addfile(member, io.BytesIO(buffer.getvalue()))
+    prepared = tmp_path / "prepared"
+    assert prepare_imagefolder(archive, parse_params(raw_params), prepared) == 6
+    split, meta = load_images(str(prepared), 100)
+    assert split.images.shape == (6, 32, 32, 3)  # resized to data.image_size, as prepare does
+    assert sorted(np.bincount(split.labels).tolist()) == [3, 3]
+    assert meta["class_names"] == ["cat", "dog"]
