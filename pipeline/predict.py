@@ -44,10 +44,7 @@ def load_image(path: Path, size: int) -> np.ndarray:
     try:
         with Image.open(path) as image:
             image.load()
-            # Upright as a viewer shows it: phone photos are stored sideways with an
-            # EXIF orientation tag, and a centre crop of the sideways pixels cuts wrong.
-            # In place: the copy exif_transpose makes otherwise added ~10% on a 12 MP photo.
-            ImageOps.exif_transpose(image, in_place=True)
+            image = upright(image)
             if image.mode == "F":  # no range to scale from: 0-1, 0-255 and Kelvin all occur
                 raise ValueError(
                     "a 32-bit floating-point image; save it with 8 or 16 bits per channel"
@@ -76,6 +73,33 @@ def load_image(path: Path, size: int) -> np.ndarray:
         raise ValueError(f"too large to decode safely ({error})") from None
     except (OSError, SyntaxError) as error:  # truncated or corrupt data
         raise ValueError(f"corrupt image ({error})") from None
+    except Exception as error:  # any other decoder failure is this file's, not the run's
+        raise ValueError(f"cannot be decoded ({type(error).__name__}: {error})") from None
+
+
+# EXIF orientation (2-8) -> the transpose that turns the stored pixels upright, as
+# Pillow's ImageOps.exif_transpose maps them.
+UPRIGHT = {2: "FLIP_LEFT_RIGHT", 3: "ROTATE_180", 4: "FLIP_TOP_BOTTOM", 5: "TRANSPOSE",
+           6: "ROTATE_270", 7: "TRANSVERSE", 8: "ROTATE_90"}  # fmt: skip
+
+
+def upright(image):
+    """The image as a viewer shows it: phone photos are stored sideways with an EXIF
+    orientation tag, and a centre crop of the sideways pixels cuts wrong.
+
+    Not ImageOps.exif_transpose: after turning the pixels it rewrites the EXIF, which
+    raises on some real photos' odd tags (a struct.error, an AttributeError; Pillow
+    issues 6799, 8790), losing a readable image. Only the pixels are wanted here; an
+    orientation that cannot be read leaves them as stored.
+    """
+    from PIL import Image
+
+    try:
+        orientation = image.getexif().get(0x0112, 1)  # 0x0112: the Orientation tag
+    except Exception:  # unreadable EXIF: no orientation to follow
+        return image
+    method = UPRIGHT.get(orientation) if isinstance(orientation, int) else None
+    return image.transpose(getattr(Image.Transpose, method)) if method else image
 
 
 def _sixteen_bits_to_eight(image):
@@ -255,6 +279,11 @@ def classify(predictor: Predictor, files: list[Path], top: int) -> list[dict]:
             results[i]["error"] = str(error)
     if images:
         probabilities = predictor.predict(np.stack(images))
+        if not np.isfinite(probabilities).all():  # NaN would print as figures, and break JSON
+            raise PipelineError(
+                "the model predicts NaN or infinite probabilities: its training diverged; "
+                "train it again with a lower train.learning_rate"
+            )
         for i, row in zip(readable, probabilities, strict=True):
             best = np.argsort(-row)[:top]
             results[i]["predictions"] = [

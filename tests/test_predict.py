@@ -272,3 +272,75 @@ def test_a_folder_stands_for_the_images_in_it(tmp_path):
     assert expanded == [single, photos / "a.png", photos / "b.JPG", empty]
     with pytest.raises(ValueError, match=r"^a folder with no PNG, JPEG, BMP or GIF files direc"):
         load_image(empty, 32)
+
+
+def odd_exif_photo(path, orientation: int = 6):
+    """A JPEG stored sideways (red left, blue right) whose EXIF also holds a Make tag typed
+    FLOAT instead of text, as some cameras write: Pillow reads it, but its exif_transpose
+    then raises AttributeError rewriting the EXIF (Pillow issues 6799, 8790)."""
+    import io
+
+    stored = np.zeros((20, 40, 3), np.uint8)
+    stored[:, :20] = (255, 0, 0)
+    stored[:, 20:] = (0, 0, 255)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    exif[0x010F] = "Acme"  # Make
+    raw = bytearray(exif.tobytes())
+    at = raw.index(b"\x01\x0f\x00\x02")  # big-endian entry: tag 0x010F, type 2 (ASCII)
+    raw[at + 2 : at + 8] = b"\x00\x0b\x00\x00\x00\x01"  # type 11 (FLOAT), one value
+    buffer = io.BytesIO()
+    Image.fromarray(stored).save(buffer, "JPEG", quality=95, exif=bytes(raw))
+    path.write_bytes(buffer.getvalue())
+    return path
+
+
+def test_a_photo_with_odd_exif_tags_is_still_turned_upright_and_classified(tmp_path):
+    from PIL import ImageOps
+
+    from pipeline.predict import Predictor, classify
+
+    photo = odd_exif_photo(tmp_path / "odd.jpg")
+    with Image.open(photo) as image, pytest.raises(AttributeError):
+        ImageOps.exif_transpose(image)  # the failure this guards against
+    upright = load_image(photo, 8).astype(int)
+    assert (upright[0, :, 0] > 200).all() and (upright[0, :, 2] < 60).all()  # top row red
+    assert (upright[-1, :, 2] > 200).all() and (upright[-1, :, 0] < 60).all()  # bottom blue
+    # Every orientation turns as Pillow's exif_transpose turns it (on readable EXIF).
+    for orientation in range(1, 9):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        stored = np.random.default_rng(orientation).integers(0, 256, (6, 10, 3), np.uint8)
+        Image.fromarray(stored).save(tmp_path / f"o{orientation}.png", exif=exif)
+        with Image.open(tmp_path / f"o{orientation}.png") as image:
+            turned = ImageOps.exif_transpose(image)
+            expected = np.asarray(ImageOps.fit(turned, (5, 5), Image.Resampling.LANCZOS))
+        assert (load_image(tmp_path / f"o{orientation}.png", 5) == expected).all(), orientation
+
+    # A decoder failure of any kind is that file's error; the other images are classified.
+    predictor = Predictor(lambda images: np.full((len(images), 2), 0.5), ["cat", "dog"], 8)
+    broken = png(tmp_path / "broken.png")
+    real_open = Image.open
+
+    def failing_open(path, *args, **kwargs):
+        if str(path) == str(broken):
+            raise KeyError("an unexpected decoder failure")
+        return real_open(path, *args, **kwargs)
+
+    import PIL.Image
+
+    PIL.Image.open = failing_open
+    try:
+        results = classify(predictor, [photo, broken], top=1)
+    finally:
+        PIL.Image.open = real_open
+    assert results[0]["predictions"][0]["class"] == "cat"
+    assert results[1]["error"] == "cannot be decoded (KeyError: 'an unexpected decoder failure')"
+
+
+def test_a_diverged_model_is_refused_rather_than_printing_nan(tmp_path):
+    from pipeline.predict import Predictor, classify
+
+    predictor = Predictor(lambda images: np.full((len(images), 2), np.nan), ["cat", "dog"], 8)
+    with pytest.raises(PipelineError, match="predicts NaN or infinite probabilities"):
+        classify(predictor, [png(tmp_path / "cat.png")], top=1)
