@@ -180,6 +180,18 @@ def confusion_csv(labels: np.ndarray, predictions: np.ndarray, class_names: list
     return out.getvalue()
 
 
+def check_model_matches_info(model, info: dict) -> None:
+    """model_info.json written by another training (a model copied in alone) would name the
+    wrong classes, or too few for the model's outputs."""
+    outputs, size = model.output_shape[-1], model.input_shape[1]
+    if outputs != len(info["class_names"]) or size != info["image_size"]:
+        raise PipelineError(
+            f"{paths.MODEL_INFO} ({len(info['class_names'])} classes, {info['image_size']} px) "
+            f"does not belong to {paths.MODEL_FILE} ({outputs} classes, {size} px); copy the "
+            "model_info.json train wrote with this model beside it, or run `dvc repro train`"
+        )
+
+
 def check_finite(probabilities: np.ndarray) -> np.ndarray:
     """A model that diverged in training predicts NaN: no figure of it means anything."""
     if not np.isfinite(probabilities).all():
@@ -299,6 +311,7 @@ def main(argv: list[str] | None = None) -> None:
         model = load_saved_model(paths.MODEL_FILE)
     except FileNotFoundError:
         raise PipelineError(f"{paths.MODEL_FILE}: not found; run `dvc repro train` first") from None
+    check_model_matches_info(model, info)
     passes = SHIFT_TTA_VIEWS if cfg.shift_tta else 2 if cfg.flip_tta else 1
     done = []  # seconds each pass over the test set took
 

@@ -574,6 +574,9 @@ def finish(
     keras.mixed_precision.set_global_policy("float32")
     export = build_network(params, meta)
     export.set_weights(model.get_weights())
+    # The last training's model_info.json goes first: it is written (below) only once this
+    # model is logged, and until then it would describe, to evaluate, a model it is not.
+    paths.MODEL_INFO.unlink(missing_ok=True)
     save_model(export, paths.MODEL_FILE)
     summary = train_summary(state, train, val, device)
     paths.TRAIN_METRICS.parent.mkdir(parents=True, exist_ok=True)

@@ -274,3 +274,18 @@ def test_a_model_that_predicts_nan_is_not_scored():
         broken[1, 2] = bad
         with pytest.raises(PipelineError, match="predicts NaN or infinite .* training diverged"):
             check_finite(broken)
+
+
+def test_a_model_info_of_another_model_is_refused_before_scoring():
+    """A 10-class model beside a 3-class model_info.json would fail in the confusion matrix,
+    or, the other way round, name the wrong classes."""
+    from types import SimpleNamespace
+
+    from pipeline.evaluate import check_model_matches_info
+
+    model = SimpleNamespace(output_shape=(None, 10), input_shape=(None, 32, 32, 3))
+    info = {"class_names": [f"c{i}" for i in range(10)], "image_size": 32}
+    check_model_matches_info(model, info)
+    for other in ({**info, "class_names": ["a", "b", "c"]}, {**info, "image_size": 64}):
+        with pytest.raises(PipelineError, match=r"does not belong to models/model.keras \(10 cl"):
+            check_model_matches_info(model, other)

@@ -959,11 +959,15 @@ def test_store_failures_at_the_end_of_training_leave_one_model_and_a_finished_ru
     monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # connect sets it
     experiment = tracking.connect(tmp_path)
     ready = lambda model_id, status: str(status) == "READY"  # noqa: E731
+    Path("models").mkdir()
+    Path("models/model_info.json").write_text('{"run_id": "an earlier training"}')
 
     with monkeypatch.context() as patch:
         fail_once(patch, fluent, "finalize_logged_model", "error code 503 != 200", ready)
         with pytest.raises(tracking.TrackingError) as error:
             run_training(params, meta, train, empty)
+    # The new model is saved, the earlier training's info gone: evaluate cannot pair them.
+    assert Path("models/model.keras").exists() and not Path("models/model_info.json").exists()
     assert str(error.value).startswith(
         "the training finished but could not be logged to MLflow (MlflowException: error code "
         "503 != 200); its recovery state is kept"
