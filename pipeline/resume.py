@@ -5,8 +5,11 @@ lives in `.train-state/` (ignored by git, unknown to DVC): the model with its
 optimizer after the last completed epoch, the history so far and the MLflow
 run id. A training killed at any moment, even by SIGKILL, restarts from the
 last completed epoch in the same MLflow run. The state carries a fingerprint
-of the training params and the data it belongs to; a state from other params
-or other data is discarded.
+of the training params and the data it belongs to. A training of other params
+or data sets the state it finds aside, in `kept/<fingerprint>/`, rather than
+deleting it: a quick `dvc exp run -S train.epochs=1` between a killed 50-epoch
+training and its rerun costs none of its epochs. The newest KEEP_ASIDE states
+set aside are kept, older ones discarded.
 
 Writes are ordered so that the state on disk is always consistent: the new
 checkpoint is written under its own name, then `state.json` is atomically
@@ -27,6 +30,8 @@ import keras
 from pipeline.errors import PipelineError
 
 STATE_FILE = "state.json"
+KEPT_DIR = "kept"  # in the state folder: kept/<fingerprint>/, states set aside
+KEEP_ASIDE = 2  # states set aside that are kept (each a checkpoint: 35 MB for the default network)
 
 
 @dataclass
@@ -110,28 +115,111 @@ class StateStore:
     def __init__(self, directory: Path, writable: bool = True):
         self.directory = directory
         self.writable = writable
-        self.discarded: TrainState | None = None  # what load() threw away, for its MLflow run
+        # States load() threw away, for their MLflow runs: their training is not coming back.
+        self.discarded: list[TrainState] = []
+        self.source = directory  # where the loaded state's checkpoint is
 
     def load(self, expected_fingerprint: str, basis: dict | None = None) -> TrainState | None:
-        """The saved state if it belongs to these params and data, else None (and discard it).
+        """The saved state if it belongs to these params and data, else None.
 
-        basis: what expected_fingerprint was computed from, to name what changed."""
-        try:
-            state = TrainState(**json.loads((self.directory / STATE_FILE).read_text()))
-        except (OSError, ValueError, TypeError):
+        A state of other params or data is set aside (kept/), and one set aside earlier
+        for these is taken back. basis: what expected_fingerprint was computed from, to
+        name what changed."""
+        state = self._read(self.directory)
+        if state is not None and state.fingerprint != expected_fingerprint:
+            self._set_aside(state, f"it belongs to {changes(state.basis, basis)}")
+            state = None
+        if state is None:
+            state = self._take_back(expected_fingerprint)
+        if state is None:
             return None
-        if state.fingerprint != expected_fingerprint:
-            reason = f"it belongs to {changes(state.basis, basis)}"
-        elif state.epochs_done and not (
-            state.checkpoint and (self.directory / state.checkpoint).is_file()
+        if state.epochs_done and not (
+            state.checkpoint and (self.source / state.checkpoint).is_file()
         ):
-            reason = f"its checkpoint of epoch {state.epochs_done} is missing"
-        else:  # also a kill during epoch 1: no checkpoint yet, but its MLflow run goes on
-            return state
-        print(f"train: discarding recovery state in {self.directory} ({reason})", flush=True)
-        self.clear()
-        self.discarded = state
+            self._discard(state, f"its checkpoint of epoch {state.epochs_done} is missing")
+            return None
+        return state  # also a kill during epoch 1: no checkpoint yet, but its MLflow run goes on
+
+    def _read(self, directory: Path) -> TrainState | None:
+        """The state in `directory`; None if there is none. One that cannot be read (a
+        state.json of another version of this code, say) is discarded, saying so."""
+        try:
+            text = (directory / STATE_FILE).read_text()
+        except FileNotFoundError:
+            return None
+        except OSError as error:
+            text, reason = "", error.strerror or str(error)
+        else:
+            try:
+                return TrainState(**json.loads(text))
+            except (ValueError, TypeError) as error:
+                reason = f"{type(error).__name__}: {error}"
+        try:  # its MLflow run, if it can be told, is ended with it
+            run_id = json.loads(text).get("run_id")
+        except (ValueError, AttributeError):
+            run_id = None
+        unreadable = TrainState(fingerprint="", run_id=run_id if isinstance(run_id, str) else None)
+        self._discard(unreadable, f"its {STATE_FILE} cannot be read ({reason})", directory)
         return None
+
+    def _discard(self, state: TrainState, reason: str, directory: Path | None = None) -> None:
+        where = directory or self.source
+        print(f"train: discarding recovery state in {where} ({reason})", flush=True)
+        self.discarded.append(state)
+        if where == self.directory:
+            self.clear()
+        elif self.writable:
+            shutil.rmtree(where, ignore_errors=True)
+        self.source = self.directory
+
+    def _set_aside(self, state: TrainState, reason: str) -> None:
+        """Move the active state to kept/<its fingerprint>/, then keep the newest KEEP_ASIDE."""
+        kept = self.directory / KEPT_DIR
+        target = kept / state.fingerprint
+        epochs = f"{state.epochs_done} epoch{'s' * (state.epochs_done != 1)}"
+        if not self.writable:  # another worker's: the chief sets it aside
+            return
+        if not state.epochs_done:  # nothing trained to keep: a kill during epoch 1
+            self._discard(state, reason)
+            return
+        partial = kept / f"{state.fingerprint}.part"  # a half-moved state is never taken back
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        for entry in self.directory.iterdir():
+            if entry.name != KEPT_DIR:
+                os.replace(entry, partial / entry.name)
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(partial, target)
+        print(
+            f"train: set aside the recovery state in {self.directory} ({epochs}; {reason}) "
+            f"as {target}: training those settings again resumes it",
+            flush=True,
+        )
+        aside = sorted(
+            (d for d in kept.iterdir() if (d / STATE_FILE).is_file()),
+            key=lambda d: (d / STATE_FILE).stat().st_mtime, reverse=True,
+        )  # fmt: skip
+        for old in aside[KEEP_ASIDE:]:
+            dropped = self._read(old) or TrainState(fingerprint=old.name)
+            self._discard(dropped, f"more than {KEEP_ASIDE} states set aside; the oldest", old)
+        for leftover in kept.glob("*.part"):  # of a kill during a move
+            shutil.rmtree(leftover, ignore_errors=True)
+
+    def _take_back(self, fingerprint: str) -> TrainState | None:
+        """The state set aside for this fingerprint, moved back into place (where the other
+        workers of a multi-worker training, which write nothing, read it from kept/)."""
+        kept = self.directory / KEPT_DIR / fingerprint
+        state = self._read(kept) if kept.is_dir() else None
+        if state is None or state.fingerprint != fingerprint:
+            return None
+        if self.writable:
+            for entry in kept.iterdir():  # the active folder is empty: set aside or cleared
+                os.replace(entry, self.directory / entry.name)
+            kept.rmdir()
+        else:
+            self.source = kept
+        print(f"train: taking back the recovery state set aside as {kept}", flush=True)
+        return state
 
     def record(self, state: TrainState) -> None:
         """Write `state` without a new checkpoint: the run before the first epoch (so even
@@ -178,9 +266,19 @@ class StateStore:
             return None
 
     def checkpoint_path(self, state: TrainState) -> Path:
-        return self.directory / state.checkpoint
+        return self.source / state.checkpoint
 
     def clear(self) -> None:
-        if not self.writable:
+        """Remove the active state; the folder too unless states set aside are in it."""
+        if not self.writable or not self.directory.is_dir():
             return
-        shutil.rmtree(self.directory, ignore_errors=True)
+        for entry in self.directory.iterdir():
+            if entry.name == KEPT_DIR:
+                continue
+            if entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+        kept = self.directory / KEPT_DIR
+        if not kept.is_dir() or not any(kept.iterdir()):
+            shutil.rmtree(self.directory, ignore_errors=True)

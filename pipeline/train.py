@@ -539,8 +539,9 @@ def start_run(params: Params, state, store, device: Device) -> None:
     """Chief only: start the MLflow run, or continue the recovery state's."""
     from pipeline import tracking
 
-    if store.discarded and store.discarded.run_id:  # its training is not coming back
-        tracking.end_abandoned(store.discarded.run_id, store.discarded.model_uri is not None)
+    for discarded in store.discarded:  # its training is not coming back
+        if discarded.run_id and discarded.run_id != state.run_id:
+            tracking.end_abandoned(discarded.run_id, discarded.model_uri is not None)
     previous = state.run_id
     state.run_id = tracking.start_run(state.run_id).info.run_id
     if state.run_id != previous:  # a new run: the first try, or the old run is gone

@@ -1101,9 +1101,86 @@ def test_recovery_state_discarded_for_new_params_is_kept_for_its_run(tmp_path):
 
     store = StateStore(tmp_path / "state")
     store.record(TrainState(fingerprint="abc", run_id="RUN1", model_uri="models:/m-1"))
-    assert store.load("abc").model_uri == "models:/m-1" and store.discarded is None
-    assert store.load("other") is None
-    assert (store.discarded.run_id, store.discarded.model_uri) == ("RUN1", "models:/m-1")
+    assert store.load("abc").model_uri == "models:/m-1" and store.discarded == []
+    assert store.load("other") is None  # no epoch done: nothing to set aside
+    [discarded] = store.discarded
+    assert (discarded.run_id, discarded.model_uri) == ("RUN1", "models:/m-1")
+
+
+def killed_after(store, fingerprint: str, epochs: int, run_id: str) -> None:
+    """The state a training killed after `epochs` epochs leaves (its checkpoint a stand-in)."""
+    from pipeline.resume import TrainState
+
+    checkpoint = f"epoch-{epochs:05d}.keras"
+    store.directory.mkdir(parents=True, exist_ok=True)
+    (store.directory / checkpoint).write_bytes(f"{fingerprint} after {epochs}".encode())
+    store.record(TrainState(fingerprint, run_id, epochs, checkpoint=checkpoint))
+
+
+def test_a_training_of_other_settings_sets_the_state_aside_and_a_rerun_takes_it_back(
+    tmp_path, capsys
+):
+    """Killed after 40 epochs, then a 1-epoch try of other settings: the 40 are not lost."""
+    import os
+
+    from pipeline.resume import StateStore
+
+    store = StateStore(tmp_path / "state")
+    killed_after(store, "long", 40, "RUN1")
+    assert store.load("quick") is None and store.discarded == []
+    kept = store.directory / "kept/long"
+    assert capsys.readouterr().out == (
+        f"train: set aside the recovery state in {store.directory} (40 epochs; it belongs to "
+        f"other params or data) as {kept}: training those settings again resumes it\n"
+    )
+    assert sorted(p.name for p in kept.iterdir()) == ["epoch-00040.keras", "state.json"]
+    killed_after(store, "quick", 1, "RUN2")  # the quick training's own state ...
+    store.clear()  # ... cleared as it finishes: the one set aside stays
+    assert sorted(p.name for p in store.directory.iterdir()) == ["kept"]
+
+    # Another worker of a multi-worker training (writes nothing) reads it where it is.
+    reader = StateStore(store.directory, writable=False)
+    state = reader.load("long")
+    assert (state.run_id, state.epochs_done) == ("RUN1", 40)
+    assert reader.checkpoint_path(state).read_bytes() == b"long after 40" and kept.is_dir()
+    capsys.readouterr()
+
+    state = store.load("long")
+    assert (state.run_id, state.epochs_done) == ("RUN1", 40)
+    assert store.checkpoint_path(state) == store.directory / "epoch-00040.keras"
+    assert store.checkpoint_path(state).read_bytes() == b"long after 40"
+    assert capsys.readouterr().out == (
+        f"train: taking back the recovery state set aside as {kept}\n"
+    )
+    assert not (store.directory / "kept").exists() or not any(kept.parent.iterdir())
+    store.clear()
+    assert not store.directory.exists()
+
+    # Only the newest two set aside are kept; the oldest is discarded, its run to be ended.
+    for age, name in enumerate(["a", "b", "c"]):
+        killed_after(store, name, 2, f"RUN-{name}")
+        os.utime(store.directory / "state.json", (1000 + age, 1000 + age))
+        assert store.load("next") is None
+    assert sorted(p.name for p in (store.directory / "kept").iterdir()) == ["b", "c"]
+    assert [s.run_id for s in store.discarded] == ["RUN-a"]
+    assert "(more than 2 states set aside; the oldest)" in capsys.readouterr().out
+
+
+def test_an_unreadable_state_is_discarded_saying_so_and_its_run_ended(tmp_path, capsys):
+    """A state.json this code cannot read (written by another version, say): not a silent
+    fresh start beside a stale checkpoint, but a line, the folder cleared, its run known."""
+    from pipeline.resume import StateStore
+
+    store = StateStore(tmp_path / "state")
+    store.directory.mkdir()
+    (store.directory / "epoch-00007.keras").write_bytes(b"old")
+    (store.directory / "state.json").write_text('{"fingerprint": "f", "run_id": "RUN7", "x": 1}')
+    assert store.load("f") is None
+    assert capsys.readouterr().out.startswith(
+        f"train: discarding recovery state in {store.directory} (its state.json cannot be "
+        "read (TypeError: "
+    )
+    assert [s.run_id for s in store.discarded] == ["RUN7"] and not store.directory.exists()
 
 
 def test_a_long_backfill_cut_short_is_completed_metric_by_metric(mlflow_store, monkeypatch):
