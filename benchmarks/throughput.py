@@ -225,15 +225,16 @@ def run_pipeline(precision: str, params, split, meta, epochs: int, batch: int) -
     }  # fmt: skip
 
 
-def run_input(params, split, epochs: int, batch: int) -> dict:
+def run_input(params, split, epochs: int, batch: int, augmented: bool = True) -> dict:
     """The pipeline's input alone: the train stage's tf.data batches, augmented as its params
-    say, drawn as fast as they come with no model; timed per epoch as the others are."""
+    say (or not at all), drawn as fast as they come with no model; timed per epoch as the
+    others are."""
     from pipeline.data import make_dataset, steps_per_epoch
 
     steps = steps_per_epoch(len(split.labels), batch)
     dataset = make_dataset(
-        split, batch, training=True, augment=params.train.augment, seed=params.train.seed,
-        epochs=epochs,
+        split, batch, training=True, augment=params.train.augment if augmented else None,
+        seed=params.train.seed, epochs=epochs,
     )  # fmt: skip
     ends, batches = [], iter(dataset)
     for _ in range(epochs):

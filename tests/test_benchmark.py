@@ -335,3 +335,23 @@ def test_an_image_folder_is_read_as_prepare_reads_it_into_a_prepared_folder(tmp_
     assert split.images.shape == (6, 32, 32, 3)  # resized to data.image_size, as prepare does
     assert sorted(np.bincount(split.labels).tolist()) == [3, 3]
     assert meta["class_names"] == ["cat", "dog"]
+
+
+def test_the_input_benchmark_times_both_ways_at_each_batch_size(tmp_path, capsys):
+    """benchmarks/input.py: the train stage's batches with and without augmentation."""
+    from benchmarks import input as input_bench
+
+    out = tmp_path / "input.json"
+    input_bench.main(
+        ["--images", "64", "--epochs", "2", "--rounds", "2", "--batch-sizes", "16,32",
+         "--out", str(out)]
+    )  # fmt: skip
+    report = json.loads(out.read_text())
+    assert set(report["results"]) == {"augmented@16", "plain@16", "augmented@32", "plain@32"}
+    for key, measured in report["results"].items():
+        assert len(measured["epoch_rates"]) == 2, key  # two rounds, the first epoch dropped
+        assert measured["images_per_second"] == pytest.approx(
+            sorted(measured["epoch_rates"])[0] / 2 + sorted(measured["epoch_rates"])[1] / 2
+        )
+    assert report["augment"]["flip"] is True and report["images_per_epoch"] == 64
+    assert "batch 32" in capsys.readouterr().out
