@@ -47,6 +47,13 @@ class TrainState:
     model_uri: str | None = None
     # What the fingerprint hashes (pipeline.train.resume_basis), to say what changed.
     basis: dict | None = None
+    # Keras's random streams (dropout's), [seed, counter] each: its checkpoints leave them out.
+    rng: list[list[int]] | None = None
+
+
+def seed_states(model: keras.Model) -> list:
+    """The model's random-stream variables (a dropout layer's SeedGenerator), in order."""
+    return [v for v in model.variables if v.path.endswith("seed_generator_state")]
 
 
 def fingerprint(*parts: object) -> str:
@@ -234,6 +241,7 @@ class StateStore:
             return
         self.directory.mkdir(parents=True, exist_ok=True)
         old = state.checkpoint
+        state.rng = [[int(x) for x in v.numpy()] for v in seed_states(model)]
         # Keras insists on the .keras suffix; the epoch in the name keeps the old one intact.
         state.checkpoint = f"epoch-{state.epochs_done:05d}.keras"
         try:

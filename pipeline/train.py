@@ -325,24 +325,13 @@ def main(argv: list[str] | None = None) -> None:
 
 def compiled_model(params: Params, meta: dict, state, store, steps: int, device: Device):
     """The network and its optimizer: fresh, or restored from the recovery checkpoint."""
-    import keras
 
     from pipeline.model import SmoothedCrossentropy
-    from pipeline.optimizer import agreeing, make_optimizer
+    from pipeline.optimizer import make_optimizer
 
     cfg = params.train
     if state.checkpoint:
-        # SmoothedCrossentropy, imported above, is registered with Keras: the loss reloads too.
-        try:
-            model = keras.models.load_model(store.checkpoint_path(state))
-        except Exception as error:  # a file cut short by a power loss, say
-            raise PipelineError(
-                f"cannot read the recovery checkpoint {store.checkpoint_path(state)} "
-                f"({type(error).__name__}: {error}); delete {store.directory} to train "
-                "from the start"
-            ) from None
-        # Restored with its state: moments, step count and (mixed_float16) loss scale.
-        optimizer = agreeing(model.optimizer, model.trainable_variables)
+        model, optimizer = restored_model(state, store)
     else:
         model = build_network(params, meta)
         optimizer = make_optimizer(cfg, steps * cfg.epochs, device.precision)
@@ -357,6 +346,33 @@ def compiled_model(params: Params, meta: dict, state, store, steps: int, device:
     return model
 
 
+def restored_model(state, store):
+    """The model and optimizer of the recovery checkpoint, as they were after its epoch."""
+    import keras
+
+    from pipeline.model import SmoothedCrossentropy  # noqa: F401  (registered: the loss reloads)
+    from pipeline.optimizer import agreeing
+    from pipeline.resume import seed_states
+
+    try:
+        model = keras.models.load_model(store.checkpoint_path(state))
+    except Exception as error:  # a file cut short by a power loss, say
+        raise PipelineError(
+            f"cannot read the recovery checkpoint {store.checkpoint_path(state)} "
+            f"({type(error).__name__}: {error}); delete {store.directory} to train "
+            "from the start"
+        ) from None
+    # Dropout's random stream where it was (the checkpoint does not hold it), so a resumed
+    # training draws the masks an unbroken one would. A state written before it was kept
+    # has none: the stream starts over, as it used to.
+    generators = seed_states(model)
+    if state.rng and len(state.rng) == len(generators):
+        for variable, value in zip(generators, state.rng, strict=True):
+            variable.assign(value)
+    # Restored with its state: moments, step count and (mixed_float16) loss scale.
+    return model, agreeing(model.optimizer, model.trainable_variables)
+
+
 def build_network(params: Params, meta: dict):
     from pipeline.model import build_model
 
@@ -369,23 +385,23 @@ def build_network(params: Params, meta: dict):
 # The code that decides what a training computes, by module: the network and its loss,
 # the input and augmentation, the optimizer and schedule, SAM, and the compiled model.
 # Only these functions and classes of model.py, optimizer.py and this module: a fix in
-# their logging, progress lines, loading or recovery code keeps a recovery state (a crash
-# fixed after 40 epochs must not cost the 40).
+# their logging, progress lines, loading or recovery code (restored_model, agreeing) keeps a
+# recovery state (a crash fixed after 40 epochs must not cost the 40), and so do edits of
+# comments and docstrings: the digest is of the code's syntax tree without them.
 TRAINING_CODE = {
     "pipeline/model.py": (
         "build_model", "_conv", "_residual_unit", "crossentropy", "SmoothedCrossentropy",
     ),
     "pipeline/data.py": None,  # None: the whole module
-    "pipeline/optimizer.py": (
-        "AgreedLossScaleOptimizer", "make_schedule", "make_optimizer", "agreeing",
-    ),
+    "pipeline/optimizer.py": ("AgreedLossScaleOptimizer", "make_schedule", "make_optimizer"),
     "pipeline/sam.py": None,
     "pipeline/train.py": ("compiled_model", "build_network"),
 }  # fmt: skip
 
 
 def code_digest() -> dict[str, str]:
-    """pipeline/<module>: the sha256 (16 hex digits) of its TRAINING_CODE source."""
+    """pipeline/<module>: the sha256 (16 hex digits) of its TRAINING_CODE, as syntax trees
+    without docstrings (comments and layout are not in a tree)."""
     import importlib
     import inspect
 
@@ -393,9 +409,26 @@ def code_digest() -> dict[str, str]:
     for path, names in TRAINING_CODE.items():
         module = importlib.import_module(path.removesuffix(".py").replace("/", "."))
         parts = [module] if names is None else [getattr(module, name) for name in names]
-        source = "".join(inspect.getsource(part) for part in parts)
-        digest[path] = hashlib.sha256(source.encode()).hexdigest()[:16]
+        trees = [_without_docstrings(inspect.getsource(part)) for part in parts]
+        digest[path] = hashlib.sha256("".join(trees).encode()).hexdigest()[:16]
     return digest
+
+
+def _without_docstrings(source: str) -> str:
+    """The syntax tree of `source` (ast.dump), every docstring left out."""
+    import ast
+    import textwrap
+
+    tree = ast.parse(textwrap.dedent(source))
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (
+            isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef)
+            and body and isinstance(body[0], ast.Expr)
+            and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str)
+        ):  # fmt: skip
+            node.body = body[1:] or [ast.Pass()]
+    return ast.dump(tree)
 
 
 def resume_basis(
@@ -413,8 +446,16 @@ def resume_basis(
     from pipeline.prepare import training_data_digest
 
     data = training_data_digest(train, val)
+    settings = training_params(params)
+    # Values that change nothing this training computes: the precision is in the basis as
+    # `auto` resolved it, a warm-up only under onecycle, SAM's first epoch only with SAM on.
+    del settings["train.precision"]
+    if params.train.lr_schedule != "onecycle":
+        del settings["train.warmup"]
+    if not params.train.sam_rho:
+        del settings["train.sam_from_epoch"]
     return {
-        "params": training_params(params), "meta": meta, "data": data,
+        "params": settings, "meta": meta, "data": data,
         "precision": precision, "workers": workers, "code": code_digest(),
     }  # fmt: skip
 

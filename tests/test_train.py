@@ -234,6 +234,8 @@ def test_a_full_disk_at_a_checkpoint_keeps_the_last_whole_epoch(tmp_path, monkey
     from pipeline.resume import StateStore, TrainState
 
     class Model:  # what Keras's save does on a full disk: part of the file, then OSError
+        variables = ()
+
         def save(self, path):
             Path(path).write_bytes(b"PK half a zip")
             raise OSError(28, "No space left on device")
@@ -259,6 +261,8 @@ def test_a_full_disk_at_a_checkpoint_keeps_the_last_whole_epoch(tmp_path, monkey
     # The new state.json in place, only the folder's fsync failing (EIO, a network disk):
     # its checkpoint is the one to keep.
     class Saved:
+        variables = ()
+
         def save(self, path):
             Path(path).write_bytes(b"epoch 4")
 
@@ -318,6 +322,15 @@ def test_resume_key_follows_the_training_params_and_the_data_by_content(raw_para
     assert key({"evaluate.batch_size": 7}) == same
     # Other training params, or the same images relabelled (meta.json unchanged), do not.
     assert key({"train.learning_rate": 0.002}) != same
+    # Settings that change nothing here: the precision auto resolved to (float32) named,
+    # a warm-up without onecycle, SAM's first epoch without SAM. With them on, they count.
+    assert raw_params["train"]["lr_schedule"] == "constant" and not raw_params["train"]["sam_rho"]
+    assert key({"train.precision": "float32", "train.warmup": 0.1}) == same
+    assert key({"train.sam_from_epoch": 20}) == same
+    onecycle = key({"train.lr_schedule": "onecycle"})
+    assert key({"train.lr_schedule": "onecycle", "train.warmup": 0.1}) != onecycle
+    sam = key({"train.sam_rho": 0.05})
+    assert key({"train.sam_rho": 0.05, "train.sam_from_epoch": 20}) != sam
     relabelled = Split(train.images, (train.labels + 1) % 10)
     assert key(train=relabelled) != same
 
@@ -505,11 +518,14 @@ def test_the_code_a_state_must_match_is_what_computes_the_training(monkeypatch):
 
     real = inspect.getsource
     edited = {model.crossentropy, optimizer.make_schedule, train.compiled_model}
-    untouched = {optimizer.last_step_rate, model.load_saved_model, train.StepProgress}
+    untouched = {
+        optimizer.last_step_rate, optimizer.agreeing, model.load_saved_model,
+        train.StepProgress, train.restored_model,
+    }  # fmt: skip
 
-    def source_after(edit):
+    def source_after(edit, change="edited = True\n"):
         def getsource(part):
-            return real(part) + ("# edited\n" if part is edit else "")
+            return real(part) + (change if part is edit else "")
 
         return getsource
 
@@ -520,6 +536,14 @@ def test_the_code_a_state_must_match_is_what_computes_the_training(monkeypatch):
                            else set()), part.__qualname__  # fmt: skip
     monkeypatch.setattr(inspect, "getsource", source_after(__import__("pipeline.data").data))
     assert {p for p, v in code_digest().items() if v != digest[p]} == {"pipeline/data.py"}
+
+    # A comment or a docstring reworded (a `git pull` of a typo fix) keeps the state.
+    monkeypatch.setattr(inspect, "getsource", source_after(train.compiled_model, "# edited\n"))
+    assert code_digest() == digest
+    documented = real(train.compiled_model).replace('"""The network', '"""The whole network')
+    reworded = lambda part: documented if part is train.compiled_model else real(part)  # noqa: E731
+    monkeypatch.setattr(inspect, "getsource", reworded)
+    assert documented != real(train.compiled_model) and code_digest() == digest
 
 
 def test_every_public_store_call_waits_out_a_locked_sqlite_store():
@@ -1853,3 +1877,49 @@ def test_agreeing_on_overflow_poisons_every_gradient_and_copes_with_none_and_spa
     kept = run([tf.constant([1.0, 2.0]), None])
     np.testing.assert_array_equal(kept[0].numpy(), [1.0, 2.0])
     assert kept[1] is None and run([None]) == [None]
+
+
+def test_a_resumed_training_draws_the_dropout_masks_an_unbroken_one_draws(
+    raw_params, mlflow_store, tmp_path, monkeypatch
+):
+    """Keras's checkpoint leaves out dropout's random stream: restored from the recovery
+    state, a training stopped after epoch 1 and resumed ends where an unbroken one does."""
+    import csv
+
+    from pipeline import tracking
+    from pipeline.errors import end_mlflow_run
+    from pipeline.train import EpochRecorder, run_training
+
+    params, meta, train, empty = tiny_training(raw_params, epochs=3)
+    params = dataclasses.replace(
+        params,
+        model=dataclasses.replace(params.model, dropout=0.5),
+        train=dataclasses.replace(params.train, deterministic=True),
+    )  # fmt: skip
+    original = EpochRecorder.end_epoch
+
+    def stop_after_the_first(self, model, epoch, *args):
+        original(self, model, epoch, *args)
+        if epoch == 0:
+            raise KeyboardInterrupt  # as a Ctrl-C after the epoch's checkpoint
+
+    def trained(folder: Path, stopped: bool) -> tuple[list, list]:
+        folder.mkdir()
+        monkeypatch.chdir(folder)
+        tracking.connect(folder)
+        if stopped:
+            with monkeypatch.context() as patch:
+                patch.setattr(EpochRecorder, "end_epoch", stop_after_the_first)
+                with pytest.raises(KeyboardInterrupt):
+                    run_training(params, meta, train, empty)
+            end_mlflow_run("KILLED")
+        run_training(params, meta, train, empty)
+        with open("metrics/history.csv") as f:  # images_per_second differs: the clock's
+            losses = [(row["loss"], row["accuracy"]) for row in csv.DictReader(f)]
+        weights = keras.models.load_model("models/model.keras").get_weights()
+        return losses, weights
+
+    unbroken, unbroken_weights = trained(tmp_path / "unbroken", stopped=False)
+    resumed, resumed_weights = trained(tmp_path / "resumed", stopped=True)
+    assert resumed == unbroken  # every epoch's loss and accuracy
+    assert all(np.array_equal(a, b) for a, b in zip(unbroken_weights, resumed_weights, strict=True))
