@@ -152,17 +152,22 @@ def mlflow_metrics(figures: dict) -> dict[str, float]:
         "test_recall_macro": figures["recall_macro"],
         "test_f1_macro": figures["f1_macro"],
     }
-    for name, accuracy in figures["per_class_accuracy"].items():
-        # MLflow metric names allow letters, digits and _-./ and spaces; keep them plain.
-        key = base = f"test_accuracy_{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}"
-        copies = 1
-        while key in metrics:  # "sea lion" and "sea_lion" would share a name
-            copies += 1
-            key = f"{base}_{copies}"
-        metrics[key] = accuracy
     for tta in ("flip_tta", "shift_tta"):
         for key, value in figures.get(tta, {}).items():
             metrics[f"test_{key}_{tta}"] = value
+    # Names no class may take, even when this evaluation has no TTA: a class folder named
+    # flip_tta would otherwise be the TTA accuracy in another evaluation of the same run.
+    taken = set(metrics) | {f"test_accuracy_{tta}" for tta in ("flip_tta", "shift_tta")}
+    for name, accuracy in figures["per_class_accuracy"].items():
+        # MLflow metric names allow letters (any script's), digits, _-./ and spaces; keep
+        # them plain, and within MLflow's 250 characters with room for a copy number.
+        key = base = ("test_accuracy_" + re.sub(r"[^\w.-]", "_", name))[:240]
+        copies = 1
+        while key in taken:  # "sea lion" and "sea_lion" would share a name
+            copies += 1
+            key = f"{base}_{copies}"
+        metrics[key] = accuracy
+        taken.add(key)
     return metrics
 
 

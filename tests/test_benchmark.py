@@ -197,7 +197,7 @@ def test_sam_benchmark_times_both_kinds_of_step(tmp_path, raw_params):
     ]
     rates = [float(line.split()[-2]) for line in rounds]  # printed to 0.1 img/s
     summary = re.fullmatch(
-        r"CPU, \w+, batch 16: plain ([\d.]+) img/s, SAM ([\d.]+) img/s; SAM / plain ([\d.]+)",
+        r"(?:CPU|GPU), \w+, batch 16: plain ([\d.]+) img/s, SAM ([\d.]+) img/s; SAM / plain ([\d.]+)",
         lines[-1],
     )
     assert summary, lines[-1]

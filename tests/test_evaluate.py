@@ -150,6 +150,24 @@ def test_class_names_are_made_safe_for_mlflow():
     # Two folders that clean to one name keep a metric each, in class order.
     assert (metrics["test_accuracy_sea_lion"], metrics["test_accuracy_sea_lion_2"]) == (0.5, 0.0)
 
+    # Other scripts stay legible; a class named as a TTA figure does not overwrite it; a
+    # name past MLflow's 250 characters is cut to fit.
+    from mlflow.utils.validation import _validate_metric_name
+
+    names = ["猫", "犬", "flip_tta", "x" * 300]
+    probabilities = np.full((4, 4), 0.1)
+    probabilities[np.arange(4), [0, 1, 2, 2]] = 0.7
+    figures = score(probabilities, np.arange(4), names)
+    figures["flip_tta"] = tta_figures(figures)
+    metrics = mlflow_metrics(figures)
+    assert metrics["test_accuracy_猫"] == 1.0 and metrics["test_accuracy_犬"] == 1.0
+    assert metrics["test_accuracy_flip_tta"] == 0.75  # the TTA figure
+    assert metrics["test_accuracy_flip_tta_2"] == 1.0  # the class
+    long = [key for key in metrics if key.startswith("test_accuracy_xxx")]
+    assert len(long) == 1 and len(long[0]) <= 250 and metrics[long[0]] == 0.0
+    for key in metrics:
+        _validate_metric_name(key)  # raises on a name MLflow refuses
+
 
 def test_the_error_grid_says_how_many_it_leaves_out(tmp_path):
     from pipeline import reports
