@@ -13,7 +13,9 @@ set aside are kept, older ones discarded.
 
 Writes are ordered so that the state on disk is always consistent: the new
 checkpoint is written under its own name, then `state.json` is atomically
-replaced to point at it, then the old checkpoint is removed.
+replaced to point at it, then the old checkpoint is removed. A state moves
+to and from kept/ a file at a time, `state.json` last, and its checkpoint is
+looked for on both sides: a kill during a move loses nothing.
 """
 
 from __future__ import annotations
@@ -124,28 +126,31 @@ class StateStore:
         self.writable = writable
         # States load() threw away, for their MLflow runs: their training is not coming back.
         self.discarded: list[TrainState] = []
-        self.source = directory  # where the loaded state's checkpoint is
 
     def load(self, expected_fingerprint: str, basis: dict | None = None) -> TrainState | None:
         """The saved state if it belongs to these params and data, else None.
 
         A state of other params or data is set aside (kept/), and one set aside earlier
-        for these is taken back. basis: what expected_fingerprint was computed from, to
-        name what changed."""
+        for these is taken back; then the newest KEEP_ASIDE states set aside are kept.
+        basis: what expected_fingerprint was computed from, to name what changed."""
         state = self._read(self.directory)
         if state is not None and state.fingerprint != expected_fingerprint:
             self._set_aside(state, f"it belongs to {changes(state.basis, basis)}")
             state = None
         if state is None:
             state = self._take_back(expected_fingerprint)
+        elif self.writable:  # a kill while it was set aside may have left its files there
+            self._move(self._kept(expected_fingerprint), self.directory)
+        self._keep_newest(expected_fingerprint)
         if state is None:
             return None
-        if state.epochs_done and not (
-            state.checkpoint and (self.source / state.checkpoint).is_file()
-        ):
+        if state.epochs_done and not (state.checkpoint and self.checkpoint_path(state).is_file()):
             self._discard(state, f"its checkpoint of epoch {state.epochs_done} is missing")
             return None
         return state  # also a kill during epoch 1: no checkpoint yet, but its MLflow run goes on
+
+    def _kept(self, fingerprint: str) -> Path:
+        return self.directory / KEPT_DIR / fingerprint
 
     def _read(self, directory: Path) -> TrainState | None:
         """The state in `directory`; None if there is none. One that cannot be read (a
@@ -170,63 +175,80 @@ class StateStore:
         return None
 
     def _discard(self, state: TrainState, reason: str, directory: Path | None = None) -> None:
-        where = directory or self.source
+        where = directory or self.directory
         print(f"train: discarding recovery state in {where} ({reason})", flush=True)
         self.discarded.append(state)
         if where == self.directory:
             self.clear()
         elif self.writable:
             shutil.rmtree(where, ignore_errors=True)
-        self.source = self.directory
+
+    def _move(self, source: Path, target: Path) -> None:
+        """Every file of a state from `source` to `target`, state.json last: killed half-way,
+        the folder that has state.json has the state, and load finds its checkpoint in the
+        other (checkpoint_path) and finishes the move."""
+        if not source.is_dir():
+            return
+        target.mkdir(parents=True, exist_ok=True)
+        entries = sorted(
+            (e for e in source.iterdir() if e.name != KEPT_DIR), key=lambda e: e.name == STATE_FILE
+        )
+        for entry in entries:
+            os.replace(entry, target / entry.name)
+        if source != self.directory and not any(source.iterdir()):
+            source.rmdir()
 
     def _set_aside(self, state: TrainState, reason: str) -> None:
-        """Move the active state to kept/<its fingerprint>/, then keep the newest KEEP_ASIDE."""
-        kept = self.directory / KEPT_DIR
-        target = kept / state.fingerprint
-        epochs = f"{state.epochs_done} epoch{'s' * (state.epochs_done != 1)}"
+        """Move the active state to kept/<its fingerprint>/."""
         if not self.writable:  # another worker's: the chief sets it aside
             return
         if not state.epochs_done:  # nothing trained to keep: a kill during epoch 1
             self._discard(state, reason)
             return
-        partial = kept / f"{state.fingerprint}.part"  # a half-moved state is never taken back
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
-        for entry in self.directory.iterdir():
-            if entry.name != KEPT_DIR:
-                os.replace(entry, partial / entry.name)
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(partial, target)
+        target = self._kept(state.fingerprint)
+        self._move(self.directory, target)
+        os.utime(target / STATE_FILE)  # its time set aside: the newest are the ones kept
+        epochs = f"{state.epochs_done} epoch{'s' * (state.epochs_done != 1)}"
         print(
             f"train: set aside the recovery state in {self.directory} ({epochs}; {reason}) "
             f"as {target}: training those settings again resumes it",
             flush=True,
         )
-        aside = sorted(
-            (d for d in kept.iterdir() if (d / STATE_FILE).is_file()),
-            key=lambda d: (d / STATE_FILE).stat().st_mtime, reverse=True,
-        )  # fmt: skip
-        for old in aside[KEEP_ASIDE:]:
-            dropped = self._read(old) or TrainState(fingerprint=old.name)
-            self._discard(dropped, f"more than {KEEP_ASIDE} states set aside; the oldest", old)
-        for leftover in kept.glob("*.part"):  # of a kill during a move
-            shutil.rmtree(leftover, ignore_errors=True)
 
     def _take_back(self, fingerprint: str) -> TrainState | None:
         """The state set aside for this fingerprint, moved back into place (where the other
         workers of a multi-worker training, which write nothing, read it from kept/)."""
-        kept = self.directory / KEPT_DIR / fingerprint
+        kept = self._kept(fingerprint)
         state = self._read(kept) if kept.is_dir() else None
         if state is None or state.fingerprint != fingerprint:
             return None
-        if self.writable:
-            for entry in kept.iterdir():  # the active folder is empty: set aside or cleared
-                os.replace(entry, self.directory / entry.name)
-            kept.rmdir()
-        else:
-            self.source = kept
         print(f"train: taking back the recovery state set aside as {kept}", flush=True)
+        if self.writable:
+            self._move(kept, self.directory)
         return state
+
+    def _keep_newest(self, expected_fingerprint: str) -> None:
+        """Discard all but the KEEP_ASIDE states set aside last (never this training's own),
+        and what a kill left of a state without its state.json."""
+        kept = self.directory / KEPT_DIR
+        if not self.writable or not kept.is_dir():
+            return
+        aside = []
+        for folder in kept.iterdir():
+            if folder.name == expected_fingerprint:
+                continue
+            if not (folder / STATE_FILE).is_file():  # its state.json is gone: no resuming it
+                shutil.rmtree(folder, ignore_errors=True)
+                continue
+            aside.append(folder)
+        aside.sort(key=lambda d: (d / STATE_FILE).stat().st_mtime, reverse=True)
+        for old in aside[KEEP_ASIDE:]:
+            dropped = self._read(old)  # None: unreadable, discarded already
+            if dropped is not None:
+                reason = f"more than {KEEP_ASIDE} states set aside; the oldest"
+                self._discard(dropped, reason, old)
+        if not any(kept.iterdir()):
+            kept.rmdir()
 
     def record(self, state: TrainState) -> None:
         """Write `state` without a new checkpoint: the run before the first epoch (so even
@@ -274,7 +296,11 @@ class StateStore:
             return None
 
     def checkpoint_path(self, state: TrainState) -> Path:
-        return self.source / state.checkpoint
+        """The state's checkpoint: in place, or where a move between kept/ and the state
+        folder left it (another worker's take-back, a kill during a move)."""
+        here = self.directory / state.checkpoint
+        kept = self._kept(state.fingerprint) / state.checkpoint
+        return kept if not here.is_file() and kept.is_file() else here
 
     def clear(self) -> None:
         """Remove the active state; the folder too unless states set aside are in it."""

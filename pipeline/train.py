@@ -359,8 +359,8 @@ def restored_model(state, store):
     except Exception as error:  # a file cut short by a power loss, say
         raise PipelineError(
             f"cannot read the recovery checkpoint {store.checkpoint_path(state)} "
-            f"({type(error).__name__}: {error}); delete {store.directory} to train "
-            "from the start"
+            f"({type(error).__name__}: {error}); delete it to train from the start "
+            "(a state without its checkpoint is discarded)"
         ) from None
     # Dropout's random stream where it was (the checkpoint does not hold it), so a resumed
     # training draws the masks an unbroken one would. A state written before it was kept

@@ -1145,7 +1145,6 @@ def test_a_training_of_other_settings_sets_the_state_aside_and_a_rerun_takes_it_
     tmp_path, capsys
 ):
     """Killed after 40 epochs, then a 1-epoch try of other settings: the 40 are not lost."""
-    import os
 
     from pipeline.resume import StateStore
 
@@ -1162,7 +1161,8 @@ def test_a_training_of_other_settings_sets_the_state_aside_and_a_rerun_takes_it_
     store.clear()  # ... cleared as it finishes: the one set aside stays
     assert sorted(p.name for p in store.directory.iterdir()) == ["kept"]
 
-    # Another worker of a multi-worker training (writes nothing) reads it where it is.
+    # Another worker of a multi-worker training (writes nothing) reads it where it is, and
+    # finds its checkpoint still when the chief has moved it back in the meantime.
     reader = StateStore(store.directory, writable=False)
     state = reader.load("long")
     assert (state.run_id, state.epochs_done) == ("RUN1", 40)
@@ -1173,21 +1173,67 @@ def test_a_training_of_other_settings_sets_the_state_aside_and_a_rerun_takes_it_
     assert (state.run_id, state.epochs_done) == ("RUN1", 40)
     assert store.checkpoint_path(state) == store.directory / "epoch-00040.keras"
     assert store.checkpoint_path(state).read_bytes() == b"long after 40"
+    assert reader.checkpoint_path(state) == store.checkpoint_path(state)
     assert capsys.readouterr().out == (
         f"train: taking back the recovery state set aside as {kept}\n"
     )
-    assert not (store.directory / "kept").exists() or not any(kept.parent.iterdir())
+    assert not (store.directory / "kept").exists()
     store.clear()
     assert not store.directory.exists()
 
-    # Only the newest two set aside are kept; the oldest is discarded, its run to be ended.
-    for age, name in enumerate(["a", "b", "c"]):
+    # Only the two set aside last are kept; the older are discarded, their runs to be ended.
+    for name in ["a", "b", "c"]:
         killed_after(store, name, 2, f"RUN-{name}")
-        os.utime(store.directory / "state.json", (1000 + age, 1000 + age))
         assert store.load("next") is None
     assert sorted(p.name for p in (store.directory / "kept").iterdir()) == ["b", "c"]
     assert [s.run_id for s in store.discarded] == ["RUN-a"]
     assert "(more than 2 states set aside; the oldest)" in capsys.readouterr().out
+
+
+def test_the_state_a_training_asks_for_is_taken_back_however_old(tmp_path, capsys):
+    """A long training killed Monday, quick tries of two other settings killed since: rerun,
+    the long one comes back, although two states were set aside after it."""
+    from pipeline.resume import StateStore
+
+    store = StateStore(tmp_path / "state")
+    killed_after(store, "long", 40, "RUN-long")
+    assert store.load("quick1") is None
+    killed_after(store, "quick1", 2, "RUN-1")
+    assert store.load("quick2") is None
+    killed_after(store, "quick2", 2, "RUN-2")
+    state = store.load("long")  # sets quick2 aside: three set aside, for a moment
+    assert (state.run_id, state.epochs_done) == ("RUN-long", 40) and store.discarded == []
+    assert sorted(p.name for p in (store.directory / "kept").iterdir()) == ["quick1", "quick2"]
+
+
+def test_a_kill_while_a_state_moves_loses_nothing(tmp_path, capsys):
+    """A state moves a file at a time, state.json last: killed between two files, the
+    checkpoint is found on the other side and the move is finished on the next load."""
+    import os
+
+    from pipeline.resume import StateStore
+
+    store = StateStore(tmp_path / "state")
+    kept = store.directory / "kept/long"
+    # Set aside, killed after the checkpoint moved: state.json still in place.
+    killed_after(store, "long", 40, "RUN1")
+    kept.mkdir(parents=True)
+    os.replace(store.directory / "epoch-00040.keras", kept / "epoch-00040.keras")
+    state = store.load("long")
+    assert state.epochs_done == 40
+    assert store.checkpoint_path(state) == store.directory / "epoch-00040.keras"
+    assert store.checkpoint_path(state).read_bytes() == b"long after 40"
+    assert not kept.exists()
+    # Taken back, killed after the checkpoint moved: state.json still in kept/.
+    assert store.load("quick") is None  # sets it aside whole
+    os.replace(kept / "epoch-00040.keras", store.directory / "epoch-00040.keras")
+    state = store.load("long")
+    assert state.epochs_done == 40
+    assert store.checkpoint_path(state).read_bytes() == b"long after 40"
+    assert sorted(p.name for p in store.directory.iterdir()) == ["epoch-00040.keras", "state.json"]
+    # Another training meanwhile: the stray checkpoint goes with its own state.
+    killed_after(store, "quick", 1, "RUN2")
+    assert store.discarded == []
 
 
 def test_an_unreadable_state_is_discarded_saying_so_and_its_run_ended(tmp_path, capsys):
