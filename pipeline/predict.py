@@ -73,6 +73,8 @@ def load_image(path: Path, size: int) -> np.ndarray:
         raise ValueError(f"too large to decode safely ({error})") from None
     except (OSError, SyntaxError) as error:  # truncated or corrupt data
         raise ValueError(f"corrupt image ({error})") from None
+    except ValueError:  # this function's own, worded for the user
+        raise
     except Exception as error:  # any other decoder failure is this file's, not the run's
         raise ValueError(f"cannot be decoded ({type(error).__name__}: {error})") from None
 
@@ -98,7 +100,10 @@ def upright(image):
         orientation = image.getexif().get(0x0112, 1)  # 0x0112: the Orientation tag
     except Exception:  # unreadable EXIF: no orientation to follow
         return image
-    method = UPRIGHT.get(orientation) if isinstance(orientation, int) else None
+    try:  # stored as a float or a fraction by some writers: 6.0 is 6, as Pillow reads it
+        method = UPRIGHT.get(orientation)
+    except TypeError:  # unhashable: no orientation
+        method = None
     return image.transpose(getattr(Image.Transpose, method)) if method else image
 
 
