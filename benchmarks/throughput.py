@@ -87,15 +87,19 @@ def load_images(prepared: str | None, count: int):
 
 def prepare_imagefolder(source: Path, params, out_dir: Path) -> int:
     """Read an image-folder dataset as the prepare stage does and write its training images
-    to `out_dir` as a prepared folder (no validation split); returns their count."""
+    to `out_dir` as a prepared folder (no validation split); returns their count. Without
+    a test/ folder a tenth is held out, as `prepare` would be told to."""
     import dataclasses
 
-    from pipeline.imagefolder import read_imagefolder
+    from pipeline.imagefolder import find_layout, open_dataset, read_imagefolder
     from pipeline.prepare import prepare, write_prepared
 
+    with open_dataset(source) as (members, _):  # a listing: has it its own test/?
+        layout = find_layout(members, source)
+    has_test = len(layout.images) > layout.num_train
     data = dataclasses.replace(
         params.data, format="imagefolder", url=source.resolve().as_uri(), md5="",
-        test_size=0, val_size=0,
+        test_size=0 if has_test else max(1, layout.num_train // 10), val_size=0,
     )  # fmt: skip
     splits, meta = prepare(read_imagefolder(source, data), val_size=0, seed=data.seed)
     write_prepared(out_dir, splits, meta)
@@ -292,11 +296,12 @@ def measure(mode: str, args: argparse.Namespace, label: str = "", batch: int | N
     if result.returncode != 0:
         raise SystemExit(f"bench: {mode} failed:\n{result.stderr[-3000:]}")
     measured = json.loads(result.stdout.strip().splitlines()[-1])
-    if nvidia_device() and not measured["gpus"]:
+    hidden = os.environ.get("CUDA_VISIBLE_DEVICES", "0").strip() in ("", "-1")
+    if nvidia_device() and not measured["gpus"] and not hidden:
         raise SystemExit(
             "bench: an NVIDIA driver is loaded here but TensorFlow sees no GPU, so this would "
             "measure the CPU: install TensorFlow's CUDA build (make bench GPU=1, or pip "
-            "install -e '.[gpu]'), or hide the driver's devices to measure the CPU on purpose"
+            "install -e '.[gpu]'), or set CUDA_VISIBLE_DEVICES=-1 to measure the CPU on purpose"
         )
     print(
         f"bench: {label}{mode}: {measured['images_per_second']:.1f} img/s "
@@ -337,7 +342,9 @@ def interleaved(args: argparse.Namespace) -> dict:
                 rounds[modes[-1]] = [measure(modes[-1], args, f"round 1/{args.rounds}: ")]
         if index == 0:  # the input pipeline alone, once: is it what limits (b)?
             rounds["input"] = [measure("input", args, f"round 1/{args.rounds}: ")]
-    for batch in args.sweep:  # (b) at other batch sizes, once each
+    for batch in dict.fromkeys(args.sweep):  # (b) at other batch sizes, once each
+        if batch == args.batch_size:  # measured in every round already
+            continue
         rounds[f"pipeline:auto@{batch}"] = [
             measure("pipeline:auto", args, f"batch {batch}: ", batch=batch)
         ]

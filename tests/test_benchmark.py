@@ -197,7 +197,8 @@ def test_sam_benchmark_times_both_kinds_of_step(tmp_path, raw_params):
     ]
     rates = [float(line.split()[-2]) for line in rounds]  # printed to 0.1 img/s
     summary = re.fullmatch(
-        r"(?:CPU|GPU), \w+, batch 16: plain ([\d.]+) img/s, SAM ([\d.]+) img/s; SAM / plain ([\d.]+)",
+        r"(?:CPU|GPU), \w+, batch 16: plain ([\d.]+) img/s, SAM ([\d.]+) img/s; "
+        r"SAM / plain ([\d.]+)",
         lines[-1],
     )
     assert summary, lines[-1]
@@ -246,7 +247,8 @@ def test_the_sweep_measures_the_pipeline_at_each_batch_and_names_the_fastest(
     out = tmp_path / "bench.json"
     monkeypatch.setattr(
         sys, "argv",
-        ["throughput", "--images", "256", "--rounds", "2", "--sweep", "64,256", "--out", str(out)],
+        ["throughput", "--images", "256", "--rounds", "2", "--sweep", "64,128,256,64",
+         "--out", str(out)],
     )  # fmt: skip
     throughput.main()
     report = json.loads(out.read_text())
@@ -293,6 +295,10 @@ def test_a_gpu_machine_whose_tensorflow_sees_no_gpu_stops_at_the_first_child(mon
     )
     with pytest.raises(SystemExit, match=r"TensorFlow sees no GPU.*make bench GPU=1"):
         throughput.measure("bare", args)
+    for hidden in ("-1", ""):  # the GPUs hidden on purpose: the CPU is what is wanted
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", hidden)
+        assert throughput.measure("bare", args)["gpus"] == 0
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     monkeypatch.setattr(throughput.subprocess, "run", fake_child({"bare": 1.0}, gpus=1))
     assert throughput.measure("bare", args)["gpus"] == 1
 
@@ -319,22 +325,28 @@ def test_an_image_folder_is_read_as_prepare_reads_it_into_a_prepared_folder(tmp_
     from benchmarks.throughput import load_images, prepare_imagefolder
     from pipeline.config import parse_params
 
-    archive = tmp_path / "images.tar.gz"
-    with tarfile.open(archive, "w:gz") as tar:
-        for split, count in (("train", 3), ("test", 1)):
-            for name in ("cat", "dog"):
-                for index in range(count):
-                    buffer = io.BytesIO()
-                    Image.new("RGB", (40, 40), (index * 50, 0, 0)).save(buffer, "JPEG")
-                    member = tarfile.TarInfo(f"{split}/{name}/{index}.jpg")
-                    member.size = len(buffer.getvalue())
-                    tar.addfile(member, io.BytesIO(buffer.getvalue()))
+    def write(archive, splits):
+        with tarfile.open(archive, "w:gz") as tar:
+            for split, count in splits:
+                for name in ("cat", "dog"):
+                    for index in range(count):
+                        buffer = io.BytesIO()
+                        Image.new("RGB", (40, 40), (index * 50, 0, 0)).save(buffer, "JPEG")
+                        member = tarfile.TarInfo(f"{split}/{name}/{index}.jpg")
+                        member.size = len(buffer.getvalue())
+                        tar.addfile(member, io.BytesIO(buffer.getvalue()))
+        return archive
+
+    archive = write(tmp_path / "images.tar.gz", [("train", 3), ("test", 1)])
     prepared = tmp_path / "prepared"
     assert prepare_imagefolder(archive, parse_params(raw_params), prepared) == 6
     split, meta = load_images(str(prepared), 100)
     assert split.images.shape == (6, 32, 32, 3)  # resized to data.image_size, as prepare does
     assert sorted(np.bincount(split.labels).tolist()) == [3, 3]
     assert meta["class_names"] == ["cat", "dog"]
+    # Without test/, a tenth held out as prepare would (not prepare's data.test_size error).
+    lone = write(tmp_path / "train-only.tar.gz", [("train", 10)])
+    assert prepare_imagefolder(lone, parse_params(raw_params), tmp_path / "lone") == 18
 
 
 def test_the_input_benchmark_times_both_ways_at_each_batch_size(tmp_path, capsys):
