@@ -113,26 +113,36 @@ def per_class_chart(accuracies: dict[str, float], overall: float, path: Path) ->
     plt.close(figure)
 
 
+def row_shares(matrix: np.ndarray) -> np.ndarray:
+    """Each row of counts as fractions of its sum (0 for an empty row): per true class,
+    where its images went."""
+    totals = matrix.sum(axis=1, keepdims=True)
+    return np.divide(matrix, totals, out=np.zeros(matrix.shape), where=totals > 0)
+
+
 def confusion_chart(matrix: np.ndarray, class_names: Sequence[str], path: Path) -> None:
-    """The confusion matrix as a heat map with counts (rows: true class, columns: predicted)."""
+    """The confusion matrix as a heat map with counts (rows: true class, columns: predicted).
+
+    Coloured by each row's shares, not by counts: on a test set whose classes differ in
+    size, counts would colour the large classes and hide the small ones' confusions."""
     plt = _pyplot()
     classes = len(class_names)
     size = min(0.55 * classes + 2, MAX_INCHES)  # inches, square
     figure, axis = plt.subplots(figsize=(size, size))
-    axis.imshow(matrix, cmap="Blues")
+    shares = row_shares(matrix)
+    axis.imshow(shares, cmap="Blues", vmin=0.0, vmax=1.0)
     if classes <= MAX_LABELLED_CLASSES:
         ticks, names = range(classes), [_plain(n) for n in class_names]
         axis.set_xticks(ticks, names, rotation=45, ha="right", fontsize=8)
         axis.set_yticks(ticks, names, fontsize=8)
-    threshold = matrix.max() / 2 if matrix.size else 0
     for (row, column), value in np.ndenumerate(matrix):
         if classes > MAX_COUNTED_CLASSES:  # the colours alone: counts would not fit
             break
-        color = "white" if value > threshold else "black"
+        color = "white" if shares[row, column] > 0.5 else "black"  # legible on dark blue
         axis.text(column, row, str(value), ha="center", va="center", fontsize=7, color=color)
     axis.set_xlabel("predicted")
     axis.set_ylabel("true")
-    axis.set_title("Confusion matrix (test)")
+    axis.set_title("Confusion matrix (test; colour: share of the true class)")
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)

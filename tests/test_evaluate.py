@@ -307,3 +307,26 @@ def test_a_model_info_of_another_model_is_refused_before_scoring():
     for other in ({**info, "class_names": ["a", "b", "c"]}, {**info, "image_size": 64}):
         with pytest.raises(PipelineError, match=r"does not belong to models/model.keras \(10 cl"):
             check_model_matches_info(model, other)
+
+
+def test_the_confusion_chart_colours_each_true_class_by_its_own_shares(tmp_path):
+    """A class of 10 test images with 5 confused weighs as much as one of 1000 with 500."""
+    from PIL import Image
+
+    from pipeline import reports
+
+    matrix = np.array([[500, 500, 0], [5, 5, 0], [0, 0, 0]])
+    shares = reports.row_shares(matrix)
+    np.testing.assert_allclose(shares, [[0.5, 0.5, 0], [0.5, 0.5, 0], [0, 0, 0]])
+    reports.confusion_chart(matrix, ["big", "small", "empty"], tmp_path / "confusion.png")
+    with Image.open(tmp_path / "confusion.png") as chart:
+        pixels = np.asarray(chart.convert("RGB")).astype(int)
+    # Four cells at a share of 0.5, all in the colour map's middle blue; by counts the
+    # small class's would be near white and the big class's the darkest blue.
+    from matplotlib import colormaps
+
+    middle = np.array(colormaps["Blues"](0.5)[:3]) * 255
+    near = np.abs(pixels - middle).max(axis=-1) <= 3
+    darkest = np.abs(pixels - np.array(colormaps["Blues"](1.0)[:3]) * 255).max(axis=-1) <= 3
+    cell = (pixels.shape[0] / 5) ** 2  # a cell is about a fifth of the chart's side, squared
+    assert near.sum() > 2 * cell and darkest.sum() == 0
