@@ -55,7 +55,7 @@ def main() -> None:
         model = build_model(params.model, num_classes=10, image_size=32, mean=[128.0] * 3,
                             std=[64.0] * 3)  # fmt: skip
         model.compile(
-            optimizer=make_optimizer(params.train, 1000),
+            optimizer=make_optimizer(params.train, 1000, device.precision),  # as train has it
             loss=SmoothedCrossentropy(params.train.label_smoothing),
             metrics=["accuracy"], jit_compile=device.jit_compile,
         )  # fmt: skip
