@@ -80,7 +80,9 @@ def changes(old: dict | None, new: dict | None, shown: int = 4) -> str:
         after = new.get("params", {}).get(key, "(none)")
         if before != after:
             found.append(f"{key} {before} -> {after}")
-    for key in ("precision", "workers"):
+    for key in ("precision", "workers", "replicas"):
+        if key == "replicas" and ("replicas" not in old or old["workers"] != new["workers"]):
+            continue  # replicas follow workers (a GPU each) unless a worker's GPUs changed
         if old.get(key) != new.get(key):
             found.append(f"{key} {old.get(key)} -> {new.get(key)}")
     if "code" not in old:

@@ -432,10 +432,12 @@ def _without_docstrings(source: str) -> str:
 
 
 def resume_basis(
-    params: Params, meta: dict, train: Split, val: Split, precision: str, workers: int
-) -> dict:
+    params: Params, meta: dict, train: Split, val: Split, precision: str, workers: int,
+    replicas: int | None = None,
+) -> dict:  # fmt: skip
     """What a recovery state must match to be resumed: training params, data, precision,
-    workers and the code that computes the training.
+    workers, replicas (GPUs in sync over all workers: each replica's batch-norm statistics
+    are over its share of the batch) and the code that computes the training.
 
     The data by content (data.url or data.md5 may change with the same images);
     evaluate.* not at all, so an evaluation edit never restarts a training. The code,
@@ -456,7 +458,8 @@ def resume_basis(
         del settings["train.sam_from_epoch"]
     return {
         "params": settings, "meta": meta, "data": data,
-        "precision": precision, "workers": workers, "code": code_digest(),
+        "precision": precision, "workers": workers, "replicas": replicas or workers,
+        "code": code_digest(),
     }  # fmt: skip
 
 
@@ -513,7 +516,10 @@ def run_training(
     steps = steps_per_epoch(len(train.labels), cfg.batch_size)
     # Only the chief writes the recovery state; the other workers read it to resume too.
     store = StateStore(paths.TRAIN_STATE_DIR, writable=cluster.chief)
-    basis = resume_basis(params, meta, train, val, device.precision, cluster.workers)
+    basis = resume_basis(
+        params, meta, train, val, device.precision, cluster.workers,
+        strategy.num_replicas_in_sync,
+    )  # fmt: skip
     expected = resume_key(basis)
     state = store.load(expected, basis) or TrainState(fingerprint=expected, basis=basis)
     if cluster.workers > 1:

@@ -301,6 +301,7 @@ def test_training_params_are_the_sections_the_train_stage_declares(raw_params):
 
 def test_resume_key_follows_the_training_params_and_the_data_by_content(raw_params):
     from pipeline.prepare import Split
+    from pipeline.resume import changes
 
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (20, 8, 8, 3), dtype=np.uint8)
@@ -333,6 +334,12 @@ def test_resume_key_follows_the_training_params_and_the_data_by_content(raw_para
     assert key({"train.sam_rho": 0.05, "train.sam_from_epoch": 20}) != sam
     relabelled = Split(train.images, (train.labels + 1) % 10)
     assert key(train=relabelled) != same
+    # Two GPUs' replicas each normalise half the batch: one GPU alone trains otherwise.
+    two_gpus = resume_basis(parse_params(raw_params), meta, train, val, "float32", 1, 2)
+    assert resume_key(two_gpus) != same
+    assert "replicas 2 -> 1" in changes(two_gpus, resume_basis(
+        parse_params(raw_params), meta, train, val, "float32", 1
+    ))  # fmt: skip
 
 
 def test_a_failed_collective_becomes_one_clear_error():
