@@ -29,6 +29,7 @@ import http.client
 import os
 import re
 import shutil
+import ssl
 import stat
 import sys
 import time
@@ -284,9 +285,18 @@ def _download_http(url: str, part: Path, name: str, progress: Progress, timeout_
         raise DownloadError(
             f"{url}: HTTP {error.code} {error.reason} (data.url): {what}; " + _mirror_hint(name)
         ) from None
+    except http.client.InvalidURL as error:  # a space, a port that is not a number: no retry helps
+        raise DownloadError(f"{url} (data.url) is not a valid URL: {error}; {FIX_HINT}") from None
     except (urllib.error.URLError, OSError, http.client.HTTPException) as error:  # refused, DNS
         host = urllib.parse.urlsplit(url).netloc
-        raise _Transient(f"{host} is unreachable: {getattr(error, 'reason', error)}") from None
+        reason = getattr(error, "reason", error)
+        if isinstance(reason, ssl.SSLCertVerificationError):  # the same certificate every time
+            raise DownloadError(
+                f"{url} (data.url): {host}'s certificate failed verification "
+                f"({reason.verify_message}). A proxy that inspects HTTPS needs its CA: point "
+                "SSL_CERT_FILE at a bundle that holds it"
+            ) from None
+        raise _Transient(f"{host} is unreachable: {reason}") from None
 
     with response:
         hasher = hashlib.md5()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import ssl
+import urllib.error
 from pathlib import Path
 
 import pytest
@@ -168,6 +170,31 @@ def test_refused_connection_says_unreachable(tmp_path):
     assert f"could not download {url} (data.url) after 2 attempts" in message
     assert f"127.0.0.1:{port} is unreachable" in message and "refused" in message
     assert os.listdir(tmp_path) == []
+
+
+def test_an_invalid_url_fails_at_once_without_retrying(tmp_path, capsys):
+    url = f"http://127.0.0.1:{free_port()}/my {NAME}"  # a space: http.client refuses it
+    with pytest.raises(DownloadError) as caught:
+        fetch(url, MD5, tmp_path, retries=3, progress=quiet(), **FAST)
+    assert f"{url} (data.url) is not a valid URL" in str(caught.value)
+    assert "retry" not in capsys.readouterr().out
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_certificate_that_fails_verification_is_not_retried(tmp_path, monkeypatch, capsys):
+    def untrusted(request, timeout):
+        failure = ssl.SSLCertVerificationError(1, "certificate verify failed")
+        failure.verify_message = "self-signed certificate in certificate chain"
+        raise urllib.error.URLError(failure)
+
+    monkeypatch.setattr(download.urllib.request, "urlopen", untrusted)
+    url = f"https://mirror.example/{NAME}"
+    with pytest.raises(DownloadError) as caught:
+        fetch(url, MD5, tmp_path, retries=3, progress=quiet(), **FAST)
+    message = str(caught.value)
+    assert "mirror.example's certificate failed verification" in message
+    assert "self-signed certificate in certificate chain" in message and "SSL_CERT_FILE" in message
+    assert "retry" not in capsys.readouterr().out
 
 
 def test_reuses_a_good_file_without_any_request(serve, tmp_path, capsys):
