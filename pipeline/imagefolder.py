@@ -90,6 +90,7 @@ class Layout:
     hidden: int  # hidden files left out
     other: int  # files that are not images where images belong, or beside train/ and test/
     unread: dict[str, int]  # files per folder beside train/ and test/ (val/, say): not read
+    loose: int  # images in train/ or test/ themselves, in no class folder: no label, not read
 
 
 # --- listing ----------------------------------------------------------------------------------
@@ -102,6 +103,12 @@ def open_dataset(source: Path) -> Iterator[tuple[list[Member], Callable[[Member]
     # last member is a .zip (or .npz, .docx) has too; a tar's first header is unambiguous.
     is_tar = not source.is_dir() and tarfile.is_tarfile(source)
     if not (source.is_dir() or is_tar or zipfile.is_zipfile(source)):
+        if _head(source).startswith(b"PK\x03\x04"):  # a zip's first entry, but no directory
+            raise ArchiveError(
+                f"{source}: a zip archive without its central directory at the end: truncated "
+                "or corrupt; delete it and run `dvc repro download` to fetch it again, or pack "
+                "it again and update data.md5"
+            )
         raise ArchiveError(
             f"{source}: neither a folder nor a .tar, .tar.gz/.tgz or .zip archive; "
             "point data.url at one (data.format imagefolder)"
@@ -111,10 +118,9 @@ def open_dataset(source: Path) -> Iterator[tuple[list[Member], Callable[[Member]
             yield _folder_members(source), lambda member: member.handle.read_bytes()
         elif is_tar:
             with tarfile.open(source, "r:*") as archive:
-                yield (
-                    [Member(m.name, m.isdir(), m) for m in _checked(archive)],
-                    lambda member: archive.extractfile(member.handle).read(),
-                )
+                members = [Member(m.name, m.isdir(), m) for m in _checked(archive)]
+                _check_tar_end(source, archive, members)
+                yield members, lambda member: archive.extractfile(member.handle).read()
         else:
             with zipfile.ZipFile(source) as archive:
                 yield _zip_members(archive), lambda member: archive.read(member.handle)
@@ -129,6 +135,35 @@ def open_dataset(source: Path) -> Iterator[tuple[list[Member], Callable[[Member]
             f"{source}: truncated, corrupt or unreadable ({reason}); "
             "delete it and run `dvc repro download` to fetch it again"
         ) from None
+
+
+# gzip, bzip2, xz: their streams detect a cut themselves ("ended before the end-of-stream").
+COMPRESSED_TAR = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ")
+
+
+def _head(source: Path) -> bytes:
+    with contextlib.suppress(OSError), source.open("rb") as f:
+        return f.read(8)
+    return b""
+
+
+def _check_tar_end(source: Path, archive: tarfile.TarFile, members: list[Member]) -> None:
+    """Refuse an uncompressed tar cut between two members.
+
+    tarfile takes the end of the file for the end of the archive, so such a cut reads as
+    a smaller dataset without an error. A whole tar ends in zero blocks after its last
+    member (two by POSIX; at least one is asked for here).
+    """
+    if _head(source).startswith(COMPRESSED_TAR):
+        return
+    if source.stat().st_size < archive.offset + tarfile.BLOCKSIZE:
+        last = f" after {members[-1].name!r}" if members else ""
+        raise ArchiveError(
+            f"{source}: truncated: the file ends{last} ({len(members)} entries) without the "
+            "zero blocks that end a tar archive, so the rest of the dataset is missing; "
+            "delete it and run `dvc repro download` to fetch it again, or pack it again "
+            "and update data.md5"
+        )
 
 
 def _checked(archive: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
@@ -202,6 +237,7 @@ def find_layout(members: list[Member], source: Path) -> Layout:
     found: dict[str, dict[str, list[Member]]] = {"train": {}, "test": {}}
     other = 0
     unread: dict[str, int] = {}
+    loose = {"train": 0, "test": 0}  # images lying in train/ or test/, outside class folders
     for parts, member in visible:
         if len(parts) <= depth:  # the top-level folder itself
             continue
@@ -217,13 +253,24 @@ def find_layout(members: list[Member], source: Path) -> Layout:
             if PurePosixPath(rest[-1]).suffix.lower() in IMAGE_SUFFIXES:
                 images.append(member)
                 continue
+        if split in found and len(rest) == 1 and not member.is_dir:
+            if PurePosixPath(rest[0]).suffix.lower() in IMAGE_SUFFIXES:
+                loose[split] += 1
+                continue
         other += not member.is_dir
     train, test = found["train"], found["test"]
     names = tuple(sorted(train))
     if len(names) < 2:
+        beside = f" and {loose['train']} images outside any" if loose["train"] else ""
         raise LayoutError(
-            f"{source}: train/ holds {len(names)} class folder(s) {list(names)}; a classifier "
-            "needs at least two: one folder per class, train/<class>/<image>"
+            f"{source}: train/ holds {len(names)} class folder(s) {list(names)}{beside}; a "
+            "classifier needs at least two: one folder per class, train/<class>/<image>"
+        )
+    if loose["test"] and not test:
+        raise LayoutError(
+            f"{source}: test/ holds {loose['test']} images but no class folders, so they have "
+            "no labels to score against; sort them into test/<class>/, or move test/ out of "
+            "the dataset and set data.test_size to hold out a split of train/ instead"
         )
     for name in names:
         if not train[name]:
@@ -252,7 +299,16 @@ def find_layout(members: list[Member], source: Path) -> Layout:
             labels += [label] * len(split.get(name, []))
     num_train = sum(len(train[name]) for name in names)
     unread = dict(sorted(unread.items()))
-    return Layout(names, images, np.array(labels, np.int32), num_train, hidden, other, unread)
+    return Layout(
+        names,
+        images,
+        np.array(labels, np.int32),
+        num_train,
+        hidden,
+        other,
+        unread,
+        sum(loose.values()),
+    )
 
 
 def check_test_size(test_size: int, num_train: int) -> None:
@@ -418,6 +474,12 @@ def read_imagefolder(source: Path, data: DataParams, workers: int | None = None)
             + (f"; left out {' and '.join(left_out)} files" if left_out else ""),
             flush=True,
         )
+        if layout.loose:
+            print(
+                f"prepare: left out {layout.loose} images outside class folders (train/<image> "
+                "or test/<image>: no class, so no label); put them in train/<class>/ to use them",
+                flush=True,
+            )
         if layout.unread:  # a train/val/test layout, most often: say val/ is not used
             folders = ", ".join(f"{name}/ ({count} files)" for name, count in layout.unread.items())
             print(

@@ -165,6 +165,53 @@ def test_hidden_and_non_image_files_are_left_out_and_counted(tmp_path, data, cap
     assert "10 images of 2 classes; left out 3 hidden and 3 non-image files" in out
 
 
+def test_unlabelled_test_images_are_named_as_such(tmp_path, data):
+    files = {**two_classes(test=0), "test/1.png": grey_png(7), "test/2.png": grey_png(8)}
+    with pytest.raises(LayoutError, match=r"test/ holds 2 images but no class folders, so they"):
+        read_imagefolder(
+            write_zip(tmp_path / "set.zip", files), dataclasses.replace(data, test_size=2)
+        )
+
+
+def test_images_outside_class_folders_are_counted_apart(tmp_path, data, capsys):
+    files = {**two_classes(), "train/stray.png": grey_png(7), "train/cat/notes.txt": b"x"}
+    dataset = read_imagefolder(write_zip(tmp_path / "set.zip", files), data)
+    assert len(dataset.train.labels) == 6
+    out = capsys.readouterr().out
+    assert "10 images of 2 classes; left out 1 non-image files" in out  # the .txt only
+    assert "left out 1 images outside class folders" in out
+    only_loose = {"train/a.png": grey_png(1), "train/b.png": grey_png(2)}
+    with pytest.raises(LayoutError, match=r"0 class folder\(s\) \[\] and 2 images outside any"):
+        read_imagefolder(write_zip(tmp_path / "loose.zip", only_loose), data)
+
+
+def test_a_tar_cut_between_members_is_refused_not_read_short(tmp_path, data):
+    whole = tmp_path / "set.tar"
+    with tarfile.open(whole, "w") as tar:  # uncompressed: nothing else notices the cut
+        for name, payload in two_classes().items():
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    assert len(read_imagefolder(whole, data).test.labels) == 4  # whole, it reads
+    with tarfile.open(whole) as tar:
+        cut_at = tar.getmembers()[-1].offset  # where the last member's header starts
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(whole.read_bytes()[:cut_at])
+    with pytest.raises(
+        ArchiveError,
+        match=r"cut.tar: truncated: the file ends after 'test/cat/01.png' \(9 entries\)",
+    ):
+        read_imagefolder(cut, data)
+
+
+def test_a_zip_cut_short_is_called_truncated(tmp_path, data):
+    whole = write_zip(tmp_path / "set.zip", two_classes()).read_bytes()
+    cut = tmp_path / "cut.zip"
+    cut.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(ArchiveError, match=r"a zip archive without its central directory"):
+        read_imagefolder(cut, data)
+
+
 def test_a_val_folder_is_named_as_not_read(tmp_path, data, capsys):
     files = {**two_classes(), "val/cat/00.png": grey_png(9), "val/dog/00.png": grey_png(99)}
     dataset = read_imagefolder(write_zip(tmp_path / "set.zip", files), data)
