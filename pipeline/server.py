@@ -381,6 +381,8 @@ def main(argv: list[str] | None = None) -> None:
         raise PipelineError(f"mlflow server: {error.message}{hint}") from None
     except click.ClickException as error:  # a bad option after `--`
         raise PipelineError(f"mlflow server: {error.format_message()}") from None
+    except click.exceptions.Abort:  # click's name for Ctrl-C before the workers ran
+        raise KeyboardInterrupt from None
     if problem := exit_problem(started):
         raise PipelineError(f"mlflow server: {problem}")
 

@@ -168,11 +168,16 @@ def connect(root: Path) -> str:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     mlflow.set_tracking_uri(uri)
     try:
-        # Fail in seconds, not after MLflow's default 4 minutes of HTTP retries.
-        with _environment(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="10"):
+        # Fail in seconds, not after MLflow's default 4 minutes of HTTP retries; a timeout
+        # the user set is kept (a server that starts on demand may take longer than 10 s).
+        timeout_s = os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT") or "10"
+        with _environment(
+            MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT=timeout_s
+        ):
             if sqlite_file(uri):
                 _create_schema_once(uri)
-            return retry_locked(_get_or_create_experiment)(mlflow, artifact_location(uri))
+            location = artifact_location(uri, root)
+            return retry_locked(_get_or_create_experiment)(mlflow, location)
     except MlflowException as error:
         refused = _refused(uri, error.get_http_status_code(), message=str(error))
         if refused:
@@ -271,15 +276,25 @@ def _refused(
     return None
 
 
-def artifact_location(uri: str) -> str | None:
-    """Where a new experiment keeps its artifacts: beside a SQLite store's database file.
+# SQLAlchemy stores MLflow opens itself (`postgresql+psycopg2://`, `mysql+pymysql://` too).
+DATABASE_SCHEMES = ("postgresql", "mysql", "mssql")
+
+
+def artifact_location(uri: str, root: Path) -> str | None:
+    """Where a new experiment keeps its artifacts: beside a SQLite store's database file,
+    or in the repository's mlartifacts/ for another database the client opens itself.
 
     Not MLflow's default, `./mlruns` of the working directory: a run in a temporary
     experiment copy (`dvc exp run --temp`, a queued experiment) would put them in
-    the copy, deleted with it. A server, or another store, decides for itself (None).
+    the copy, deleted with it, and the experiment would keep that path for good. A
+    server, or a file store, decides for itself (None).
     """
     database = sqlite_file(uri)
-    return None if database is None else (database.parent / ARTIFACTS_DIR).as_uri()
+    if database is not None:
+        return (database.parent / ARTIFACTS_DIR).as_uri()
+    if uri.partition("://")[0].partition("+")[0] in DATABASE_SCHEMES:
+        return (root / ARTIFACTS_DIR).as_uri()
+    return None
 
 
 def _get_or_create_experiment(mlflow, location: str | None) -> str:
@@ -294,9 +309,34 @@ def _get_or_create_experiment(mlflow, location: str | None) -> str:
                 raise  # else another run created it first
         experiment = mlflow.get_experiment_by_name(EXPERIMENT)
     if experiment.lifecycle_stage == "deleted":
-        mlflow.tracking.MlflowClient().restore_experiment(experiment.experiment_id)
+        _restore(mlflow, experiment.experiment_id)
     mlflow.set_experiment(experiment_id=experiment.experiment_id)
     return experiment.experiment_id
+
+
+def _restore(mlflow, experiment_id: str) -> None:
+    """Bring back the deleted experiment: MLflow keeps its name taken until `mlflow gc`."""
+    from mlflow.exceptions import MlflowException
+
+    print(
+        f"tracking: experiment '{EXPERIMENT}' (id {experiment_id}) was deleted; restoring it "
+        "for this run, with every run it held (MLflow restores those too, also ones deleted "
+        "on their own before). To drop it for good instead: `mlflow gc` on the store",
+        flush=True,
+    )
+    try:
+        mlflow.tracking.MlflowClient().restore_experiment(experiment_id)
+    except MlflowException as error:
+        if error.get_http_status_code() == 403:  # restoring needs MANAGE, not EDIT
+            raise TrackingError(
+                f"experiment '{EXPERIMENT}' (id {experiment_id}) is deleted, and restoring it "
+                "needs MANAGE permission on it (HTTP 403): ask whoever deleted it, or the "
+                f"server's admin, to restore it (`mlflow experiments restore --experiment-id "
+                f"{experiment_id}`) or to remove it for good (`mlflow gc`)"
+            ) from None
+        again = mlflow.get_experiment(experiment_id)  # another run restored it first?
+        if again is None or again.lifecycle_stage == "deleted":
+            raise
 
 
 def _git(*args: str) -> str | None:
@@ -358,7 +398,9 @@ def store_errors() -> tuple[type[Exception], ...]:
 
 
 def short_reason(error: Exception) -> str:
+    """The error's type and first line, with any password in a URI it quotes hidden."""
     text = str(error).splitlines()[0] if str(error) else ""
+    text = " ".join(redact(word) for word in text.split(" "))  # a word at a time: URIs only
     return f"{type(error).__name__}: {text[:200]}"
 
 

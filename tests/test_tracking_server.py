@@ -227,6 +227,43 @@ def test_passwords_are_redacted_wherever_a_uri_carries_them():
         assert launcher.redact(uri) == shown
 
 
+def test_a_store_error_quoting_a_uri_with_a_password_is_shown_without_it():
+    from pipeline.tracking import short_reason
+
+    error = ConnectionError(
+        "API request to http://alice:s3cret@host:5000/api/2.0/mlflow/runs/log-batch failed "
+        "with exception HTTPConnectionPool(host='host', port=5000): Max retries exceeded\nmore"
+    )
+    assert short_reason(error) == (
+        "ConnectionError: API request to http://alice:***@host:5000/api/2.0/mlflow/runs/"
+        "log-batch failed with exception HTTPConnectionPool(host='host', port=5000): Max "
+        "retries exceeded"
+    )
+
+
+def test_ctrl_c_while_the_server_starts_is_an_interruption_not_a_traceback(
+    tmp_path, monkeypatch, capsys
+):
+    from mlflow.cli import server as mlflow_server
+
+    def interrupted(args, **kwargs):  # click turns Ctrl-C into Abort when not standalone
+        import click
+
+        raise click.exceptions.Abort()
+
+    monkeypatch.setattr(mlflow_server, "main", interrupted)
+    for name in (
+        "MLFLOW_AUTH_CONFIG_PATH", "MLFLOW_FLASK_SERVER_SECRET_KEY",
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "MLFLOW_AUTH_ADMIN_USERNAME",
+    ):  # fmt: skip
+        monkeypatch.setenv(name, "")
+    status = launcher.main([
+        "--backend-store-uri", f"sqlite:///{tmp_path / 'runs.db'}",
+        "--artifacts-destination", str(tmp_path / "artifacts"), "--state-dir", str(tmp_path / "s"),
+    ])  # fmt: skip
+    assert status == 130 and capsys.readouterr().err.strip().endswith("interrupted")
+
+
 def test_an_unreachable_database_fails_in_one_line_without_its_password():
     uri = f"postgresql://mlflow:hunter2-secret@127.0.0.1:{free_port()}/mlflow"
     with pytest.raises(PipelineError) as error:

@@ -557,18 +557,24 @@ def test_every_public_store_call_waits_out_a_locked_sqlite_store():
     """Two queued experiments share one mlflow.db: a call without retry_locked can fail."""
     import ast
 
-    tree = ast.parse((ROOT / "pipeline/tracking.py").read_text())
+    def imports_mlflow(node: ast.FunctionDef) -> bool:  # `import mlflow`, `from mlflow import`
+        return any(
+            (isinstance(i, ast.Import) and "mlflow" in {n.name for n in i.names})
+            or (isinstance(i, ast.ImportFrom) and i.module == "mlflow")
+            for i in ast.walk(node)
+        )
+
     unguarded = [
-        node.name
-        for node in tree.body
+        f"{module}.{node.name}"
+        for module in ("tracking", "registry")
+        for node in ast.parse((ROOT / f"pipeline/{module}.py").read_text()).body
         if isinstance(node, ast.FunctionDef)
         and not node.name.startswith("_")
-        and "mlflow"
-        in {n.name for i in ast.walk(node) if isinstance(i, ast.Import) for n in i.names}
+        and imports_mlflow(node)
         and "retry_locked" not in [ast.unparse(d) for d in node.decorator_list]
     ]
     # connect retries its one store call itself; store_lock is the file lock around writes.
-    assert unguarded == ["connect", "store_lock"]
+    assert unguarded == ["tracking.connect", "tracking.store_lock"]
 
 
 def test_an_evaluation_retried_on_a_locked_store_keeps_its_number(
@@ -634,7 +640,10 @@ def test_artifacts_go_beside_the_sqlite_store_whatever_the_working_directory(
     for in_memory in ("sqlite:///:memory:", "sqlite:///"):  # no file: left as they are
         monkeypatch.setenv("MLFLOW_TRACKING_URI", in_memory)
         assert tracking.tracking_uri(repo) == in_memory and not tracking.sqlite_file(in_memory)
-    assert tracking.artifact_location("http://tracking:5000") is None  # a server decides
+    assert tracking.artifact_location("http://tracking:5000", repo) is None  # a server decides
+    # A database the client opens itself: its experiments keep this path for good.
+    for database in ("postgresql://u:p@db/mlflow", "postgresql+psycopg2://db/m", "mysql://db/m"):
+        assert tracking.artifact_location(database, repo) == (repo / "mlartifacts").as_uri()
     assert not (copy / "mlruns").exists()
     # A file store by a relative path: the repository's folder too; other URIs as they are.
     for relative in ("mlruns", "file:mlruns", "file:./mlruns"):
@@ -643,6 +652,59 @@ def test_artifacts_go_beside_the_sqlite_store_whatever_the_working_directory(
     for kept in ("file:///srv/mlruns", "/srv/mlruns", "http://tracking:5000", "databricks"):
         monkeypatch.setenv("MLFLOW_TRACKING_URI", kept)
         assert tracking.tracking_uri(repo) == kept, kept
+
+
+def test_a_deleted_experiment_is_restored_with_a_word_and_a_refusal_says_why(
+    mlflow_store, tmp_path, monkeypatch, capsys
+):
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import PERMISSION_DENIED, RESOURCE_DOES_NOT_EXIST
+
+    from pipeline import tracking
+
+    experiment = tracking.connect(tmp_path)
+    mlflow_store.delete_experiment(experiment)
+    capsys.readouterr()
+    assert tracking.connect(tmp_path) == experiment
+    assert mlflow_store.get_experiment(experiment).lifecycle_stage == "active"
+    assert f"experiment 'cifar10-resnet' (id {experiment}) was deleted; restoring it" in (
+        capsys.readouterr().out
+    )
+
+    real_restore = mlflow.MlflowClient.restore_experiment
+
+    def restored_by_another_run_first(self, experiment_id):
+        real_restore(self, experiment_id)
+        raise MlflowException("No Experiment with id=1 exists", RESOURCE_DOES_NOT_EXIST)
+
+    mlflow_store.delete_experiment(experiment)
+    monkeypatch.setattr(mlflow.MlflowClient, "restore_experiment", restored_by_another_run_first)
+    assert tracking.connect(tmp_path) == experiment  # the other run's restore is enough
+
+    def forbidden(self, experiment_id):  # a server: restoring needs MANAGE, users have EDIT
+        raise MlflowException("Permission denied", PERMISSION_DENIED)
+
+    mlflow_store.delete_experiment(experiment)
+    monkeypatch.setattr(mlflow.MlflowClient, "restore_experiment", forbidden)
+    with pytest.raises(tracking.TrackingError, match=r"is deleted, and restoring it needs MANAGE"):
+        tracking.connect(tmp_path)
+
+
+def test_connect_keeps_the_users_request_timeout(mlflow_store, tmp_path, monkeypatch):
+    from pipeline import tracking
+
+    seen = []
+
+    def record(mlflow, location):
+        seen.append(os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"])
+        return "0"
+
+    monkeypatch.setattr(tracking, "_get_or_create_experiment", record)
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_TIMEOUT", raising=False)
+    tracking.connect(tmp_path)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")  # a server that starts on demand
+    tracking.connect(tmp_path)
+    assert seen == ["10", "60"]
 
 
 def test_a_run_the_store_no_longer_has_is_replaced_by_a_new_one(mlflow_store, capsys):
