@@ -178,11 +178,16 @@ def fetch(
     # An earlier run's bytes, which an HTTP download resumes from (a file:// copy starts over).
     left_over = not url.startswith("file://") and part.is_file() and part.stat().st_size > 0
 
+    from_zero: list[bool] = []  # set when an attempt emptied the .part and began at byte 0
+
     def download() -> str:
-        return _attempts(url, part, name, progress, retries, backoff_s, timeout_s)
+        return _attempts(url, part, name, progress, retries, backoff_s, timeout_s, from_zero)
 
     digest = download()
-    if digest != md5 and left_over:  # of another file? (data.url changed, the server's too)
+    # The earlier run's bytes, of another file? (data.url changed, the server's file too.)
+    # Only if they are still in it: a download that began at byte 0 is whole and fresh, and
+    # a second one would only repeat it before the md5 error (a mistyped data.md5, say).
+    if digest != md5 and left_over and not from_zero:
         part.unlink()
         print(
             f"download: md5 {digest} after resuming an earlier run's {part.name}, "
@@ -215,13 +220,16 @@ def _attempts(
     retries: int,
     backoff_s: float,
     timeout_s: float,
+    from_zero: list[bool],
 ) -> str:
-    """Download `url` into `part`, retrying transient failures; return the md5."""
+    """Download `url` into `part`, retrying transient failures; return the md5.
+
+    Appends to `from_zero` whenever an attempt empties `part` to begin at byte 0."""
     for attempt in range(retries + 1):
         try:
             if url.startswith("file://"):
                 return _copy_local(url, part, name, progress)
-            return _download_http(url, part, name, progress, timeout_s)
+            return _download_http(url, part, name, progress, timeout_s, from_zero)
         except _Transient as failure:
             if attempt == retries:
                 raise DownloadError(
@@ -266,7 +274,9 @@ def _keep_only(final: Path) -> Path:
     return final
 
 
-def _download_http(url: str, part: Path, name: str, progress: Progress, timeout_s: float) -> str:
+def _download_http(
+    url: str, part: Path, name: str, progress: Progress, timeout_s: float, from_zero: list[bool]
+) -> str:
     """One attempt: stream `url` into `part`, resuming it if it exists; return the md5."""
     offset = part.stat().st_size if part.exists() else 0
     request = urllib.request.Request(url, headers={"User-Agent": "pipeline.download"})
@@ -278,6 +288,7 @@ def _download_http(url: str, part: Path, name: str, progress: Progress, timeout_
         error.close()
         if error.code == 416 and offset:  # the .part is not a prefix the server knows
             part.unlink()
+            from_zero.append(True)
             raise _Transient("server refused to resume (HTTP 416); starting over") from None
         if error.code >= 500 or error.code in (408, 429):  # server trouble, timeout, rate limit
             raise _Transient(f"HTTP {error.code} {error.reason}") from None
@@ -305,6 +316,7 @@ def _download_http(url: str, part: Path, name: str, progress: Progress, timeout_
             match = re.match(r"bytes (\d+)-", response.headers.get("Content-Range", ""))
             if not match or int(match.group(1)) != offset:
                 part.unlink()
+                from_zero.append(True)
                 raise _Transient("server resumed at the wrong byte; starting over")
             _hash_file(part, hasher)  # the md5 covers the whole file, resumed bytes first
             mode = "ab"
@@ -312,6 +324,7 @@ def _download_http(url: str, part: Path, name: str, progress: Progress, timeout_
             if offset:
                 print(f"download: server cannot resume; restarting {name}", flush=True)
             offset, mode = 0, "wb"
+            from_zero.append(True)
         total = offset + int(length) if length is not None else None
         with _open_part(part, mode) as out:
             done = _stream(response, out, hasher, progress, offset, total)

@@ -477,6 +477,23 @@ def test_a_part_of_another_file_is_downloaded_again_from_the_start(serve, tmp_pa
         fetch(server.url, "0" * 32, tmp_path / "again", progress=quiet(), **FAST)
 
 
+@pytest.mark.parametrize("ranges", [False, True], ids=["no-range-support", "416"])
+def test_a_mistyped_md5_after_a_download_begun_again_from_zero_downloads_once(
+    serve, tmp_path, capsys, ranges
+):
+    """A .part the server would not resume (200) or refused (416, longer than the file) was
+    already replaced by a whole, fresh download: a second one would only repeat it."""
+    server = serve(ranges=ranges)
+    (tmp_path / f"{NAME}.part").write_bytes(b"x" * (len(PAYLOAD) + 1 if ranges else HALF))
+    with pytest.raises(
+        DownloadError, match=r"its md5 is [0-9a-f]{32}, expected 0{32} \(data\.md5\)"
+    ):
+        fetch(server.url, "0" * 32, tmp_path, progress=quiet(), **FAST)
+    whole = [r for r in server.requests if r.status == 200]
+    assert len(whole) == 1 and whole[0].body_bytes == len(PAYLOAD)
+    assert "after resuming an earlier run's" not in capsys.readouterr().out
+
+
 def test_a_kill_while_the_earlier_folder_copy_is_deleted_leaves_the_new_one_whole(
     tmp_path, monkeypatch
 ):
