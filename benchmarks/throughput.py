@@ -67,7 +67,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def load_images(prepared: str | None, count: int):
     import numpy as np
 
-    from pipeline.prepare import Split, load_meta, load_split
+    from pipeline.prepared import Split, load_meta, load_split
 
     if prepared:
         train = load_split(Path(prepared), "train")
@@ -92,7 +92,8 @@ def prepare_imagefolder(source: Path, params, out_dir: Path) -> int:
     import dataclasses
 
     from pipeline.imagefolder import find_layout, open_dataset, read_imagefolder
-    from pipeline.prepare import prepare, write_prepared
+    from pipeline.prepare import prepare
+    from pipeline.prepared import write_prepared
 
     with open_dataset(source) as (members, _):  # a listing: has it its own test/?
         layout = find_layout(members, source)
@@ -199,7 +200,7 @@ def run_pipeline(precision: str, params, split, meta, epochs: int, batch: int) -
     """Mode b: the train stage's own code path in a scratch directory with its own MLflow store."""
     from pipeline import paths, tracking
     from pipeline.data import steps_per_epoch
-    from pipeline.prepare import Split
+    from pipeline.prepared import Split
     from pipeline.train import EpochRecorder, run_training
 
     params = measured_params(params, precision, epochs, batch)

@@ -20,7 +20,7 @@ import numpy as np
 import tensorflow as tf
 
 from pipeline.config import AugmentParams
-from pipeline.prepare import Split
+from pipeline.prepared import Split
 
 
 def augment_transforms(

@@ -42,7 +42,7 @@ import numpy as np
 from pipeline import paths
 from pipeline.config import flatten, load_params
 from pipeline.errors import PipelineError, cli
-from pipeline.prepare import Split, load_meta, load_split
+from pipeline.prepared import Split, load_meta, load_split
 from pipeline.startup import import_tensorflow
 
 EPSILON = 1e-7  # probabilities are clipped as Keras's cross-entropy clips them
@@ -268,7 +268,7 @@ def _drawn_anew(info: dict, now: dict) -> bool:
 def training_digests(info: dict, test: Split, class_names: list[str]) -> dict:
     """data/prepared as it is, in the digests train records; the training images are
     read (about 1 s for CIFAR-10) only when the test set differs from the model's."""
-    from pipeline.prepare import digest_of_test_set, training_data_digest
+    from pipeline.prepared import digest_of_test_set, training_data_digest
 
     now = {"test_set": digest_of_test_set(test.images, test.labels, class_names)}
     if "test_set" in info and now["test_set"] != info["test_set"]:
@@ -386,7 +386,7 @@ def main(argv: list[str] | None = None) -> None:
     if not cfg.register:
         return
     from pipeline import registry
-    from pipeline.prepare import digest_of_test_set
+    from pipeline.prepared import digest_of_test_set
 
     with tracking.reported(
         f"evaluation {number} is logged, but the model could not be registered",

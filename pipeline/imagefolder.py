@@ -58,7 +58,8 @@ import numpy as np
 from pipeline.config import DataParams
 from pipeline.errors import PipelineError
 from pipeline.predict import load_image
-from pipeline.prepare import ArchiveError, Dataset, Split, check_member, stratified_split
+from pipeline.prepare import ArchiveError, Dataset, check_member, stratified_split
+from pipeline.prepared import Split
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif"})
 CHUNK_IMAGES = 256  # images per decode task: (256, 32, 32, 3) uint8 is 0.8 MB to send back

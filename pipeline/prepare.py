@@ -24,11 +24,8 @@ nothing but evaluation.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import importlib
 import io
-import json
-import os
 import pickle
 import sys
 import tarfile
@@ -43,6 +40,7 @@ import numpy as np
 from pipeline import paths
 from pipeline.config import load_params
 from pipeline.errors import PipelineError, cli
+from pipeline.prepared import Split, write_prepared
 
 BATCH_DIR = "cifar-10-batches-py"
 TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
@@ -53,12 +51,6 @@ PIXELS = 32 * 32 * 3  # values per flattened CIFAR row (channels first)
 
 class ArchiveError(PipelineError):
     """The archive is corrupt, truncated, unsafe or not in the CIFAR-10 layout."""
-
-
-@dataclass(frozen=True)
-class Split:
-    images: np.ndarray  # (N, S, S, 3) uint8
-    labels: np.ndarray  # (N,) int32
 
 
 @dataclass(frozen=True)
@@ -226,44 +218,6 @@ def read_cifar10(archive: Path) -> Dataset:
 # --- the pure core -----------------------------------------------------------------------------
 
 
-def data_digest(*arrays: np.ndarray) -> str:
-    """A hash of the arrays' shapes and bytes: exactly these images and labels.
-
-    Training's recovery state keeps the one of its data, the registry the test split's.
-
-    blake2b hashes the full training split (138 MB) in about 0.2 s here, nothing
-    beside an epoch; meta.json alone would miss, say, relabelled images.
-    """
-    digest = hashlib.blake2b(digest_size=16)
-    for array in arrays:
-        digest.update(f"{array.dtype.str}{array.shape}".encode())
-        digest.update(np.ascontiguousarray(array).data)
-    return digest.hexdigest()
-
-
-def training_data_digest(train: Split, val: Split) -> str:
-    """The images training learns from, train and validation splits: the recovery state's
-    `data` and model_info.json's `training_data`, which evaluate compares."""
-    return data_digest(train.images, train.labels, val.images, val.labels)
-
-
-def digest_of_test_set(images: np.ndarray, labels: np.ndarray, class_names: list[str]) -> str:
-    """A hash of the test set as a set of (image, class name) pairs, in no order.
-
-    The registry compares models only on the same test images. The same images in
-    another order are the same test set: the canonical archive's batches and an image
-    folder read class by class hold the same images in different orders.
-    """
-    pairs = sorted(
-        hashlib.blake2b(image.tobytes() + class_names[int(label)].encode(), digest_size=16).digest()
-        for image, label in zip(images, labels, strict=True)
-    )
-    digest = hashlib.blake2b(f"{images.dtype.str}{images.shape}".encode(), digest_size=16)
-    for pair in pairs:
-        digest.update(pair)
-    return digest.hexdigest()
-
-
 def stratified_split(labels: np.ndarray, val_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Indices (train, val) with `val_size` validation items drawn per class in proportion.
 
@@ -351,49 +305,6 @@ def find_download(raw_dir: Path) -> Path:
             "run `dvc repro download` first"
         )
     return candidates[0]
-
-
-def write_prepared(out_dir: Path, splits: dict[str, Split], meta: dict) -> None:
-    """Write each file under a temporary name, then rename, so none is ever half-written."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for name, split in splits.items():
-        target = paths.split_file(out_dir, name)
-        partial = target.with_name(target.name + ".part")
-        with open(partial, "wb") as f:
-            np.savez(f, images=split.images, labels=split.labels)
-            f.flush()
-            os.fsync(f.fileno())  # on disk before the rename makes it look complete
-        os.replace(partial, target)
-    partial = out_dir / (paths.META_FILE + ".part")
-    with open(partial, "w") as f:
-        f.write(json.dumps(meta, indent=2) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(partial, out_dir / paths.META_FILE)
-
-
-def load_split(prepared_dir: Path, split: str) -> Split:
-    """Load one prepared split; a clear error says to run prepare if it is missing."""
-    path = paths.split_file(prepared_dir, split)
-    try:
-        with np.load(path) as data:
-            return Split(data["images"], data["labels"])
-    except FileNotFoundError:
-        raise PipelineError(f"{path}: not found; run `dvc repro prepare` first") from None
-    except (KeyError, ValueError, OSError, EOFError, zipfile.BadZipFile) as error:
-        raise PipelineError(  # EOFError: an empty file; BadZipFile: a truncated one
-            f"{path}: unreadable prepared data ({error}); run `dvc repro prepare` again"
-        ) from None
-
-
-def load_meta(prepared_dir: Path) -> dict:
-    path = prepared_dir / paths.META_FILE
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise PipelineError(f"{path}: not found; run `dvc repro prepare` first") from None
-    except json.JSONDecodeError as error:
-        raise PipelineError(f"{path}: not valid JSON ({error}); run `dvc repro prepare`") from None
 
 
 @cli

@@ -3,7 +3,7 @@
 A trained model is registered once as a version of `evaluate.registered_model`
 (`cifar10-resnet`; a re-evaluation of the same model reuses its version); the
 version carries its latest test accuracy as the tag `test_accuracy` and a digest
-of the test images it was scored on as `test_images` (prepare.digest_of_test_set:
+of the test images it was scored on as `test_images` (prepared.digest_of_test_set:
 the images and their class names, in any order). The alias `champion` moves
 to it only when that accuracy beats the current champion's on the same test
 images: a tie keeps the old one, a champion with no recorded accuracy (aliased

@@ -28,7 +28,7 @@ from pipeline.config import Params, ParamsError, TrainParams, flatten, load_para
 from pipeline.device import Device, emulation_warning, resolve_device
 from pipeline.distributed import Cluster
 from pipeline.errors import PipelineError, cli
-from pipeline.prepare import Split, load_meta, load_split
+from pipeline.prepared import Split, load_meta, load_split
 from pipeline.startup import import_tensorflow
 
 HISTORY_COLUMNS = (
@@ -315,7 +315,7 @@ def main(argv: list[str] | None = None) -> None:
         from pipeline import tracking
 
         tracking.connect(tracking.repository_root())
-    from pipeline.prepare import digest_of_test_set
+    from pipeline.prepared import digest_of_test_set
 
     test = load_split(paths.PREPARED_DIR, "test")  # held out: only its digest is kept
     test_set = digest_of_test_set(test.images, test.labels, meta["class_names"])
@@ -445,7 +445,7 @@ def resume_basis(
     code would fail at export after all the epochs (a changed layer), or mix two
     networks in one model without a word (a changed pooling, say).
     """
-    from pipeline.prepare import training_data_digest
+    from pipeline.prepared import training_data_digest
 
     data = training_data_digest(train, val)
     settings = training_params(params)
@@ -479,7 +479,7 @@ def run_training(
     test_set: str | None = None,
 ) -> None:
     """Train (or resume) and export the model. test_set: the digest of the test images
-    held out beside `train` (prepare.digest_of_test_set), kept in model_info.json."""
+    held out beside `train` (prepared.digest_of_test_set), kept in model_info.json."""
     import keras
     import tensorflow as tf
 
@@ -642,7 +642,7 @@ def finish(
             examples = val if len(val.labels) else train
             state.model_uri = tracking.log_model(export, examples, meta["class_names"])
         store.record(state)
-    from pipeline.prepare import training_data_digest
+    from pipeline.prepared import training_data_digest
 
     info = {
         "run_id": state.run_id,

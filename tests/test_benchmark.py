@@ -307,7 +307,7 @@ def test_only_whole_batches_are_fed_so_no_epoch_ends_on_a_short_one():
     import numpy as np
 
     from benchmarks.throughput import full_batches
-    from pipeline.prepare import Split
+    from pipeline.prepared import Split
 
     split = Split(np.zeros((70, 2, 2, 3), np.uint8), np.arange(70, dtype=np.int32))
     images, labels = full_batches(split, 32)

@@ -14,7 +14,7 @@ from pipeline.data import (
     make_dataset,
     steps_per_epoch,
 )
-from pipeline.prepare import Split
+from pipeline.prepared import Split
 
 SEED = tf.constant([7, 11], tf.int64)
 

@@ -54,11 +54,8 @@ def test_stage_paths_match_pipeline_paths():
 
 # Plumbing every stage imports: listing it would re-run the whole DAG for a reworded error
 # message or a filtered log line. (startup.py's oneDNN switch changes speed and float
-# round-off, as another machine would, not what is computed.) prepare.py also holds the
-# reader of data/prepared (load_split), whose format changes only with a new
-# data/prepared, itself a dep of the stages that read it.
+# round-off, as another machine would, not what is computed.)
 NOT_DEPS = {"pipeline/config.py", "pipeline/paths.py", "pipeline/errors.py", "pipeline/startup.py"}
-READERS = {"pipeline/prepare.py"}
 
 
 def imported_modules(path: str, top_level: bool = False) -> set[str]:
@@ -93,8 +90,7 @@ def test_stage_depends_on_the_code_it_runs(stage):
     """The stage's module and every module it runs, so that a code change re-runs it."""
     module = DVC[stage]["cmd"].removeprefix("python -m ").replace(".", "/") + ".py"
     code = code_of(module)
-    readers = READERS - {module}
-    assert sorted(code - NOT_DEPS - readers - set(DVC[stage]["deps"])) == []
+    assert sorted(code - NOT_DEPS - set(DVC[stage]["deps"])) == []
 
 
 def test_data_stages_read_only_data_params():

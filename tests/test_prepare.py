@@ -13,15 +13,12 @@ from pipeline.errors import PipelineError
 from pipeline.prepare import (
     ArchiveError,
     Dataset,
-    Split,
-    digest_of_test_set,
     find_download,
-    load_split,
     prepare,
     read_cifar10,
     stratified_split,
-    write_prepared,
 )
+from pipeline.prepared import Split, digest_of_test_set, load_split, write_prepared
 from tests.cifar_archive import CLASSES, py2_dumps, write_archive
 
 

@@ -300,7 +300,7 @@ def test_training_params_are_the_sections_the_train_stage_declares(raw_params):
 
 
 def test_resume_key_follows_the_training_params_and_the_data_by_content(raw_params):
-    from pipeline.prepare import Split
+    from pipeline.prepared import Split
     from pipeline.resume import changes
 
     rng = np.random.default_rng(0)
@@ -356,7 +356,7 @@ def test_a_failed_collective_becomes_one_clear_error():
 
 
 def test_batch_larger_than_training_set_is_a_params_error(raw_params):
-    from pipeline.prepare import Split
+    from pipeline.prepared import Split
 
     params = parse_params(raw_params).train
     tiny = Split(np.zeros((100, 32, 32, 3), np.uint8), np.zeros(100, np.int32))
@@ -412,7 +412,7 @@ def test_both_training_loops_print_progress_within_the_epoch(raw_params, capsys)
 
     from pipeline.device import Device
     from pipeline.distributed import fit_workers
-    from pipeline.prepare import Split
+    from pipeline.prepared import Split
     from pipeline.resume import TrainState
     from pipeline.train import compiled_model, keras_callbacks
 
@@ -468,7 +468,7 @@ def test_recovery_state_is_kept_for_its_run_until_params_change(tmp_path, capsys
 def test_a_discarded_recovery_state_says_what_changed(raw_params, tmp_path, capsys):
     """Twenty epochs of recovery state are thrown away when the training changes: the line
     names the change, a param, the precision `auto` resolved to here, or the data."""
-    from pipeline.prepare import Split
+    from pipeline.prepared import Split
     from pipeline.resume import StateStore, TrainState
 
     params, meta, train, val = tiny_training(raw_params)
@@ -1003,7 +1003,7 @@ def test_s3_errors_count_as_store_errors_where_boto3_is_installed(monkeypatch):
 
 def tiny_training(raw_params, epochs: int = 1):
     """A network, data and params small enough to train in-process in seconds."""
-    from pipeline.prepare import Split
+    from pipeline.prepared import Split
 
     params = parse_params(raw_params)
     params = dataclasses.replace(
@@ -1130,7 +1130,7 @@ def test_log_model_keeps_one_model_per_run_across_tries(
     from mlflow.exceptions import MlflowException
 
     from pipeline import tracking
-    from pipeline.prepare import Split
+    from pipeline.prepared import Split
     from pipeline.train import build_network
 
     params, meta, train, _ = tiny_training(raw_params)
