@@ -231,9 +231,13 @@ def find_layout(members: list[Member], source: Path) -> Layout:
     elif len(tops) == 1 and any(parts[1:2] == ("train",) for parts, _ in visible):
         depth = 1
     else:
+        cifar = any(parts[-1] == "batches.meta" for parts, _ in visible)  # CIFAR-10's own layout
+        hint = (
+            "; this is CIFAR-10's python archive: set data.format: cifar10-python" if cifar else ""
+        )
         raise LayoutError(
             f"{source}: no train/ folder at the top or under one top-level folder; an image "
-            "folder dataset holds train/<class>/<image>, and optionally test/<class>/<image>"
+            "folder dataset holds train/<class>/<image>, and optionally test/<class>/<image>" + hint
         )
     found: dict[str, dict[str, list[Member]]] = {"train": {}, "test": {}}
     other = 0

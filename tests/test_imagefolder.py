@@ -316,8 +316,19 @@ def test_without_test_folder_a_stratified_seeded_test_split_is_held_out(tmp_path
             r"test/ holds no 'dog' images; add some to test/dog/, or remove test/",
         ),
         ({"cat/a.png": grey_png(1), "dog/b.png": grey_png(2)}, r"no train/ folder at the top"),
+        (
+            {"cifar-10-batches-py/batches.meta": b"x", "cifar-10-batches-py/data_batch_1": b"x"},
+            r"no train/ folder .*CIFAR-10's python archive: set data.format: cifar10-python$",
+        ),
     ],
-    ids=["one class", "empty class", "test-only class", "class missing from test", "no train"],
+    ids=[
+        "one class",
+        "empty class",
+        "test-only class",
+        "class missing from test",
+        "no train",
+        "cifar archive",
+    ],  # fmt: skip
 )
 def test_unusable_layouts_are_refused_with_the_cause_and_fix(tmp_path, data, files, message):
     with pytest.raises(LayoutError, match=message):
