@@ -252,6 +252,9 @@ class TrainParams:
     # momentum, so it is about 10x weaker than the same number as an L2 penalty under
     # momentum 0.9 (PyTorch's SGD weight_decay): 5e-3 here matches their usual 5e-4.
     weight_decay: float = _field(number(0.0, 1.0))
+    # all: every trainable weight. kernels: the convolution and dense kernels only; no
+    # decay of BatchNorm's scales and shifts nor of biases, as many CIFAR-10 recipes do.
+    weight_decay_scope: str = _field(choice("all", "kernels"))
     label_smoothing: float = _field(number(0.0, 1.0, high_open=True))  # fraction of the target
     # Sharpness-aware minimization (pipeline/sam.py): each step also takes the gradient at
     # the weights moved this far (L2 norm over all weights) up the loss, and applies that

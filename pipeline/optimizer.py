@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import keras
 
 from pipeline.config import TrainParams
@@ -101,6 +103,26 @@ def make_optimizer(params: TrainParams, total_steps: int, precision: str = "floa
         )
     else:
         optimizer = keras.optimizers.Adam(learning_rate, weight_decay=weight_decay)
+    decay_only(optimizer, params.weight_decay_scope)
     if precision == "mixed_float16":
         return AgreedLossScaleOptimizer(optimizer)
     return optimizer
+
+
+# What `weight_decay_scope: kernels` spares, by Keras's variable names: BatchNorm's scale
+# (gamma) and shift (beta), and every layer's bias.
+NOT_KERNELS = ("gamma", "beta", "bias")
+
+
+def decay_only(optimizer, scope: str) -> None:
+    """Limit the optimizer's weight decay to `scope` (train.weight_decay_scope).
+
+    Keras's `exclude_from_weight_decay` does this by name, but refuses a built optimizer,
+    and a restored one (a recovery checkpoint) is built and has forgotten it: the
+    exclusion is not saved. So its pattern is set here, the same way for both.
+    """
+    inner = getattr(optimizer, "inner_optimizer", optimizer)  # under loss scaling
+    pattern = re.compile("|".join(NOT_KERNELS)) if scope == "kernels" else None
+    inner._exclude_from_weight_decay = set()
+    inner._exclude_from_weight_decay_pattern = pattern
+    inner._exclude_from_weight_decay_cache = {}  # Keras's memo of each variable's answer

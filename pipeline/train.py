@@ -327,11 +327,12 @@ def compiled_model(params: Params, meta: dict, state, store, steps: int, device:
     """The network and its optimizer: fresh, or restored from the recovery checkpoint."""
 
     from pipeline.model import SmoothedCrossentropy
-    from pipeline.optimizer import make_optimizer
+    from pipeline.optimizer import decay_only, make_optimizer
 
     cfg = params.train
     if state.checkpoint:
         model, optimizer = restored_model(state, store)
+        decay_only(optimizer, cfg.weight_decay_scope)  # a checkpoint does not keep it
     else:
         model = build_network(params, meta)
         optimizer = make_optimizer(cfg, steps * cfg.epochs, device.precision)
@@ -393,7 +394,9 @@ TRAINING_CODE = {
         "build_model", "_conv", "_residual_unit", "crossentropy", "SmoothedCrossentropy",
     ),
     "pipeline/data.py": None,  # None: the whole module
-    "pipeline/optimizer.py": ("AgreedLossScaleOptimizer", "make_schedule", "make_optimizer"),
+    "pipeline/optimizer.py": (
+        "AgreedLossScaleOptimizer", "make_schedule", "make_optimizer", "decay_only",
+    ),
     "pipeline/sam.py": None,
     "pipeline/train.py": ("compiled_model", "build_network"),
 }  # fmt: skip
@@ -450,12 +453,15 @@ def resume_basis(
     data = training_data_digest(train, val)
     settings = training_params(params)
     # Values that change nothing this training computes: the precision is in the basis as
-    # `auto` resolved it, a warm-up only under onecycle, SAM's first epoch only with SAM on.
+    # `auto` resolved it, a warm-up only under onecycle, SAM's first epoch only with SAM on,
+    # the weight decay's scope only with a weight decay.
     del settings["train.precision"]
     if params.train.lr_schedule != "onecycle":
         del settings["train.warmup"]
     if not params.train.sam_rho:
         del settings["train.sam_from_epoch"]
+    if not params.train.weight_decay:
+        del settings["train.weight_decay_scope"]
     return {
         "params": settings, "meta": meta, "data": data,
         "precision": precision, "workers": workers, "replicas": replicas or workers,

@@ -206,7 +206,7 @@ def test_flatten_uses_dotted_names(raw_params):
     assert flat["model.filters"] == [32, 64, 128, 256]
     assert flat["data.format"] == "cifar10-python"
     assert flat["train.optimizer"] == "adam"
-    assert len(flat) == 37
+    assert len(flat) == 38
 
 
 def test_invalid_yaml_is_reported_in_one_line_with_where(tmp_path):

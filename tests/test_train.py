@@ -164,6 +164,55 @@ def test_compiled_model_uses_the_params_optimizer_and_loss(raw_params):
     assert model.loss.label_smoothing == 0.1
 
 
+def test_weight_decay_scope_kernels_spares_norms_and_biases_after_a_restore_too(
+    raw_params, tmp_path
+):
+    """Keras does not save which weights its optimizer leaves undecayed: a resumed training
+    would decay BatchNorm's gammas and betas and the biases again without decay_only."""
+    from pipeline.device import Device
+    from pipeline.optimizer import decay_only
+    from pipeline.resume import StateStore, TrainState
+    from pipeline.train import compiled_model
+
+    params = parse_params(raw_params)
+    params = dataclasses.replace(
+        params,
+        model=dataclasses.replace(params.model, stem_filters=8, filters=(8,), units_per_stage=1),
+        train=dataclasses.replace(
+            params.train, optimizer="sgd", learning_rate=0.1, weight_decay=0.1,
+            weight_decay_scope="kernels",
+        ),
+    )  # fmt: skip
+    meta = {"class_names": ["a", "b"], "image_size": 8, "mean": [0.0] * 3, "std": [1.0] * 3}
+    device = Device("CPU", 1, "float32", jit_compile=False)
+    model = compiled_model(params, meta, TrainState(fingerprint="-"), None, 10, device)
+
+    def shrunk_by_one_step(model) -> dict[str, bool]:
+        """{variable name: whether a step with zero gradients shrank it} (decay alone)."""
+        variables = model.trainable_variables
+        for variable in variables:  # ones, so that a decay shows wherever it applies
+            variable.assign(np.ones(variable.shape, np.float32))
+        model.optimizer.apply_gradients([(np.zeros(v.shape, np.float32), v) for v in variables])
+        shrunk = {}
+        for variable in variables:
+            values = variable.numpy()
+            if not np.allclose(values, 1.0):
+                np.testing.assert_allclose(values, 1 - 0.1 * 0.1, rtol=1e-6)  # lr * decay
+            shrunk.setdefault(variable.name, not np.allclose(values, 1.0))
+        return shrunk
+
+    spared = {"gamma": False, "beta": False, "bias": False, "kernel": True}
+    assert shrunk_by_one_step(model) == spared
+    store, state = StateStore(tmp_path / "state"), TrainState(fingerprint="-", epochs_done=1)
+    store.save(state, model)
+    loaded = keras.models.load_model(store.checkpoint_path(state))
+    assert shrunk_by_one_step(loaded) == dict.fromkeys(spared, True)  # forgotten: all decay
+    resumed = compiled_model(params, meta, state, store, 10, device)  # as a resumed training
+    assert shrunk_by_one_step(resumed) == spared
+    decay_only(resumed.optimizer, "all")
+    assert shrunk_by_one_step(resumed) == dict.fromkeys(spared, True)
+
+
 def test_mixed_float16_checkpoints_keep_the_overflow_agreeing_loss_scaling(raw_params, tmp_path):
     """Under mixed_float16 the optimizer is ours, not the one Keras's compile would wrap, and
     a recovery checkpoint restores it as such, with its loss scale."""
@@ -324,10 +373,15 @@ def test_resume_key_follows_the_training_params_and_the_data_by_content(raw_para
     # Other training params, or the same images relabelled (meta.json unchanged), do not.
     assert key({"train.learning_rate": 0.002}) != same
     # Settings that change nothing here: the precision auto resolved to (float32) named,
-    # a warm-up without onecycle, SAM's first epoch without SAM. With them on, they count.
+    # a warm-up without onecycle, SAM's first epoch without SAM, the weight decay's scope
+    # without weight decay. With them on, they count.
     assert raw_params["train"]["lr_schedule"] == "constant" and not raw_params["train"]["sam_rho"]
     assert key({"train.precision": "float32", "train.warmup": 0.1}) == same
     assert key({"train.sam_from_epoch": 20}) == same
+    assert not raw_params["train"]["weight_decay"]
+    assert key({"train.weight_decay_scope": "kernels"}) == same
+    decayed = key({"train.weight_decay": 0.005})
+    assert key({"train.weight_decay": 0.005, "train.weight_decay_scope": "kernels"}) != decayed
     onecycle = key({"train.lr_schedule": "onecycle"})
     assert key({"train.lr_schedule": "onecycle", "train.warmup": 0.1}) != onecycle
     sam = key({"train.sam_rho": 0.05})
