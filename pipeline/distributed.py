@@ -110,17 +110,25 @@ def make_strategy(gpus: int, cluster: Cluster):
     return tf.distribute.get_strategy()
 
 
-# Run by `deadline` in a process of its own: pid, seconds, message.
+# Run by `deadline` in a process of its own: pid, seconds, message. It acts only while
+# the process it watches is its parent: one killed from outside leaves it to init, and its
+# pid may be another process's by the time the wait is over.
 _WATCHDOG = """
 import os, signal, sys, time
 pid, seconds, message = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3]
+
+def stop(reason):
+    if os.getppid() == pid:
+        print(reason, file=sys.stderr, flush=True)
+        os.kill(pid, signal.SIGKILL)
+    os._exit(0)
+
+# Ctrl-C (or a SIGTERM) reaches the whole process group: the waiting process ignores it,
+# so the watchdog, which would otherwise die of it, ends the wait at once.
+for number in (signal.SIGINT, signal.SIGTERM):
+    signal.signal(number, lambda *_: stop("interrupted while waiting for the other workers"))
 time.sleep(seconds)
-try:
-    os.kill(pid, 0)
-except OSError:
-    sys.exit(0)
-print(message, file=sys.stderr, flush=True)
-os.kill(pid, signal.SIGKILL)
+stop(message)
 """
 
 

@@ -1882,6 +1882,53 @@ def test_a_worker_whose_peers_never_start_stops_after_its_wait(tmp_path):
 
 
 @pytest.mark.slow
+def test_ctrl_c_while_waiting_for_the_peers_stops_the_worker_at_once(tmp_path):
+    """TensorFlow, waiting, ignores the SIGINT a terminal sends the process group; the
+    watchdog died of it, and the wait went on without its limit."""
+    from tests.repo import free_ports
+
+    workers = [f"127.0.0.1:{port}" for port in free_ports(2)]
+    config = {"cluster": {"worker": workers}, "task": {"type": "worker", "index": 1}}
+    script = (
+        "from pipeline import distributed; distributed.WORKER_WAIT_S = 300; "
+        "distributed.make_strategy(1, distributed.Cluster(2, 1, False))"
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-c", script], cwd=tmp_path, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, start_new_session=True,
+        env=stage_env({"TF_CONFIG": json.dumps(config), "PYTHONPATH": str(ROOT)}),
+    )  # fmt: skip
+    try:
+        assert "waiting for every worker" in process.stdout.readline()
+        time.sleep(3)  # the watchdog is running, TensorFlow waiting
+        os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C in its terminal does
+        _, stderr = process.communicate(timeout=30)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == -signal.SIGKILL, stderr[-2000:]
+    assert stderr.strip().splitlines()[-1] == "interrupted while waiting for the other workers"
+
+
+def test_a_watchdog_whose_process_is_gone_kills_nothing():
+    """Its pid, reused by another process once the watched one was SIGKILLed from outside,
+    must not be killed after the wait."""
+    from pipeline.distributed import _WATCHDOG
+
+    other = subprocess.Popen(["sleep", "30"])  # not the watchdog's parent
+    try:
+        watchdog = subprocess.run(
+            [sys.executable, "-c", _WATCHDOG, str(other.pid), "0.2", "time is up"],
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        assert watchdog.returncode == 0 and watchdog.stderr == ""
+        assert other.poll() is None  # still running
+    finally:
+        other.kill()
+        other.wait()
+
+
+@pytest.mark.slow
 def test_workers_with_different_params_refuse_before_building_the_model(prepared_repo, tmp_path):
     """Another learning rate on one machine trained on in silence; another model or
     precision hung in the untimed broadcasts that build the model."""
