@@ -62,6 +62,22 @@ class Cluster:
                 '{"cluster": {"worker": ["host1:port", "host2:port"]}, '
                 '"task": {"type": "worker", "index": 0}}'
             ) from None
+        for job, hosts in cluster.items():
+            if job not in ("chief", "worker"):  # ps, evaluator: other strategies' jobs
+                raise PipelineError(
+                    f"TF_CONFIG's cluster lists a {job!r} job; this training (multi-worker "
+                    "mirrored) takes only chief and worker: list every machine under worker"
+                )
+            if not (isinstance(hosts, list) and all(isinstance(h, str) for h in hosts)):
+                raise PipelineError(
+                    f'TF_CONFIG\'s cluster.{job} must be a list of "host:port" strings, got '
+                    f"{json.dumps(hosts)}"
+                )
+        if len(chiefs) > 1:
+            raise PipelineError(
+                f"TF_CONFIG's cluster lists {len(chiefs)} chiefs; there is at most one: list "
+                "the others under worker"
+            )
         if kind not in ("chief", "worker"):
             raise PipelineError(f"TF_CONFIG task type must be chief or worker, got {kind!r}")
         listed = len(chiefs if kind == "chief" else workers)

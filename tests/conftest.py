@@ -20,6 +20,11 @@ def pytest_configure(config):
     for name in ("NO_PROXY", "no_proxy"):
         kept = [host for host in os.environ.get(name, "").split(",") if host.strip()]
         os.environ[name] = ",".join(dict.fromkeys([*kept, "127.0.0.1", "localhost"]))
+    # Nor may the developer's shell redirect the stages the tests run: a TF_CONFIG exported
+    # for a multi-machine training (each test's training would wait for peers that never
+    # come), MLflow's URIs and logins (a team's server and registry would get test runs).
+    for name in [n for n in os.environ if n == "TF_CONFIG" or n.startswith("MLFLOW_")]:
+        del os.environ[name]
 
 
 # MLflow's process-wide URIs: (module, attribute), read only where MLflow is loaded.

@@ -84,3 +84,31 @@ def test_each_remote_extra_is_dvcs_own_extra_at_the_pinned_dvc():
     version = dvc.removeprefix("dvc==")
     for kind in ("s3", "gs", "azure", "ssh"):
         assert project["optional-dependencies"][kind] == [f"dvc[{kind}]=={version}"]
+
+
+def test_the_venv_installs_the_versions_ci_tested_which_keep_the_projects_pins():
+    """A new release of any dependency cannot turn CI red on its own: make venv installs
+    with .ci/constraints.txt, whose pins must not contradict pyproject.toml's."""
+    import re
+    import tomllib
+
+    out = planned()
+    assert "pip install --quiet -e '.[dev]' -c .ci/constraints.txt" in out
+    assert "pip install --quiet --upgrade pip -c .ci/constraints.txt" in out
+    pins = {
+        name.lower(): version  # pip freeze keeps a project's own spelling: PyYAML, Flask
+        for name, version in (
+            line.split("==")
+            for line in (ROOT / ".ci/constraints.txt").read_text().splitlines()
+            if line and not line.startswith("#")
+        )
+    }
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    for requirement in project["dependencies"]:
+        exact = re.fullmatch(
+            r"([\w-]+)(?:\[[\w,]+\])?==([\w.]+)", requirement.split(";")[0].strip()
+        )
+        if exact:
+            name, version = exact.groups()
+            assert pins[name.lower()] == version, requirement
+    assert {"tensorflow", "keras", "dvc", "mlflow", "pytest", "pip"} <= pins.keys()

@@ -2025,6 +2025,13 @@ def test_tf_config_is_read_into_the_workers_place_and_a_wrong_index_is_one_line(
         "TF_CONFIG's task is a chief but its cluster lists no chief: give this task type "
         '"worker" (worker 0 is then the chief), or list it under cluster.chief'
     )
+    # Shapes TensorFlow would stop on with a traceback, or count wrongly (a string's letters).
+    with pytest.raises(PipelineError, match=r'cluster.worker must be a list of "host:port" '):
+        cluster({"type": "worker", "index": 0}, worker="a:1")
+    with pytest.raises(PipelineError, match=r"lists 2 chiefs; there is at most one"):
+        cluster({"type": "chief", "index": 0}, chief=["c:1", "d:1"], **two)
+    with pytest.raises(PipelineError, match=r"lists a 'ps' job; this training .* takes only"):
+        cluster({"type": "worker", "index": 0}, ps=["p:1"], **two)
     monkeypatch.delenv("TF_CONFIG")
     assert Cluster.from_environment() == Cluster()
 
