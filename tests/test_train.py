@@ -142,23 +142,29 @@ def test_optimizers_and_decoupled_weight_decay(raw_params):
     np.testing.assert_allclose(weight.numpy(), 1 - 0.1 * 0.01, rtol=1e-6)
 
 
-def test_compiled_model_uses_the_params_optimizer_and_loss(raw_params):
+TINY_META = {"class_names": ["a", "b"], "image_size": 8, "mean": [0.0] * 3, "std": [1.0] * 3}
+
+
+def tiny_sgd(raw_params: dict, **train):
+    """The real params with a one-unit, 8-filter network, SGD at 0.1 and `train` overrides;
+    the float32 CPU device to compile it for."""
     from pipeline.device import Device
-    from pipeline.resume import TrainState
-    from pipeline.train import compiled_model
 
     params = parse_params(raw_params)
     params = dataclasses.replace(
         params,
         model=dataclasses.replace(params.model, stem_filters=8, filters=(8,), units_per_stage=1),
-        train=dataclasses.replace(
-            params.train, optimizer="sgd", learning_rate=0.1, weight_decay=0.005,
-            label_smoothing=0.1,
-        ),
-    )  # fmt: skip
-    meta = {"class_names": ["a", "b"], "image_size": 8, "mean": [0.0] * 3, "std": [1.0] * 3}
-    device = Device("CPU", 1, "float32", jit_compile=False)
-    model = compiled_model(params, meta, TrainState(fingerprint="-"), None, 10, device)
+        train=dataclasses.replace(params.train, optimizer="sgd", learning_rate=0.1, **train),
+    )
+    return params, Device("CPU", 1, "float32", jit_compile=False)
+
+
+def test_compiled_model_uses_the_params_optimizer_and_loss(raw_params):
+    from pipeline.resume import TrainState
+    from pipeline.train import compiled_model
+
+    params, device = tiny_sgd(raw_params, weight_decay=0.005, label_smoothing=0.1)
+    model = compiled_model(params, TINY_META, TrainState(fingerprint="-"), None, 10, device)
     assert isinstance(model.optimizer, keras.optimizers.SGD)
     assert model.optimizer.weight_decay == 0.005
     assert model.loss.label_smoothing == 0.1
@@ -169,23 +175,12 @@ def test_weight_decay_scope_kernels_spares_norms_and_biases_after_a_restore_too(
 ):
     """Keras does not save which weights its optimizer leaves undecayed: a resumed training
     would decay BatchNorm's gammas and betas and the biases again without decay_only."""
-    from pipeline.device import Device
     from pipeline.optimizer import decay_only
     from pipeline.resume import StateStore, TrainState
     from pipeline.train import compiled_model
 
-    params = parse_params(raw_params)
-    params = dataclasses.replace(
-        params,
-        model=dataclasses.replace(params.model, stem_filters=8, filters=(8,), units_per_stage=1),
-        train=dataclasses.replace(
-            params.train, optimizer="sgd", learning_rate=0.1, weight_decay=0.1,
-            weight_decay_scope="kernels",
-        ),
-    )  # fmt: skip
-    meta = {"class_names": ["a", "b"], "image_size": 8, "mean": [0.0] * 3, "std": [1.0] * 3}
-    device = Device("CPU", 1, "float32", jit_compile=False)
-    model = compiled_model(params, meta, TrainState(fingerprint="-"), None, 10, device)
+    params, device = tiny_sgd(raw_params, weight_decay=0.1, weight_decay_scope="kernels")
+    model = compiled_model(params, TINY_META, TrainState(fingerprint="-"), None, 10, device)
 
     def shrunk_by_one_step(model) -> dict[str, bool]:
         """{variable name: whether a step with zero gradients shrank it} (decay alone)."""
@@ -207,7 +202,7 @@ def test_weight_decay_scope_kernels_spares_norms_and_biases_after_a_restore_too(
     store.save(state, model)
     loaded = keras.models.load_model(store.checkpoint_path(state))
     assert shrunk_by_one_step(loaded) == dict.fromkeys(spared, True)  # forgotten: all decay
-    resumed = compiled_model(params, meta, state, store, 10, device)  # as a resumed training
+    resumed = compiled_model(params, TINY_META, state, store, 10, device)  # as resumed
     assert shrunk_by_one_step(resumed) == spared
     decay_only(resumed.optimizer, "all")
     assert shrunk_by_one_step(resumed) == dict.fromkeys(spared, True)
