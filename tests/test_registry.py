@@ -149,3 +149,70 @@ def test_a_champion_scored_on_other_test_images_is_not_compared(store):
     assert register(
         f"runs:/{pets.info.run_id}/model", pets.info.run_id, 0.95, test_set="pets"
     ).promoted
+
+
+REGISTER_AFTER_A_PAUSE = """
+import pathlib, sys, time
+import mlflow
+from mlflow import MlflowClient
+from pipeline import registry
+
+uri, run_id, accuracy, pause, me, other = sys.argv[1:]
+mlflow.set_tracking_uri(uri)
+real = MlflowClient.get_model_version_by_alias
+
+def slow(self, name, alias):  # a pause between reading the champion and moving the alias
+    found = real(self, name, alias)
+    time.sleep(float(pause))
+    return found
+
+MlflowClient.get_model_version_by_alias = slow
+pathlib.Path(me).touch()
+while not pathlib.Path(other).exists():  # both decide at the same moment
+    time.sleep(0.01)
+print(registry.register(f"runs:/{run_id}/model", run_id, float(accuracy)).describe())
+"""
+
+
+def test_two_evaluations_deciding_at_once_on_sqlite_leave_the_better_one_champion(store, tmp_path):
+    """Both read the hand-made champion, unscored, before either moves the alias: without
+    the file lock both promote themselves, and the slower (the worse) one wins."""
+    import subprocess
+    import sys
+
+    import mlflow
+
+    from tests.repo import ROOT, stage_env
+
+    client, run = store
+    with mlflow.start_run() as worse:
+        mlflow.log_text("stand-in", "model/MLmodel")
+    uri = mlflow.get_tracking_uri()
+    processes = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                REGISTER_AFTER_A_PAUSE,
+                uri,
+                run_id,
+                accuracy,
+                pause,
+                str(tmp_path / me),
+                str(tmp_path / other),
+            ],
+            cwd=tmp_path,
+            env=stage_env({"PYTHONPATH": str(ROOT)}),
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )  # fmt: skip
+        for run_id, accuracy, pause, me, other in [
+            (run.info.run_id, "0.9", "0.5", "a", "b"),
+            (worse.info.run_id, "0.5", "3", "b", "a"),
+        ]
+    ]
+    outputs = [process.communicate(timeout=120) for process in processes]
+    assert [process.returncode for process in processes] == [0, 0], outputs
+    champion = client.get_model_version_by_alias("cifar10-resnet", "champion")
+    assert champion.run_id == run.info.run_id, outputs
