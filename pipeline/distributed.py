@@ -176,12 +176,18 @@ def peers_reachable() -> Iterator[None]:
         yield
     except (tf.errors.UnavailableError, tf.errors.DeadlineExceededError,
             tf.errors.CancelledError, tf.errors.InternalError) as error:  # fmt: skip
+        first = str(error).splitlines()[0] if str(error) else ""
+        # An InternalError is a peer's collective aborting, or this worker's own kernel or
+        # XLA fault, which a restart repeats: its whole first line, and both readings.
+        own = isinstance(error, tf.errors.InternalError)
         raise PipelineError(
-            "a training worker stopped or became unreachable "
-            f"({type(error).__name__}: {str(error).splitlines()[0][:160]}); restart all "
+            "a training worker stopped or became unreachable"
+            + (", or this one failed" if own else "")
+            + f" ({type(error).__name__}: {first[: 400 if own else 160]}); restart all "
             "workers with `python -m pipeline.train`: training resumes from the last "
             "completed epoch if .train-state/ is on storage all workers share (only the "
             "chief writes it); otherwise delete the chief's to start over"
+            + ("; if every other worker still runs, the error is this one's own" if own else "")
         ) from None
 
 

@@ -402,6 +402,14 @@ def test_a_failed_collective_becomes_one_clear_error():
         "resumes from the last completed epoch if .train-state/ is on storage all workers "
         "share (only the chief writes it); otherwise delete the chief's to start over"
     )
+    # This worker's own fault (a kernel, XLA) comes as an InternalError too: not only blamed
+    # on the peers, and its first line whole.
+    reason = "Failed to compile the kernel " + "x" * 300
+    with pytest.raises(PipelineError) as error, peers_reachable():
+        raise tf.errors.InternalError(None, None, reason)
+    message = str(error.value)
+    assert message.startswith("a training worker stopped or became unreachable, or this one failed")
+    assert reason in message and message.endswith("the error is this one's own")
 
 
 def test_batch_larger_than_training_set_is_a_params_error(raw_params):
