@@ -63,7 +63,9 @@ class Cluster:
                 '"task": {"type": "worker", "index": 0}}'
             ) from None
         for job, hosts in cluster.items():
-            if job not in ("chief", "worker"):  # ps, evaluator: other strategies' jobs
+            # An evaluator is TensorFlow's side job, outside the training (not counted); ps
+            # is parameter-server training's, which this (multi-worker mirrored) is not.
+            if job not in ("chief", "worker", "evaluator"):
                 raise PipelineError(
                     f"TF_CONFIG's cluster lists a {job!r} job; this training (multi-worker "
                     "mirrored) takes only chief and worker: list every machine under worker"

@@ -138,10 +138,6 @@ def open_dataset(source: Path) -> Iterator[tuple[list[Member], Callable[[Member]
         ) from None
 
 
-# gzip, bzip2, xz: their streams detect a cut themselves ("ended before the end-of-stream").
-COMPRESSED_TAR = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ")
-
-
 def _head(source: Path) -> bytes:
     with contextlib.suppress(OSError), source.open("rb") as f:
         return f.read(8)
@@ -149,21 +145,27 @@ def _head(source: Path) -> bytes:
 
 
 def _check_tar_end(source: Path, archive: tarfile.TarFile, members: list[Member]) -> None:
-    """Refuse an uncompressed tar cut between two members.
+    """Refuse an uncompressed tar cut between two members, or with a broken header.
 
-    tarfile takes the end of the file for the end of the archive, so such a cut reads as
-    a smaller dataset without an error. A whole tar ends in zero blocks after its last
-    member (two by POSIX; at least one is asked for here).
+    tarfile takes the end of the file, or a header it cannot read after the first, for
+    the end of the archive, so either reads as a smaller dataset without an error. A
+    whole tar has a zero block where its listing stopped (two by POSIX; one is asked
+    for). A compressed one (gzip, bzip2, xz, lzma) is left to its stream, which detects a
+    cut itself ("ended before the end-of-stream marker"); its offsets are not the file's.
     """
-    if _head(source).startswith(COMPRESSED_TAR):
+    if not isinstance(archive.fileobj, io.BufferedReader):  # opened through a decompressor
         return
-    if source.stat().st_size < archive.offset + tarfile.BLOCKSIZE:
+    with source.open("rb") as f:
+        f.seek(archive.offset)
+        end = f.read(tarfile.BLOCKSIZE)
+    if end != bytes(tarfile.BLOCKSIZE):
         last = f" after {members[-1].name!r}" if members else ""
+        what = "the file ends" if not end else "a header that cannot be read follows"
         raise ArchiveError(
-            f"{source}: truncated: the file ends{last} ({len(members)} entries) without the "
-            "zero blocks that end a tar archive, so the rest of the dataset is missing; "
-            "delete it and run `dvc repro download` to fetch it again, or pack it again "
-            "and update data.md5"
+            f"{source}: truncated or corrupt: {what}{last} ({len(members)} entries) "
+            "instead of the zero blocks that end a tar archive, so the rest of the dataset "
+            "is missing; delete it and run `dvc repro download` to fetch it again, or pack "
+            "it again and update data.md5"
         )
 
 

@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import lzma
 import stat
 import tarfile
 import zipfile
@@ -199,9 +200,19 @@ def test_a_tar_cut_between_members_is_refused_not_read_short(tmp_path, data):
     cut.write_bytes(whole.read_bytes()[:cut_at])
     with pytest.raises(
         ArchiveError,
-        match=r"cut.tar: truncated: the file ends after 'test/cat/01.png' \(9 entries\)",
+        match=r"cut.tar: truncated or corrupt: the file ends after 'test/cat/01.png' \(9 entries\)",
     ):
         read_imagefolder(cut, data)
+    # A header that cannot be read ends tarfile's listing just as quietly.
+    broken = bytearray(whole.read_bytes())
+    broken[cut_at : cut_at + 100] = b"garbage!" * 12 + b"junk"  # the name and mode fields
+    (tmp_path / "broken.tar").write_bytes(bytes(broken))
+    with pytest.raises(ArchiveError, match=r"broken.tar: .*a header that cannot be read follows"):
+        read_imagefolder(tmp_path / "broken.tar", data)
+    # Compressed, in any format tarfile reads (here the legacy .lzma), the stream is trusted.
+    legacy = tmp_path / "set.tar.lzma"
+    legacy.write_bytes(lzma.compress(whole.read_bytes(), format=lzma.FORMAT_ALONE))
+    assert len(read_imagefolder(legacy, data).test.labels) == 4
 
 
 def test_a_zip_cut_short_is_called_truncated(tmp_path, data):

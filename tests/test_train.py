@@ -188,13 +188,14 @@ def test_weight_decay_scope_kernels_spares_norms_and_biases_after_a_restore_too(
         for variable in variables:  # ones, so that a decay shows wherever it applies
             variable.assign(np.ones(variable.shape, np.float32))
         model.optimizer.apply_gradients([(np.zeros(v.shape, np.float32), v) for v in variables])
-        shrunk = {}
+        shrunk: dict[str, set[bool]] = {}
         for variable in variables:
             values = variable.numpy()
             if not np.allclose(values, 1.0):
                 np.testing.assert_allclose(values, 1 - 0.1 * 0.1, rtol=1e-6)  # lr * decay
-            shrunk.setdefault(variable.name, not np.allclose(values, 1.0))
-        return shrunk
+            shrunk.setdefault(variable.name, set()).add(not np.allclose(values, 1.0))
+        assert all(len(answers) == 1 for answers in shrunk.values()), shrunk  # every layer's
+        return {name: answers.pop() for name, answers in shrunk.items()}
 
     spared = {"gamma": False, "beta": False, "bias": False, "kernel": True}
     assert shrunk_by_one_step(model) == spared
@@ -206,6 +207,10 @@ def test_weight_decay_scope_kernels_spares_norms_and_biases_after_a_restore_too(
     assert shrunk_by_one_step(resumed) == spared
     decay_only(resumed.optimizer, "all")
     assert shrunk_by_one_step(resumed) == dict.fromkeys(spared, True)
+    # A layer whose name holds one of the words keeps its kernel decayed.
+    biased = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, name="unbiased_beta")])
+    biased.compile(optimizer=make_optimizer(params.train, 10), loss="mse")
+    assert shrunk_by_one_step(biased) == {"kernel": True, "bias": False}
 
 
 def test_mixed_float16_checkpoints_keep_the_overflow_agreeing_loss_scaling(raw_params, tmp_path):
@@ -2035,6 +2040,8 @@ def test_tf_config_is_read_into_the_workers_place_and_a_wrong_index_is_one_line(
         cluster({"type": "chief", "index": 0}, chief=["c:1", "d:1"], **two)
     with pytest.raises(PipelineError, match=r"lists a 'ps' job; this training .* takes only"):
         cluster({"type": "worker", "index": 0}, ps=["p:1"], **two)
+    # TensorFlow's evaluator runs beside the training, not in it: not a worker.
+    assert cluster({"type": "worker", "index": 1}, evaluator=["e:1"], **two) == Cluster(2, 1, False)
     monkeypatch.delenv("TF_CONFIG")
     assert Cluster.from_environment() == Cluster()
 
