@@ -297,7 +297,10 @@ def _download_http(
             f"{url}: HTTP {error.code} {error.reason} (data.url): {what}; " + _mirror_hint(name)
         ) from None
     except http.client.InvalidURL as error:  # a space, a port that is not a number: no retry helps
-        raise DownloadError(f"{url} (data.url) is not a valid URL: {error}; {FIX_HINT}") from None
+        space = " (write a space in it as %20)" if " " in url else ""
+        raise DownloadError(
+            f"{url} (data.url) is not a valid URL{space}: {error}; {FIX_HINT}"
+        ) from None
     except (urllib.error.URLError, OSError, http.client.HTTPException) as error:  # refused, DNS
         host = urllib.parse.urlsplit(url).netloc
         reason = getattr(error, "reason", error)

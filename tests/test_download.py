@@ -176,7 +176,7 @@ def test_an_invalid_url_fails_at_once_without_retrying(tmp_path, capsys):
     url = f"http://127.0.0.1:{free_port()}/my {NAME}"  # a space: http.client refuses it
     with pytest.raises(DownloadError) as caught:
         fetch(url, MD5, tmp_path, retries=3, progress=quiet(), **FAST)
-    assert f"{url} (data.url) is not a valid URL" in str(caught.value)
+    assert f"{url} (data.url) is not a valid URL (write a space in it as %20)" in str(caught.value)
     assert "retry" not in capsys.readouterr().out
     assert os.listdir(tmp_path) == []
 
