@@ -124,9 +124,7 @@ def decay_only(optimizer, scope: str) -> None:
     inner = getattr(optimizer, "inner_optimizer", optimizer)  # under loss scaling
     # Matched against TensorFlow's variable name, which holds the layer's too: the last
     # part only (`conv2d_3/bias:0`, `.../gamma/replica_1:0`), so no layer name counts.
-    names = "|".join(NOT_KERNELS)
-    pattern = re.compile(rf"(?:^|/)(?:{names})(?:/replica_\d+)?(?::\d+)?$")
-    pattern = pattern if scope == "kernels" else None
+    spared = rf"(?:^|/)(?:{'|'.join(NOT_KERNELS)})(?:/replica_\d+)?(?::\d+)?$"
     inner._exclude_from_weight_decay = set()
-    inner._exclude_from_weight_decay_pattern = pattern
+    inner._exclude_from_weight_decay_pattern = re.compile(spared) if scope == "kernels" else None
     inner._exclude_from_weight_decay_cache = {}  # Keras's memo of each variable's answer
