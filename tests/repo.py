@@ -171,6 +171,8 @@ def make_repo(dest: Path, overrides: dict[str, object]) -> Path:
     run(["git", "init", "-q", "-b", "main"], dest, env)
     run(["git", "config", "user.email", "test@example.invalid"], dest, env)
     run(["git", "config", "user.name", "test"], dest, env)
+    # A user's global commit.gpgsign would make every test commit ask for a key.
+    run(["git", "config", "commit.gpgsign", "false"], dest, env)
     run(["git", "add", "-A"], dest, env)
     run(["git", "commit", "-q", "-m", "copy"], dest, env)
     return dest
