@@ -69,7 +69,10 @@ def number(low: float, high: float, *, low_open: bool = False, high_open: bool =
     def check(path: str, value: Any) -> float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise _fail(path, allowed, value)
-        value = float(value)
+        try:
+            value = float(value)
+        except OverflowError:  # an int beyond float's range, 1e309 written out
+            raise _fail(path, allowed, value) from None
         if not math.isfinite(value):
             raise _fail(path, allowed, value)
         if (
@@ -239,8 +242,9 @@ class AugmentParams:
 
 @dataclass(frozen=True)
 class TrainParams:
-    epochs: int = _field(integer(1))
-    batch_size: int = _field(integer(1))
+    # Upper bounds far past any real run, so a stray digit fails here, not inside TensorFlow.
+    epochs: int = _field(integer(1, 100_000))
+    batch_size: int = _field(integer(1, 1_000_000))
     optimizer: str = _field(choice("adam", "sgd"))  # sgd: momentum 0.9, Nesterov
     learning_rate: float = _field(number(0.0, 10.0, low_open=True))
     lr_schedule: str = _field(choice("constant", "cosine", "onecycle"))
@@ -269,7 +273,7 @@ class TrainParams:
 
 @dataclass(frozen=True)
 class EvaluateParams:
-    batch_size: int = _field(integer(1))
+    batch_size: int = _field(integer(1, 1_000_000))
     misclassified: int = _field(integer(0, 400))  # images in the error grid
     flip_tta: bool = _field(boolean())  # also score the mean prediction on image + mirror
     # Pixels: also score the mean prediction over 10 views, the image and its mirror each
@@ -300,14 +304,26 @@ class Params:
                 cutout,
             )
         augment = self.train.augment
-        if augment.interpolation == "nearest" and 0 < augment.shift * side < 1:
+        pixels = augment.shift * side
+        if augment.interpolation == "nearest" and abs(pixels - round(pixels)) > 1e-6:
+            below, above = math.floor(pixels), math.ceil(pixels)
             raise _fail(
                 "train.augment.shift",
-                f"0 or at least 1/{side} with interpolation nearest, which shifts by whole "
-                f"pixels: {augment.shift} of {side} pixels is none",
+                f"a whole number of pixels with interpolation nearest, which shifts by whole "
+                f"pixels: {augment.shift} of {side} pixels is {pixels:.3g}; "
+                f"{below}/{side} = {below / side:g} or {above}/{side} = {above / side:g}",
                 augment.shift,
             )
         train = self.train
+        if train.learning_rate * train.weight_decay >= 1:
+            # Keras decays every weight by lr * weight_decay of itself per step: at 1 or
+            # more each step zeroes or flips the sign of every weight.
+            raise _fail(
+                "train.weight_decay",
+                f"below 1 / train.learning_rate ({1 / train.learning_rate:g}): each step "
+                "shrinks every weight by learning_rate * weight_decay of itself",
+                train.weight_decay,
+            )
         if train.sam_rho > 0 and train.sam_from_epoch > train.epochs:
             raise _fail(
                 "train.sam_from_epoch",

@@ -35,64 +35,99 @@ def with_value(raw: dict, dotted: str, value) -> dict:
     return raw
 
 
-@pytest.mark.parametrize(
-    ("key", "value", "message"),
-    [
-        ("data.val_size", -5, "data.val_size: must be an integer between 0 and 49999, got -5"),
-        (
-            "data.val_size",
-            50000,
-            "data.val_size: must be an integer between 0 and 49999, got 50000",
-        ),
-        ("data.val_size", "5000", "data.val_size: must be an integer, got '5000'"),
-        ("data.val_size", 5000.0, "data.val_size: must be an integer, got 5000.0"),
-        ("data.format", "folder", "data.format: must be one of cifar10-python, imagefolder"),
-        ("data.image_size", 4, "data.image_size: must be an integer between 8 and 1024, got 4"),
-        ("data.test_size", -1, "data.test_size: must be an integer >= 0, got -1"),
-        ("data.on_bad_image", "warn", "data.on_bad_image: must be one of fail, skip, got 'warn'"),
-        ("train.epochs", -3, "train.epochs: must be a positive integer, got -3"),
-        ("train.epochs", True, "train.epochs: must be a positive integer, got True"),
-        ("train.learning_rate", 0, "train.learning_rate: must be a number in (0, 10], got 0"),
-        (
-            "train.lr_schedule",
-            "step",
-            "train.lr_schedule: must be one of constant, cosine, onecycle",
-        ),
-        ("train.optimizer", "rmsprop", "train.optimizer: must be one of adam, sgd, got 'rmsprop'"),
-        (
-            "evaluate.registered_model",
-            "pets' or name = 'x",  # would end the registry's search filter early
-            "evaluate.registered_model: must be a name of letters, digits, '-', '_' and '.'",
-        ),
-        ("train.weight_decay", -0.1, "train.weight_decay: must be a number in [0, 1], got -0.1"),
-        (
-            "train.label_smoothing",
-            1,
-            "train.label_smoothing: must be a number in [0, 1), got 1.0",
-        ),
-        ("train.augment.flip", "yes", "train.augment.flip: must be true or false, got 'yes'"),
-        (
-            "train.augment.interpolation",
-            "cubic",
-            "train.augment.interpolation: must be one of bilinear, nearest, got 'cubic'",
-        ),
-        (
-            "train.augment.fill",
-            "wrap",
-            "train.augment.fill: must be one of nearest, reflect, got 'wrap'",
-        ),
-        ("train.augment.cutout", 2.5, "train.augment.cutout: must be an integer between 0 and"),
-        ("model.filters", [32, 0], "model.filters: must be a list of at least 1 integers"),
-        ("model.dropout", 1.0, "model.dropout: must be a number in [0, 1), got 1.0"),
-        ("data.url", "ftp://x/y.tar.gz", "data.url: must be a URL starting with https://"),
-        ("data.md5", "abc", 'data.md5: must be an md5 checksum of 32 hex digits or "", got'),
-        ("train.augment", 3, "train.augment: must be a mapping of keys to values, got 3"),
-    ],
-)
+BAD_VALUES = [
+    ("data.val_size", -5, "data.val_size: must be an integer between 0 and 49999, got -5"),
+    (
+        "data.val_size",
+        50000,
+        "data.val_size: must be an integer between 0 and 49999, got 50000",
+    ),
+    ("data.val_size", "5000", "data.val_size: must be an integer, got '5000'"),
+    ("data.val_size", 5000.0, "data.val_size: must be an integer, got 5000.0"),
+    ("data.format", "folder", "data.format: must be one of cifar10-python, imagefolder"),
+    ("data.image_size", 4, "data.image_size: must be an integer between 8 and 1024, got 4"),
+    ("data.test_size", -1, "data.test_size: must be an integer >= 0, got -1"),
+    ("data.on_bad_image", "warn", "data.on_bad_image: must be one of fail, skip, got 'warn'"),
+    ("train.epochs", -3, "train.epochs: must be an integer between 1 and 100000, got -3"),
+    ("train.epochs", True, "train.epochs: must be an integer between 1 and 100000, got True"),
+    ("train.learning_rate", 0, "train.learning_rate: must be a number in (0, 10], got 0"),
+    (
+        "train.lr_schedule",
+        "step",
+        "train.lr_schedule: must be one of constant, cosine, onecycle",
+    ),
+    ("train.optimizer", "rmsprop", "train.optimizer: must be one of adam, sgd, got 'rmsprop'"),
+    (
+        "evaluate.registered_model",
+        "pets' or name = 'x",  # would end the registry's search filter early
+        "evaluate.registered_model: must be a name of letters, digits, '-', '_' and '.'",
+    ),
+    ("train.weight_decay", -0.1, "train.weight_decay: must be a number in [0, 1], got -0.1"),
+    (
+        "train.label_smoothing",
+        1,
+        "train.label_smoothing: must be a number in [0, 1), got 1.0",
+    ),
+    ("train.augment.flip", "yes", "train.augment.flip: must be true or false, got 'yes'"),
+    (
+        "train.augment.interpolation",
+        "cubic",
+        "train.augment.interpolation: must be one of bilinear, nearest, got 'cubic'",
+    ),
+    (
+        "train.augment.fill",
+        "wrap",
+        "train.augment.fill: must be one of nearest, reflect, got 'wrap'",
+    ),
+    ("train.augment.cutout", 2.5, "train.augment.cutout: must be an integer between 0 and"),
+    ("model.filters", [32, 0], "model.filters: must be a list of at least 1 integers"),
+    ("model.dropout", 1.0, "model.dropout: must be a number in [0, 1), got 1.0"),
+    ("data.url", "ftp://x/y.tar.gz", "data.url: must be a URL starting with https://"),
+    ("data.md5", "abc", 'data.md5: must be an md5 checksum of 32 hex digits or "", got'),
+    ("train.augment", 3, "train.augment: must be a mapping of keys to values, got 3"),
+    # NaN passes every comparison, so it needs its own check.
+    ("train.learning_rate", float("nan"), "train.learning_rate: must be a number in (0, 10]"),
+    ("train.learning_rate", True, "train.learning_rate: must be a number in (0, 10], got True"),
+    pytest.param(
+        "train.learning_rate",
+        10**400,
+        "train.learning_rate: must be a number in (0, 10], got 1",
+        id="int-beyond-float-range",
+    ),
+    ("data.md5", "z" * 32, "data.md5: must be an md5 checksum of 32 hex digits"),
+    ("data.seed", -1, "data.seed: must be an integer between 0 and 4294967295, got -1"),
+    ("model.stem_filters", 0, "model.stem_filters: must be an integer between 1 and"),
+    ("model.units_per_stage", 0, "model.units_per_stage: must be an integer between 1 and"),
+    ("train.epochs", 10**19, "train.epochs: must be an integer between 1 and 100000, got"),
+    ("train.batch_size", 0, "train.batch_size: must be an integer between 1 and 1000000"),
+    ("train.warmup", 1, "train.warmup: must be a number in [0, 1), got 1.0"),
+    ("train.weight_decay_scope", "bn", "train.weight_decay_scope: must be one of all, kernels"),
+    ("train.sam_rho", -0.05, "train.sam_rho: must be a number in [0, 10], got -0.05"),
+    ("train.sam_from_epoch", 0, "train.sam_from_epoch: must be a positive integer, got 0"),
+    ("train.seed", 2**32, "train.seed: must be an integer between 0 and 4294967295, got"),
+    ("train.precision", "fp16", "train.precision: must be one of auto, float32, mixed_float16"),
+    ("train.deterministic", 1, "train.deterministic: must be true or false, got 1"),
+    ("train.augment.rotation", -1, "train.augment.rotation: must be a number in [0, 180]"),
+    ("train.augment.shift", 1, "train.augment.shift: must be a number in [0, 1), got 1.0"),
+    ("evaluate.batch_size", 0, "evaluate.batch_size: must be an integer between 1 and"),
+    ("evaluate.misclassified", 401, "evaluate.misclassified: must be an integer between 0 an"),
+    ("evaluate.shift_tta", 1.5, "evaluate.shift_tta: must be an integer between 0 and 1024"),
+    ("evaluate.flip_tta", "no", "evaluate.flip_tta: must be true or false, got 'no'"),
+    ("evaluate.register", None, "evaluate.register: must be true or false, got None"),
+]
+
+
+@pytest.mark.parametrize(("key", "value", "message"), BAD_VALUES)
 def test_bad_value_names_key_value_and_allowed(raw_params, key, value, message):
     with pytest.raises(ParamsError) as error:
         parse_params(with_value(raw_params, key, value))
     assert str(error.value).startswith(message)
+
+
+def test_every_param_has_a_bad_value_test(raw_params):
+    """A new key without a row in BAD_VALUES fails here, so its check cannot go untested."""
+    tested = {row.values[0] if hasattr(row, "values") else row[0] for row in BAD_VALUES}
+    assert set(flatten(parse_params(raw_params))) - tested == set()
 
 
 IMAGEFOLDER = {"data.format": "imagefolder", "data.url": "file:///data/pets", "data.md5": ""}
@@ -130,8 +165,20 @@ IMAGEFOLDER = {"data.format": "imagefolder", "data.url": "file:///data/pets", "d
         ({"evaluate.shift_tta": -1}, "evaluate.shift_tta: must be an integer between 0 and"),
         (
             {"train.augment.interpolation": "nearest", "train.augment.shift": 0.02},
-            "train.augment.shift: must be 0 or at least 1/32 with interpolation nearest, which "
-            "shifts by whole pixels: 0.02 of 32 pixels is none, got 0.02",
+            "train.augment.shift: must be a whole number of pixels with interpolation nearest, "
+            "which shifts by whole pixels: 0.02 of 32 pixels is 0.64; 0/32 = 0 or 1/32 = 0.03125, "
+            "got 0.02",
+        ),
+        (
+            {"train.augment.interpolation": "nearest", "train.augment.shift": 0.1},
+            "train.augment.shift: must be a whole number of pixels with interpolation nearest, "
+            "which shifts by whole pixels: 0.1 of 32 pixels is 3.2; 3/32 = 0.09375 or "
+            "4/32 = 0.125, got 0.1",
+        ),
+        (
+            {"train.learning_rate": 2, "train.weight_decay": 0.5},
+            "train.weight_decay: must be below 1 / train.learning_rate (0.5): each step shrinks "
+            "every weight by learning_rate * weight_decay of itself, got 0.5",
         ),
     ],
 )
@@ -246,12 +293,13 @@ def test_a_bad_param_stops_train_and_evaluate_before_tensorflow_loads(tmp_path, 
         [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True
     )
     assert result.stdout.split() == ["1", "False"], result.stderr
-    assert result.stderr == "error: train.epochs: must be a positive integer, got 0\n"
+    assert result.stderr == "error: train.epochs: must be an integer between 1 and 100000, got 0\n"
 
 
 def test_values_mean_what_dvc_reads_them_as(tmp_path):
     """DVC reads params.yaml as YAML 1.2, where `1e-3` is a float (YAML 1.1: a string),
-    `yes` a word (1.1: true) and `010` ten (1.1: eight); `dvc exp run -S` writes them so."""
+    `yes` a word (1.1: true) and `010` ten (1.1: eight), written in the file by hand.
+    (`dvc exp run -S train.seed=010` gives the string '010', written quoted, and refused.)"""
     text = (ROOT / "params.yaml").read_text()
     text = re.sub(r"(?m)^  learning_rate: .*$", "  learning_rate: 1e-3", text)
     text = re.sub(r"(?m)^  weight_decay: .*$", "  weight_decay: 5E-4", text)
