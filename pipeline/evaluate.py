@@ -39,7 +39,7 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
-from pipeline import paths
+from pipeline import files, paths
 from pipeline.config import flatten, load_params
 from pipeline.errors import PipelineError, cli
 from pipeline.prepared import Split, load_meta, load_split
@@ -212,16 +212,16 @@ def write_outputs(figures: dict, matrix_labels, probabilities, test, class_names
     """Write metrics/test.json, confusion.csv and the PNGs; return misclassified images drawn."""
     from pipeline import reports
 
-    paths.METRICS_DIR.mkdir(parents=True, exist_ok=True)
-    paths.TEST_METRICS.write_text(json.dumps(figures, indent=2) + "\n")
     predictions = probabilities.argmax(axis=1)
-    paths.CONFUSION_FILE.write_text(confusion_csv(test.labels, predictions, class_names))
+    files.write_text(paths.CONFUSION_FILE, confusion_csv(test.labels, predictions, class_names))
     drawn = reports.misclassified_grid(
         test.images, test.labels, predictions, probabilities.max(axis=1), class_names,
         paths.MISCLASSIFIED_PNG, cfg.misclassified,
     )  # fmt: skip
     reports.per_class_chart(figures["per_class_accuracy"], figures["accuracy"], paths.PER_CLASS_PNG)
     reports.confusion_chart(matrix_labels, class_names, paths.CONFUSION_PNG)
+    # Last: a test.json beside the charts of the model before would pass for this model's.
+    files.write_text(paths.TEST_METRICS, json.dumps(figures, indent=2) + "\n")
     return drawn
 
 

@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from pipeline import paths
+from pipeline import files, paths
 from pipeline.errors import PipelineError
 
 
@@ -33,21 +32,10 @@ class Split:
 
 def write_prepared(out_dir: Path, splits: dict[str, Split], meta: dict) -> None:
     """Write each file under a temporary name, then rename, so none is ever half-written."""
-    out_dir.mkdir(parents=True, exist_ok=True)
     for name, split in splits.items():
-        target = paths.split_file(out_dir, name)
-        partial = target.with_name(target.name + ".part")
-        with open(partial, "wb") as f:
-            np.savez(f, images=split.images, labels=split.labels)
-            f.flush()
-            os.fsync(f.fileno())  # on disk before the rename makes it look complete
-        os.replace(partial, target)
-    partial = out_dir / (paths.META_FILE + ".part")
-    with open(partial, "w") as f:
-        f.write(json.dumps(meta, indent=2) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(partial, out_dir / paths.META_FILE)
+        with files.replacing(paths.split_file(out_dir, name)) as partial:
+            np.savez(partial, images=split.images, labels=split.labels)
+    files.write_text(out_dir / paths.META_FILE, json.dumps(meta, indent=2) + "\n")
 
 
 def load_split(prepared_dir: Path, split: str) -> Split:

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline import files
+
 # Inches and counts past which the charts stop growing with the class count: a figure of
 # 1,000 classes at the per-class sizes below would be 55,000 px square (a 12 GB buffer),
 # past Agg's 65,536 px limit soon after, and its cells' counts unreadable long before.
@@ -71,7 +73,8 @@ def misclassified_grid(
         axes[0, 0].text(0.5, 0.5, note, ha="center", va="center")
     figure.suptitle(title, fontsize=10)
     figure.tight_layout(rect=(0, 0, 1, 0.97))  # leave the title its own band
-    figure.savefig(path, dpi=100)
+    with files.replacing(path) as partial:
+        figure.savefig(partial, dpi=100)
     plt.close(figure)
     return len(wrong)
 
@@ -109,7 +112,8 @@ def per_class_chart(accuracies: dict[str, float], overall: float, path: Path) ->
     # reach 0.9 and more on a trained model.
     axis.set_title(f"Per-class test accuracy (dashed: overall {overall:.1%})")
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    with files.replacing(path) as partial:
+        figure.savefig(partial, dpi=100)
     plt.close(figure)
 
 
@@ -144,5 +148,6 @@ def confusion_chart(matrix: np.ndarray, class_names: Sequence[str], path: Path) 
     axis.set_ylabel("true")
     axis.set_title("Confusion matrix (test; colour: share of the true class)")
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    with files.replacing(path) as partial:
+        figure.savefig(partial, dpi=100)
     plt.close(figure)

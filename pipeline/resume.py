@@ -29,6 +29,7 @@ from pathlib import Path
 
 import keras
 
+from pipeline import files
 from pipeline.errors import PipelineError
 
 STATE_FILE = "state.json"
@@ -99,25 +100,6 @@ def changes(old: dict | None, new: dict | None, shown: int = 4) -> str:
         return "other params or data"
     more = f" and {len(found) - shown} more" if len(found) > shown else ""
     return "other settings: " + "; ".join(found[:shown]) + more
-
-
-def _fsync(path: Path) -> None:
-    """Flush a file, or a folder's entries, to disk: both must survive a power loss."""
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    partial = path.with_name(path.name + ".part")
-    with open(partial, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(partial, path)
-    _fsync(path.parent)  # the rename itself
 
 
 class StateStore:
@@ -258,7 +240,7 @@ class StateStore:
         if not self.writable:
             return
         self.directory.mkdir(parents=True, exist_ok=True)
-        _write_atomic(self.directory / STATE_FILE, json.dumps(asdict(state), indent=1))
+        files.write_text(self.directory / STATE_FILE, json.dumps(asdict(state), indent=1))
 
     def save(self, state: TrainState, model: keras.Model) -> None:
         if not self.writable:
@@ -270,13 +252,12 @@ class StateStore:
         state.checkpoint = f"epoch-{state.epochs_done:05d}.keras"
         try:
             model.save(self.directory / state.checkpoint)
-            _fsync(self.directory / state.checkpoint)  # on disk before state.json names it
-            _write_atomic(self.directory / STATE_FILE, json.dumps(asdict(state), indent=1))
+            files.fsync(self.directory / state.checkpoint)  # on disk before state.json names it
+            files.write_text(self.directory / STATE_FILE, json.dumps(asdict(state), indent=1))
         except OSError as error:  # a full disk, say
             # state.json names the last whole epoch: this one if its rename was done (only
             # the folder's fsync failed), else the one before, whose checkpoint stays.
             epoch = state.epochs_done
-            (self.directory / f"{STATE_FILE}.part").unlink(missing_ok=True)
             done = epoch if self._named() == state.checkpoint else epoch - 1
             if done < epoch:
                 (self.directory / state.checkpoint).unlink(missing_ok=True)

@@ -15,7 +15,6 @@ import contextlib
 import hashlib
 import json
 import math
-import os
 import sys
 import threading
 import time
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import paths
+from pipeline import files, paths
 from pipeline.config import Params, ParamsError, TrainParams, flatten, load_params
 from pipeline.device import Device, emulation_warning, resolve_device
 from pipeline.distributed import Cluster
@@ -284,19 +283,15 @@ def write_history(path: Path, history: list[dict]) -> None:
     lines = [",".join(HISTORY_COLUMNS)] + [
         ",".join(f"{row.get(c, math.nan):.6g}" for c in HISTORY_COLUMNS) for row in history
     ]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n")
+    files.write_text(path, "\n".join(lines) + "\n")
 
 
 def save_model(model, path: Path) -> None:
     """Save under a temporary name, then rename: a full disk never leaves a valid-looking model."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.stem + ".part.keras")
     try:
-        model.save(partial)
-        os.replace(partial, path)
+        with files.replacing(path) as partial:
+            model.save(partial)
     except OSError as error:
-        partial.unlink(missing_ok=True)
         raise PipelineError(f"could not save the model to {path}: {error}") from None
 
 
@@ -633,8 +628,7 @@ def finish(
     paths.MODEL_INFO.unlink(missing_ok=True)
     save_model(export, paths.MODEL_FILE)
     summary = train_summary(state, train, val, device)
-    paths.TRAIN_METRICS.parent.mkdir(parents=True, exist_ok=True)
-    paths.TRAIN_METRICS.write_text(json.dumps(summary, indent=2) + "\n")
+    files.write_text(paths.TRAIN_METRICS, json.dumps(summary, indent=2) + "\n")
     write_history(paths.HISTORY_FILE, state.history)
     if state.model_uri is None:  # else a rerun: all was logged but the run's end
         with tracking.reported(
@@ -662,7 +656,7 @@ def finish(
     }
     if test_set:  # training from data/prepared, not from images in memory (a benchmark)
         info["test_set"] = test_set
-    paths.MODEL_INFO.write_text(json.dumps(info, indent=2) + "\n")
+    files.write_text(paths.MODEL_INFO, json.dumps(info, indent=2) + "\n")
     with tracking.reported(
         "the training is logged to MLflow but its run could not be marked finished",
         "its recovery state is kept, so once the store answers `dvc repro` marks it without "

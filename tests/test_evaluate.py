@@ -330,3 +330,34 @@ def test_the_confusion_chart_colours_each_true_class_by_its_own_shares(tmp_path)
     darkest = np.abs(pixels - np.array(colormaps["Blues"](1.0)[:3]) * 255).max(axis=-1) <= 3
     cell = (pixels.shape[0] / 5) ** 2  # a cell is about a fifth of the chart's side, squared
     assert near.sum() > 2 * cell and darkest.sum() == 0
+
+
+def test_outputs_that_fail_midway_leave_no_new_test_json(tmp_path, monkeypatch):
+    """test.json is written last: a chart that fails leaves the old figures, not new ones
+    beside the old model's charts."""
+    from pipeline import evaluate, paths, reports
+    from pipeline.prepared import Split
+
+    monkeypatch.chdir(tmp_path)
+    paths.METRICS_DIR.mkdir()
+    paths.TEST_METRICS.write_text('{"accuracy": 0.5}\n')
+    test = Split(np.zeros((3, 8, 8, 3), np.uint8), np.array([0, 1, 2]))
+    figures = {"accuracy": 1.0, "per_class_accuracy": dict.fromkeys(CLASSES, 1.0)}
+    args = (figures, np.eye(3, dtype=int), one_hot([0, 1, 2]), test, CLASSES)
+    cfg = type("Cfg", (), {"misclassified": 4})()
+
+    def disk_full(*_):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(reports, "confusion_chart", disk_full)
+    with pytest.raises(OSError):
+        evaluate.write_outputs(*args, cfg)
+    assert paths.TEST_METRICS.read_text() == '{"accuracy": 0.5}\n'
+    monkeypatch.undo()
+    monkeypatch.chdir(tmp_path)
+    assert evaluate.write_outputs(*args, cfg) == 0  # none misclassified
+    assert '"accuracy": 1.0' in paths.TEST_METRICS.read_text()
+    assert sorted(p.name for p in paths.METRICS_DIR.iterdir()) == [
+        "confusion.csv", "confusion_matrix.png", "misclassified.png", "per_class_accuracy.png",
+        "test.json",
+    ]  # fmt: skip

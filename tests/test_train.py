@@ -315,9 +315,9 @@ def test_a_full_disk_at_a_checkpoint_keeps_the_last_whole_epoch(tmp_path, monkey
         def save(self, path):
             Path(path).write_bytes(b"epoch 4")
 
-    from pipeline import resume
+    from pipeline import files
 
-    real_fsync, calls = resume._fsync, []
+    real_fsync, calls = files.fsync, []
 
     def fsync_folder_fails(path):
         calls.append(path)
@@ -327,7 +327,7 @@ def test_a_full_disk_at_a_checkpoint_keeps_the_last_whole_epoch(tmp_path, monkey
 
     state = store.load("f")
     state.epochs_done = 4
-    monkeypatch.setattr(resume, "_fsync", fsync_folder_fails)
+    monkeypatch.setattr(files, "fsync", fsync_folder_fails)
     with pytest.raises(PipelineError, match=r"Input/output error\); .* resumes after epoch 4$"):
         store.save(state, Saved())
     monkeypatch.undo()

@@ -1,0 +1,46 @@
+"""Outputs written whole: a kill, a crash or a full disk midway leaves the old file or
+none, never part of one that `dvc metrics show`, evaluate or a resumed training would
+then read as if it were complete."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+def fsync(path: Path) -> None:
+    """Flush a file, or a folder's entries, to disk: both must survive a power loss."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def partial_path(path: Path) -> Path:
+    """Where `path` is written before its rename: `test.part.json` for `test.json`. The
+    suffix stays last, since Keras, numpy and matplotlib pick the format by it."""
+    return path.with_name(f"{path.stem}.part{path.suffix}")
+
+
+@contextmanager
+def replacing(path: Path) -> Iterator[Path]:
+    """Yield the path to write `path`'s new content to; once written, flush it to disk and
+    rename it over `path`. On an error the partial file is removed and `path` untouched."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = partial_path(path)
+    try:
+        yield partial
+        fsync(partial)  # on disk before the rename makes it look complete
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    fsync(path.parent)  # the rename itself
+
+
+def write_text(path: Path, text: str) -> None:
+    with replacing(path) as partial:
+        partial.write_text(text)
