@@ -143,13 +143,16 @@ class StateStore:
             text = (directory / STATE_FILE).read_text()
         except FileNotFoundError:
             return None
-        except OSError as error:
-            text, reason = "", error.strerror or str(error)
-        else:
-            try:
-                return TrainState(**json.loads(text))
-            except (ValueError, TypeError) as error:
-                reason = f"{type(error).__name__}: {error}"
+        except OSError as error:  # EIO on a network disk, say: it may read tomorrow
+            raise PipelineError(
+                f"cannot read the recovery state {directory / STATE_FILE} "
+                f"({error.strerror or error}); nothing was deleted: fix that and run again, "
+                f"or remove {self.directory} to train from the start"
+            ) from None
+        try:
+            return TrainState(**json.loads(text))
+        except (ValueError, TypeError) as error:
+            reason = f"{type(error).__name__}: {error}"
         try:  # its MLflow run, if it can be told, is ended with it
             run_id = json.loads(text).get("run_id")
         except (ValueError, AttributeError):
@@ -168,14 +171,18 @@ class StateStore:
             shutil.rmtree(where, ignore_errors=True)
 
     def _move(self, source: Path, target: Path) -> None:
-        """Every file of a state from `source` to `target`, state.json last: killed half-way,
-        the folder that has state.json has the state, and load finds its checkpoint in the
-        other (checkpoint_path) and finishes the move."""
+        """Every file of a state from `source` to `target`, state.json last out of the state
+        folder and first into it: killed half-way, the state folder has the state.json and
+        the files it names may be in kept/ (checkpoint_path finds them there; load finishes
+        the move). So the state folder never holds a checkpoint without its state.json,
+        which a training of other settings would take for its own and delete."""
         if not source.is_dir():
             return
         target.mkdir(parents=True, exist_ok=True)
+        into_place = target == self.directory
         entries = sorted(
-            (e for e in source.iterdir() if e.name != KEPT_DIR), key=lambda e: e.name == STATE_FILE
+            (e for e in source.iterdir() if e.name != KEPT_DIR),
+            key=lambda e: (e.name == STATE_FILE) != into_place,
         )
         for entry in entries:
             os.replace(entry, target / entry.name)

@@ -1337,7 +1337,24 @@ def test_the_state_a_training_asks_for_is_taken_back_however_old(tmp_path, capsy
     assert sorted(p.name for p in (store.directory / "kept").iterdir()) == ["quick1", "quick2"]
 
 
-def test_a_kill_while_a_state_moves_loses_nothing(tmp_path, capsys):
+def take_back_killed_after_one_file(store, fingerprint: str, monkeypatch) -> None:
+    from pipeline import resume
+
+    real_replace, moved = resume.os.replace, []
+
+    def replace(source, target):
+        if moved:
+            raise KeyboardInterrupt  # as a kill between two renames would stop it
+        moved.append(source)
+        real_replace(source, target)
+
+    monkeypatch.setattr(resume.os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        store.load(fingerprint)
+    monkeypatch.undo()
+
+
+def test_a_kill_while_a_state_moves_loses_nothing(tmp_path, capsys, monkeypatch):
     """A state moves a file at a time, state.json last: killed between two files, the
     checkpoint is found on the other side and the move is finished on the next load."""
     import os
@@ -1355,16 +1372,54 @@ def test_a_kill_while_a_state_moves_loses_nothing(tmp_path, capsys):
     assert store.checkpoint_path(state) == store.directory / "epoch-00040.keras"
     assert store.checkpoint_path(state).read_bytes() == b"long after 40"
     assert not kept.exists()
-    # Taken back, killed after the checkpoint moved: state.json still in kept/.
+    # Taken back, killed after the first file moved: state.json, which goes first into
+    # place, so the checkpoint is still in kept/.
     assert store.load("quick") is None  # sets it aside whole
-    os.replace(kept / "epoch-00040.keras", store.directory / "epoch-00040.keras")
+    take_back_killed_after_one_file(store, "long", monkeypatch)
+    assert sorted(p.name for p in store.directory.iterdir()) == ["kept", "state.json"]
     state = store.load("long")
     assert state.epochs_done == 40
     assert store.checkpoint_path(state).read_bytes() == b"long after 40"
     assert sorted(p.name for p in store.directory.iterdir()) == ["epoch-00040.keras", "state.json"]
-    # Another training meanwhile: the stray checkpoint goes with its own state.
+    # The same kill, then a training of other settings first: it sets the state aside
+    # whole (it would have deleted a checkpoint left in place without its state.json).
+    assert store.load("quick") is None
+    take_back_killed_after_one_file(store, "long", monkeypatch)
+    assert store.load("quick") is None
     killed_after(store, "quick", 1, "RUN2")
+    store.clear()  # the quick one finished
+    state = store.load("long")
+    assert state.epochs_done == 40
+    assert store.checkpoint_path(state).read_bytes() == b"long after 40"
     assert store.discarded == []
+
+
+def test_a_state_that_fails_to_read_is_kept_and_the_training_stops(tmp_path, monkeypatch):
+    """EIO on a network disk is not a state of another version: deleting 40 epochs for it
+    would be wrong, so training stops in one line and leaves everything."""
+    from pathlib import Path
+
+    from pipeline.resume import StateStore
+
+    store = StateStore(tmp_path / "state")
+    killed_after(store, "long", 40, "RUN1")
+    real_read_text = Path.read_text
+
+    def read_text(path, *args, **kwargs):
+        if path.name == "state.json":
+            raise OSError(5, "Input/output error")
+        return real_read_text(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", read_text)
+    with pytest.raises(PipelineError) as error:
+        store.load("long")
+    monkeypatch.undo()
+    assert str(error.value) == (
+        f"cannot read the recovery state {store.directory / 'state.json'} (Input/output "
+        f"error); nothing was deleted: fix that and run again, or remove {store.directory} "
+        "to train from the start"
+    )
+    assert store.load("long").epochs_done == 40 and store.discarded == []
 
 
 def test_an_unreadable_state_is_discarded_saying_so_and_its_run_ended(tmp_path, capsys):
