@@ -379,8 +379,10 @@ def build_network(params: Params, meta: dict):
 
 
 # The code that decides what a training computes, by module: the network and its loss,
-# the input and augmentation, the optimizer and schedule, SAM, and the compiled model.
-# Only these functions and classes of model.py, optimizer.py and this module: a fix in
+# the input and augmentation, the optimizer and schedule, SAM, the compiled model, and the
+# multi-worker step. Only these functions, classes and constants (a constant a function
+# reads is not in the function's source) of model.py, optimizer.py, distributed.py and
+# this module: a fix in
 # their logging, progress lines, loading or recovery code (restored_model, agreeing) keeps a
 # recovery state (a crash fixed after 40 epochs must not cost the 40), and so do edits of
 # comments and docstrings: the digest is of the code's syntax tree without them.
@@ -391,8 +393,10 @@ TRAINING_CODE = {
     "pipeline/data.py": None,  # None: the whole module
     "pipeline/optimizer.py": (
         "AgreedLossScaleOptimizer", "make_schedule", "make_optimizer", "decay_only",
+        "NOT_KERNELS",
     ),
     "pipeline/sam.py": None,
+    "pipeline/distributed.py": ("agree_on_overflow", "fit_workers"),
     "pipeline/train.py": ("compiled_model", "build_network"),
 }  # fmt: skip
 
@@ -407,7 +411,12 @@ def code_digest() -> dict[str, str]:
     for path, names in TRAINING_CODE.items():
         module = importlib.import_module(path.removesuffix(".py").replace("/", "."))
         parts = [module] if names is None else [getattr(module, name) for name in names]
-        trees = [_without_docstrings(inspect.getsource(part)) for part in parts]
+        trees = [
+            _without_docstrings(inspect.getsource(part))
+            if inspect.ismodule(part) or inspect.isclass(part) or inspect.isfunction(part)
+            else repr(part)  # a constant
+            for part in parts
+        ]
         digest[path] = hashlib.sha256("".join(trees).encode()).hexdigest()[:16]
     return digest
 
@@ -600,8 +609,9 @@ def start_run(params: Params, state, store, device: Device) -> None:
             raise PipelineError(
                 f"cannot write the recovery state in {store.directory} ({error})"
             ) from None
-    if state.run_id != previous or not state.epochs_done:  # those a kill kept it from logging
-        tracking.log_params({**logged_params(params), "train.precision_resolved": device.precision})
+    # Every start: a kill while a new run's params were being logged leaves the rest to a
+    # rerun, which then continues that run (log_params adds only those it lacks).
+    tracking.log_params({**logged_params(params), "train.precision_resolved": device.precision})
     if state.epochs_done:
         print(f"train: resuming after epoch {state.epochs_done} in MLflow run {state.run_id}")
         tracking.backfill_metrics(state.run_id, state.history)

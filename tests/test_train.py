@@ -573,23 +573,26 @@ def test_the_code_a_state_must_match_is_what_computes_the_training(monkeypatch):
     epoch's end in last_step_rate, say) keeps its epochs."""
     import inspect
 
-    from pipeline import model, optimizer, train
+    from pipeline import distributed, model, optimizer, train
     from pipeline.train import TRAINING_CODE, code_digest
 
     digest = code_digest()
     assert sorted(digest) == sorted(TRAINING_CODE) == [
-        "pipeline/data.py", "pipeline/model.py", "pipeline/optimizer.py", "pipeline/sam.py",
-        "pipeline/train.py",
+        "pipeline/data.py", "pipeline/distributed.py", "pipeline/model.py",
+        "pipeline/optimizer.py", "pipeline/sam.py", "pipeline/train.py",
     ]  # fmt: skip
     stage = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["train"]
     assert set(digest) <= set(stage["deps"])  # each edit reruns the stage, then decides
     assert code_digest() == digest  # the same code, the same digest
 
     real = inspect.getsource
-    edited = {model.crossentropy, optimizer.make_schedule, train.compiled_model}
+    edited = {
+        model.crossentropy, optimizer.make_schedule, train.compiled_model,
+        distributed.fit_workers,
+    }  # fmt: skip
     untouched = {
         optimizer.last_step_rate, optimizer.agreeing, model.load_saved_model,
-        train.StepProgress, train.restored_model,
+        train.StepProgress, train.restored_model, distributed.check_same_start,
     }  # fmt: skip
 
     def source_after(edit, change="edited = True\n"):
@@ -605,6 +608,11 @@ def test_the_code_a_state_must_match_is_what_computes_the_training(monkeypatch):
                            else set()), part.__qualname__  # fmt: skip
     monkeypatch.setattr(inspect, "getsource", source_after(__import__("pipeline.data").data))
     assert {p for p, v in code_digest().items() if v != digest[p]} == {"pipeline/data.py"}
+    monkeypatch.setattr(inspect, "getsource", real)
+    # A constant a function reads: decay_only's source is the same, what it spares is not.
+    monkeypatch.setattr(optimizer, "NOT_KERNELS", ("gamma", "beta"))
+    assert {p for p, v in code_digest().items() if v != digest[p]} == {"pipeline/optimizer.py"}
+    monkeypatch.undo()
 
     # A comment or a docstring reworded (a `git pull` of a typo fix) keeps the state.
     monkeypatch.setattr(inspect, "getsource", source_after(train.compiled_model, "# edited\n"))
@@ -1499,6 +1507,27 @@ def test_evaluate_stops_before_its_work_if_the_training_run_is_not_in_the_store(
             f"models/model_info.json names MLflow run {gone}, which is deleted or not in the "
             "tracking store sqlite:///"
         )
+
+
+def test_a_resumed_run_gets_the_params_a_kill_kept_it_from_logging(
+    mlflow_store, raw_params, tmp_path
+):
+    """A replacement run (the first one deleted) killed while its params were logged: the
+    rerun continues it after epoch 3, and logs what it lacks."""
+    from pipeline.device import Device
+    from pipeline.resume import StateStore, TrainState
+    from pipeline.train import start_run
+
+    params = parse_params(raw_params)
+    run_id = mlflow_store.create_run(mlflow_store.create_experiment("e")).info.run_id
+    mlflow_store.log_param(run_id, "train.epochs", params.train.epochs)  # cut short there
+    history = [{"epoch": e, "loss": 1.0 / e} for e in (1, 2, 3)]
+    state = TrainState("f", run_id, 3, history=history, checkpoint="epoch-00003.keras")
+    start_run(params, state, StateStore(tmp_path / "state"), Device("CPU", 1, "float32", False))
+    mlflow.end_run()
+    logged = mlflow_store.get_run(run_id).data.params
+    assert logged["train.learning_rate"] == str(params.train.learning_rate)
+    assert logged["train.precision_resolved"] == "float32"
 
 
 @pytest.mark.parametrize(
