@@ -8,7 +8,9 @@ fix, with no traceback. Anything else is a bug and raises normally.
 from __future__ import annotations
 
 import functools
+import signal
 import sys
+import threading
 from collections.abc import Callable
 
 
@@ -16,24 +18,41 @@ class PipelineError(Exception):
     """An error the user can fix; its message says what happened and what to do."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`docker stop`, a batch scheduler's preemption, `kill`), raised like Ctrl-C
+    so the stage stops the same way: its MLflow run marked KILLED, not left RUNNING."""
+
+
+def _terminated(signum, frame):
+    raise Terminated
+
+
 def cli(main: Callable[..., int | None]) -> Callable[..., int]:
-    """Run a stage's main, turning a PipelineError into one line on stderr and exit 1."""
+    """Run a stage's main, turning a PipelineError into one line on stderr and exit 1, and
+    Ctrl-C or SIGTERM into a run marked KILLED and exit 130 or 143."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs) -> int:
+        # Python runs the handler between two bytecodes: within a training step's time.
+        in_main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, _terminated) if in_main else None
         try:
             return main(*args, **kwargs) or 0
         except PipelineError as error:
             end_mlflow_run("FAILED")
             print(f"error: {error}", file=sys.stderr, flush=True)
             return 1
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as interrupt:
             end_mlflow_run("KILLED")
-            print("interrupted", file=sys.stderr, flush=True)
-            return 130
+            terminated = isinstance(interrupt, Terminated)
+            print("terminated" if terminated else "interrupted", file=sys.stderr, flush=True)
+            return 128 + (signal.SIGTERM if terminated else signal.SIGINT)
         except Exception:
             end_mlflow_run("FAILED")
             raise
+        finally:
+            if in_main and previous is not None:  # None: set outside Python
+                signal.signal(signal.SIGTERM, previous)
 
     return wrapper
 

@@ -22,7 +22,7 @@ import yaml
 
 from pipeline.config import ParamsError, flatten, parse_params
 from pipeline.distributed import peers_reachable
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, Terminated
 from pipeline.optimizer import make_optimizer, make_schedule
 from pipeline.train import (
     HISTORY_COLUMNS,
@@ -1509,6 +1509,27 @@ def test_evaluate_stops_before_its_work_if_the_training_run_is_not_in_the_store(
         )
 
 
+def test_sigterm_stops_a_stage_as_ctrl_c_does():
+    """`docker stop` or a scheduler's preemption: one line and exit 143, not a silent death
+    that leaves the MLflow run RUNNING."""
+    script = (
+        "import time; from pipeline.errors import cli\n"
+        "@cli\n"
+        "def main():\n"
+        "    print('ready', flush=True)\n"
+        "    time.sleep(60)\n"
+        "raise SystemExit(main())\n"
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert child.stdout.readline() == "ready\n"
+    child.send_signal(signal.SIGTERM)
+    _, err = child.communicate(timeout=30)
+    assert (child.returncode, err) == (143, "terminated\n")
+
+
 def test_a_resumed_run_gets_the_params_a_kill_kept_it_from_logging(
     mlflow_store, raw_params, tmp_path
 ):
@@ -1533,7 +1554,7 @@ def test_a_resumed_run_gets_the_params_a_kill_kept_it_from_logging(
 @pytest.mark.parametrize(
     ("raised", "status", "code"),
     [(PipelineError("bad input"), "FAILED", 1), (KeyboardInterrupt(), "KILLED", 130),
-     (RuntimeError("a bug"), "FAILED", None)],
+     (Terminated(), "KILLED", 143), (RuntimeError("a bug"), "FAILED", None)],
 )  # fmt: skip
 def test_a_stage_that_stops_early_marks_its_mlflow_run(mlflow_store, raised, status, code):
     """Not FINISHED, as MLflow's exit hook would have it: `mlflow ui` shows what happened."""
