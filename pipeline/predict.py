@@ -60,6 +60,8 @@ def load_image(path: Path, size: int) -> np.ndarray:
             return np.asarray(image, dtype=np.uint8)
     except FileNotFoundError:
         raise ValueError("no such file") from None
+    except NotADirectoryError:  # a/b.png where a is a file
+        raise ValueError("no such file (a folder in its path is a file)") from None
     except IsADirectoryError:  # main expands folders: only one without images gets here
         raise ValueError(
             "a folder with no PNG, JPEG, BMP or GIF files directly in it (name other "
@@ -71,8 +73,11 @@ def load_image(path: Path, size: int) -> np.ndarray:
         raise ValueError("not an image Pillow can read (PNG, JPEG, ...)") from None
     except Image.DecompressionBombError as error:  # would take gigabytes to decode
         raise ValueError(f"too large to decode safely ({error})") from None
-    except (OSError, SyntaxError) as error:  # truncated or corrupt data
-        raise ValueError(f"corrupt image ({error})") from None
+    except (OSError, SyntaxError) as error:
+        if isinstance(error, OSError) and error.errno is not None and error.strerror:
+            # The file system's (a name too long, a disk error); Pillow's own carry no errno.
+            raise ValueError(f"cannot be read ({error.strerror})") from None
+        raise ValueError(f"corrupt image ({error})") from None  # truncated or corrupt data
     except ValueError:  # this function's own, worded for the user
         raise
     except Exception as error:  # any other decoder failure is this file's, not the run's
@@ -206,11 +211,17 @@ def _mlflow_predictor(uri: str) -> Predictor:
                 model = mlflow.pyfunc.load_model(uri, dst_path=download)
     except MlflowException as error:
         raise PipelineError(
-            f"cannot load model {uri}{where}: {tracking.redact(str(error).splitlines()[0])}"
+            f"cannot load model {uri}{where}: "
+            f"{tracking.redact((str(error).splitlines() or [''])[0])}"
         ) from None
     except ImportError as error:  # s3://, gs://, ... need their client package
         raise PipelineError(
             f"cannot load model {uri}: {error}; install the package it names"
+        ) from None
+    except Exception as error:  # a damaged MLmodel or model file: the model's, not ours
+        first = (str(error).splitlines() or [""])[0]
+        raise PipelineError(
+            f"cannot load model {uri}{where}: {type(error).__name__}: {tracking.redact(first)}"
         ) from None
     class_names = (model.metadata.metadata or {}).get("class_names")
     if not class_names:

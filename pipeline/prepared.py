@@ -52,14 +52,24 @@ def load_split(prepared_dir: Path, split: str) -> Split:
         ) from None
 
 
+# What prepare writes to meta.json, and train and evaluate read.
+META_KEYS = ("class_names", "image_size", "sizes", "mean", "std")
+
+
 def load_meta(prepared_dir: Path) -> dict:
     path = prepared_dir / paths.META_FILE
     try:
-        return json.loads(path.read_text())
+        meta = json.loads(path.read_text())
     except FileNotFoundError:
         raise PipelineError(f"{path}: not found; run `dvc repro prepare` first") from None
     except json.JSONDecodeError as error:
         raise PipelineError(f"{path}: not valid JSON ({error}); run `dvc repro prepare`") from None
+    missing = [k for k in META_KEYS if not isinstance(meta, dict) or k not in meta]
+    if missing:  # edited by hand, or another tool's
+        raise PipelineError(
+            f"{path}: not what prepare writes (no {', '.join(missing)}); run `dvc repro prepare`"
+        )
+    return meta
 
 
 def data_digest(*arrays: np.ndarray) -> str:

@@ -148,9 +148,11 @@ def _environment(**values: str):
 
 
 def quiet_mlflow_logs() -> None:
-    """Keep alembic's schema-migration chatter out of the stage's output."""
+    """Keep alembic's schema-migration chatter, and the tqdm bars of artifact transfers
+    that flood non-terminal logs, out of the stage's output."""
     for name in ("alembic", "mlflow.store.db.utils", "mlflow.tracking.fluent"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 def connect(root: Path) -> str:
@@ -164,8 +166,6 @@ def connect(root: Path) -> str:
 
     uri = tracking_uri(root)
     quiet_mlflow_logs()
-    # Artifact transfers draw tqdm bars that flood non-terminal logs.
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     mlflow.set_tracking_uri(uri)
     try:
         # Fail in seconds, not after MLflow's default 4 minutes of HTTP retries; a timeout

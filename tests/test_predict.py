@@ -102,6 +102,31 @@ def test_a_logged_model_folder_loads_outside_the_repository(tmp_path, monkeypatc
     assert not (tmp_path / "mlflow.db").exists()
 
 
+def test_a_logged_model_mlflow_cannot_parse_is_one_line(tmp_path, monkeypatch):
+    """A damaged MLmodel raises YAML's own error out of MLflow's loader, not MLflow's."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    logged = tmp_path / "logged"
+    logged.mkdir()
+    (logged / "MLmodel").write_text("flavors: [unclosed\n")
+    with pytest.raises(PipelineError) as error:
+        load_predictor(str(logged))
+    assert str(error.value).startswith(f"cannot load model {logged}: ParserError: ")
+    assert "\n" not in str(error.value)
+
+
+def test_a_path_through_a_file_or_unreadable_is_not_called_corrupt(tmp_path):
+    image = png(tmp_path / "x.png")
+    with pytest.raises(ValueError, match=r"^no such file \(a folder in its path is a file\)$"):
+        load_image(image / "y.png", 32)
+    with pytest.raises(ValueError, match=r"^cannot be read \(File name too long\)$"):
+        load_image(tmp_path / ("y" * 300 + ".png"), 32)
+    truncated = tmp_path / "cut.png"
+    truncated.write_bytes(image.read_bytes()[:200])
+    with pytest.raises(ValueError, match=r"^corrupt image \("):
+        load_image(truncated, 32)
+
+
 def save_pyfunc(folder, inputs, classes=3, names=("a", "b", "c")):
     """A pyfunc model with this input schema and `classes` outputs, in `folder`: equal
     probability for each class."""

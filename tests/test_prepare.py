@@ -306,3 +306,22 @@ def test_the_test_set_digest_is_of_the_images_and_their_classes_in_any_order():
     # The same classes listed in another order, labels following: the same test set.
     swapped = np.array([1, 0, 2])[labels]
     assert digest_of_test_set(images, swapped, ["dog", "cat", "ship"]) == digest
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('{"class_names": ["a"]}', "(no image_size, sizes, mean, std)"),
+        ("[1, 2]", "(no class_names, image_size, sizes, mean, std)"),
+    ],
+)
+def test_a_meta_json_prepare_did_not_write_is_one_line(tmp_path, text, message):
+    """Hand-edited or another tool's: not a KeyError deep in train or evaluate."""
+    from pipeline.prepared import load_meta
+
+    (tmp_path / paths.META_FILE).write_text(text)
+    with pytest.raises(PipelineError) as error:
+        load_meta(tmp_path)
+    assert str(error.value) == (
+        f"{tmp_path / paths.META_FILE}: not what prepare writes {message}; run `dvc repro prepare`"
+    )
