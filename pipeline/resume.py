@@ -20,6 +20,7 @@ looked for on both sides: a kill during a move loses nothing.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -270,9 +271,10 @@ class StateStore:
                 (self.directory / state.checkpoint).unlink(missing_ok=True)
                 state.checkpoint = old
             then = f"resumes after epoch {done}" if done else "starts epoch 1 again"
+            fix = "free disk space" if error.errno == errno.ENOSPC else "fix that"
             raise PipelineError(
                 f"cannot save the recovery state of epoch {epoch} in {self.directory} "
-                f"({error.strerror or error}); free disk space and run again: the training "
+                f"({error.strerror or error}); {fix} and run again: the training "
                 f"{then}"
             ) from None
         if old and old != state.checkpoint:

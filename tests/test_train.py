@@ -328,7 +328,9 @@ def test_a_full_disk_at_a_checkpoint_keeps_the_last_whole_epoch(tmp_path, monkey
     state = store.load("f")
     state.epochs_done = 4
     monkeypatch.setattr(files, "fsync", fsync_folder_fails)
-    with pytest.raises(PipelineError, match=r"Input/output error\); .* resumes after epoch 4$"):
+    with pytest.raises(
+        PipelineError, match=r"Input/output error\); fix that and run again: .* after epoch 4$"
+    ):
         store.save(state, Saved())
     monkeypatch.undo()
     assert store.load("f").epochs_done == 4
