@@ -41,7 +41,7 @@ def augment_transforms(
     if augment.interpolation == "nearest":
         # Whole pixels, every offset in -k..k equally likely, as pad-and-crop draws them
         # (rounding a uniform draw would give the two largest half the others' share).
-        k = math.floor(max_shift + 1e-6)
+        k = round(max_shift)  # a whole number within 1e-3 (pipeline.config checks)
         shift_x, shift_y = (
             tf.cast(tf.random.stateless_uniform([batch], s, -k, k + 1, tf.int32), tf.float32)
             for s in (seeds[1], seeds[2])

@@ -34,8 +34,13 @@ def cli(main: Callable[..., int | None]) -> Callable[..., int]:
     @functools.wraps(main)
     def wrapper(*args, **kwargs) -> int:
         # Python runs the handler between two bytecodes: within a training step's time.
-        in_main = threading.current_thread() is threading.main_thread()
-        previous = signal.signal(signal.SIGTERM, _terminated) if in_main else None
+        # Only over the default: a SIGTERM ignored by whoever started us stays ignored.
+        install = (
+            threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+        )
+        if install:
+            signal.signal(signal.SIGTERM, _terminated)
         try:
             return main(*args, **kwargs) or 0
         except PipelineError as error:
@@ -51,8 +56,8 @@ def cli(main: Callable[..., int | None]) -> Callable[..., int]:
             end_mlflow_run("FAILED")
             raise
         finally:
-            if in_main and previous is not None:  # None: set outside Python
-                signal.signal(signal.SIGTERM, previous)
+            if install:
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
     return wrapper
 

@@ -4,6 +4,7 @@ then read as if it were complete."""
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,7 +29,8 @@ def partial_path(path: Path) -> Path:
 @contextmanager
 def replacing(path: Path) -> Iterator[Path]:
     """Yield the path to write `path`'s new content to; once written, flush it to disk and
-    rename it over `path`. On an error the partial file is removed and `path` untouched."""
+    rename it over `path`. On an error before the rename the partial file is removed and
+    `path` untouched; one flushing the folder afterwards is raised with `path` new."""
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = partial_path(path)
     try:
@@ -38,7 +40,13 @@ def replacing(path: Path) -> Iterator[Path]:
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
-    fsync(path.parent)  # the rename itself
+    try:
+        fsync(path.parent)  # the rename itself
+    except OSError as error:
+        # Some network and FUSE file systems cannot flush a folder (PostgreSQL tolerates
+        # these too); there the rename is as durable as they make it.
+        if error.errno not in (errno.EINVAL, errno.EBADF, errno.ENOTSUP):
+            raise
 
 
 def write_text(path: Path, text: str) -> None:

@@ -359,8 +359,10 @@ def _decode_chunk(payloads: list[bytes], size: int) -> tuple[np.ndarray, list[tu
 
 
 def _ignore_sigint() -> None:
-    """Workers leave Ctrl-C to the stage, which stops them: one message, not one per worker."""
+    """Workers leave Ctrl-C to the stage, which stops them: one message, not one per worker.
+    SIGTERM too: forked, they would inherit the stage's handler (pipeline.errors.cli)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def decode_images(

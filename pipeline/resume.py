@@ -14,8 +14,9 @@ set aside are kept, older ones discarded.
 Writes are ordered so that the state on disk is always consistent: the new
 checkpoint is written under its own name, then `state.json` is atomically
 replaced to point at it, then the old checkpoint is removed. A state moves
-to and from kept/ a file at a time, `state.json` last, and its checkpoint is
-looked for on both sides: a kill during a move loses nothing.
+to and from kept/ a file at a time, `state.json` last out of the state folder
+and first into it, and its checkpoint is looked for on both sides: a kill
+during a move loses nothing.
 """
 
 from __future__ import annotations
@@ -148,7 +149,7 @@ class StateStore:
             raise PipelineError(
                 f"cannot read the recovery state {directory / STATE_FILE} "
                 f"({error.strerror or error}); nothing was deleted: fix that and run again, "
-                f"or remove {self.directory} to train from the start"
+                "or delete that file to give up the state"
             ) from None
         try:
             return TrainState(**json.loads(text))
@@ -235,7 +236,11 @@ class StateStore:
             aside.append(folder)
         aside.sort(key=lambda d: (d / STATE_FILE).stat().st_mtime, reverse=True)
         for old in aside[KEEP_ASIDE:]:
-            dropped = self._read(old)  # None: unreadable, discarded already
+            try:
+                dropped = self._read(old)  # None: unreadable, discarded already
+            except PipelineError as error:  # an old state's trouble: not this training's
+                print(f"train: warning: {error}", flush=True)
+                continue
             if dropped is not None:
                 reason = f"more than {KEEP_ASIDE} states set aside; the oldest"
                 self._discard(dropped, reason, old)
@@ -271,7 +276,8 @@ class StateStore:
                 (self.directory / state.checkpoint).unlink(missing_ok=True)
                 state.checkpoint = old
             then = f"resumes after epoch {done}" if done else "starts epoch 1 again"
-            fix = "free disk space" if error.errno == errno.ENOSPC else "fix that"
+            full = error.errno in (errno.ENOSPC, errno.EDQUOT)
+            fix = "free disk space" if full else "fix that"
             raise PipelineError(
                 f"cannot save the recovery state of epoch {epoch} in {self.directory} "
                 f"({error.strerror or error}); {fix} and run again: the training "

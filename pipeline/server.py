@@ -52,7 +52,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.errors import PipelineError, cli
+from pipeline.errors import PipelineError, Terminated, cli
 from pipeline.tracking import redact
 
 PERMISSIONS = ("READ", "USE", "EDIT", "MANAGE", "NO_PERMISSIONS")
@@ -381,8 +381,9 @@ def main(argv: list[str] | None = None) -> None:
         raise PipelineError(f"mlflow server: {error.message}{hint}") from None
     except click.ClickException as error:  # a bad option after `--`
         raise PipelineError(f"mlflow server: {error.format_message()}") from None
-    except click.exceptions.Abort:  # click's name for Ctrl-C before the workers ran
-        raise KeyboardInterrupt from None
+    except click.exceptions.Abort as error:  # click's for Ctrl-C before the workers ran
+        stopped = error.__context__  # click turns SIGTERM's Terminated into Abort too
+        raise (stopped if isinstance(stopped, Terminated) else KeyboardInterrupt()) from None
     if problem := exit_problem(started):
         raise PipelineError(f"mlflow server: {problem}")
 

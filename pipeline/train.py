@@ -414,11 +414,21 @@ def code_digest() -> dict[str, str]:
         trees = [
             _without_docstrings(inspect.getsource(part))
             if inspect.ismodule(part) or inspect.isclass(part) or inspect.isfunction(part)
-            else repr(part)  # a constant
+            else _literal(part)
             for part in parts
         ]
         digest[path] = hashlib.sha256("".join(trees).encode()).hexdigest()[:16]
     return digest
+
+
+def _literal(constant) -> str:
+    """A constant as text that is the same in every process: plain values only (a set's
+    order changes with the hash seed, an object's default repr with its address)."""
+    if isinstance(constant, tuple | list):
+        return "(" + ",".join(_literal(c) for c in constant) + ")"
+    if constant is None or isinstance(constant, str | int | float | bool):
+        return repr(constant)
+    raise TypeError(f"TRAINING_CODE: {constant!r} is not a plain constant to digest")
 
 
 def _without_docstrings(source: str) -> str:

@@ -176,6 +176,17 @@ IMAGEFOLDER = {"data.format": "imagefolder", "data.url": "file:///data/pets", "d
             "4/32 = 0.125, got 0.1",
         ),
         (
+            {
+                **IMAGEFOLDER,
+                "data.image_size": 96,
+                "train.augment.interpolation": "nearest",
+                "train.augment.shift": 0.1,
+            },
+            "train.augment.shift: must be a whole number of pixels with interpolation nearest, "
+            "which shifts by whole pixels: 0.1 of 96 pixels is 9.6; 9/96 = 0.09375 or "
+            "10/96 = 0.104167, got 0.1",
+        ),  # fmt: skip
+        (
             {"train.learning_rate": 2, "train.weight_decay": 0.5},
             "train.weight_decay: must be below 1 / train.learning_rate (0.5): each step shrinks "
             "every weight by learning_rate * weight_decay of itself, got 0.5",
@@ -188,6 +199,15 @@ def test_checks_that_depend_on_the_format(raw_params, overrides, message):
     with pytest.raises(ParamsError) as error:
         parse_params(raw_params)
     assert str(error.value).startswith(message)
+
+
+def test_a_suggested_whole_pixel_shift_is_accepted_as_printed(raw_params):
+    """The message's six digits of 10/96 are 10.00003 px: within the check's slack."""
+    for key, value in {**IMAGEFOLDER, "data.image_size": 96,
+                       "train.augment.interpolation": "nearest",
+                       "train.augment.shift": 0.104167}.items():  # fmt: skip
+        raw_params = with_value(raw_params, key, value)
+    assert parse_params(raw_params).train.augment.shift == 0.104167
 
 
 def test_imagefolder_takes_any_size_and_leaves_the_val_size_bound_to_prepare(raw_params):

@@ -36,7 +36,7 @@ import pytest
 from PIL import Image
 
 from pipeline import server as launcher
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, Terminated
 from tests.repo import ROOT, TINY, Background, dvc, free_port, make_repo, run, set_params, stage_env
 
 # MLflow's server module imports a deprecated Starlette module; not ours to fix.
@@ -241,15 +241,22 @@ def test_a_store_error_quoting_a_uri_with_a_password_is_shown_without_it():
     )
 
 
+@pytest.mark.parametrize(
+    ("signal_error", "code", "said"), [(KeyboardInterrupt, 130, "interrupted"),
+                                         (Terminated, 143, "terminated")],
+)  # fmt: skip
 def test_ctrl_c_while_the_server_starts_is_an_interruption_not_a_traceback(
-    tmp_path, monkeypatch, capsys
+    tmp_path, monkeypatch, capsys, signal_error, code, said
 ):
     from mlflow.cli import server as mlflow_server
 
-    def interrupted(args, **kwargs):  # click turns Ctrl-C into Abort when not standalone
+    def interrupted(args, **kwargs):  # click turns Ctrl-C (or SIGTERM's) into Abort
         import click
 
-        raise click.exceptions.Abort()
+        try:
+            raise signal_error
+        except KeyboardInterrupt:
+            raise click.exceptions.Abort() from None
 
     monkeypatch.setattr(mlflow_server, "main", interrupted)
     for name in (
@@ -261,7 +268,7 @@ def test_ctrl_c_while_the_server_starts_is_an_interruption_not_a_traceback(
         "--backend-store-uri", f"sqlite:///{tmp_path / 'runs.db'}",
         "--artifacts-destination", str(tmp_path / "artifacts"), "--state-dir", str(tmp_path / "s"),
     ])  # fmt: skip
-    assert status == 130 and capsys.readouterr().err.strip().endswith("interrupted")
+    assert (status, capsys.readouterr().err.strip().splitlines()[-1]) == (code, said)
 
 
 def test_an_unreachable_database_fails_in_one_line_without_its_password():

@@ -614,6 +614,9 @@ def test_the_code_a_state_must_match_is_what_computes_the_training(monkeypatch):
     # A constant a function reads: decay_only's source is the same, what it spares is not.
     monkeypatch.setattr(optimizer, "NOT_KERNELS", ("gamma", "beta"))
     assert {p for p, v in code_digest().items() if v != digest[p]} == {"pipeline/optimizer.py"}
+    monkeypatch.setattr(optimizer, "NOT_KERNELS", {"gamma", "beta"})  # order: the hash seed's
+    with pytest.raises(TypeError, match="is not a plain constant to digest"):
+        code_digest()
     monkeypatch.undo()
 
     # A comment or a docstring reworded (a `git pull` of a typo fix) keeps the state.
@@ -1365,8 +1368,9 @@ def take_back_killed_after_one_file(store, fingerprint: str, monkeypatch) -> Non
 
 
 def test_a_kill_while_a_state_moves_loses_nothing(tmp_path, capsys, monkeypatch):
-    """A state moves a file at a time, state.json last: killed between two files, the
-    checkpoint is found on the other side and the move is finished on the next load."""
+    """A state moves a file at a time, state.json last out of the state folder and first
+    into it: killed between two files, the checkpoint is found on the other side and the
+    move is finished on the next load."""
     import os
 
     from pipeline.resume import StateStore
@@ -1426,8 +1430,8 @@ def test_a_state_that_fails_to_read_is_kept_and_the_training_stops(tmp_path, mon
     monkeypatch.undo()
     assert str(error.value) == (
         f"cannot read the recovery state {store.directory / 'state.json'} (Input/output "
-        f"error); nothing was deleted: fix that and run again, or remove {store.directory} "
-        "to train from the start"
+        "error); nothing was deleted: fix that and run again, or delete that file to give up "
+        "the state"
     )
     assert store.load("long").epochs_done == 40 and store.discarded == []
 
@@ -1530,6 +1534,16 @@ def test_sigterm_stops_a_stage_as_ctrl_c_does():
     child.send_signal(signal.SIGTERM)
     _, err = child.communicate(timeout=30)
     assert (child.returncode, err) == (143, "terminated\n")
+    # One started with SIGTERM ignored (nohup-like launchers) keeps ignoring it.
+    ignoring = "import signal; signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+    script = ignoring + script.replace("time.sleep(60)", "time.sleep(2)")
+    child = subprocess.Popen(
+        [sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert child.stdout.readline() == "ready\n"
+    child.send_signal(signal.SIGTERM)
+    assert child.wait(timeout=30) == 0
 
 
 def test_a_resumed_run_gets_the_params_a_kill_kept_it_from_logging(
