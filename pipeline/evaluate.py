@@ -302,21 +302,23 @@ def main(argv: list[str] | None = None) -> None:
     check_model_fits(info, meta, training_digests(info, test, meta["class_names"]))
     class_names = info["class_names"]
 
-    from pipeline import tracking
-
-    root = tracking.repository_root()
-    tracking.connect(root)  # fail before the work if the store is unreachable
-    with tracking.reported(f"cannot read MLflow run {info['run_id']}", "nothing was evaluated"):
-        tracking.check_run(info["run_id"], paths.MODEL_INFO)  # the store may not have it
-
     from pipeline.model import load_saved_model, predict_batches
 
+    # The model before the store: a missing or damaged one is the problem to report, even
+    # with the store down, and a fresh clone gets no mlflow.db from a stage that cannot run.
     started = time.perf_counter()
     try:
         model = load_saved_model(paths.MODEL_FILE)
     except FileNotFoundError:
         raise PipelineError(f"{paths.MODEL_FILE}: not found; run `dvc repro train` first") from None
     check_model_matches_info(model, info)
+
+    from pipeline import tracking
+
+    root = tracking.repository_root()
+    tracking.connect(root)  # fail before the work if the store is unreachable
+    with tracking.reported(f"cannot read MLflow run {info['run_id']}", "nothing was evaluated"):
+        tracking.check_run(info["run_id"], paths.MODEL_INFO)  # the store may not have it
     passes = SHIFT_TTA_VIEWS if cfg.shift_tta else 2 if cfg.flip_tta else 1
     done = []  # seconds each pass over the test set took
 
