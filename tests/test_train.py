@@ -1515,6 +1515,17 @@ def test_evaluate_stops_before_its_work_if_the_training_run_is_not_in_the_store(
         )
 
 
+def sigterm_when_ready(script: str) -> subprocess.Popen:
+    """Run `script`, wait for its "ready" line, send it SIGTERM."""
+    child = subprocess.Popen(
+        [sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert child.stdout.readline() == "ready\n"
+    child.send_signal(signal.SIGTERM)
+    return child
+
+
 def test_sigterm_stops_a_stage_as_ctrl_c_does():
     """`docker stop` or a scheduler's preemption: one line and exit 143, not a silent death
     that leaves the MLflow run RUNNING."""
@@ -1526,23 +1537,12 @@ def test_sigterm_stops_a_stage_as_ctrl_c_does():
         "    time.sleep(60)\n"
         "raise SystemExit(main())\n"
     )
-    child = subprocess.Popen(
-        [sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    assert child.stdout.readline() == "ready\n"
-    child.send_signal(signal.SIGTERM)
+    child = sigterm_when_ready(script)
     _, err = child.communicate(timeout=30)
     assert (child.returncode, err) == (143, "terminated\n")
     # One started with SIGTERM ignored (nohup-like launchers) keeps ignoring it.
     ignoring = "import signal; signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
-    script = ignoring + script.replace("time.sleep(60)", "time.sleep(2)")
-    child = subprocess.Popen(
-        [sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    assert child.stdout.readline() == "ready\n"
-    child.send_signal(signal.SIGTERM)
+    child = sigterm_when_ready(ignoring + script.replace("time.sleep(60)", "time.sleep(2)"))
     assert child.wait(timeout=30) == 0
 
 
