@@ -49,6 +49,13 @@ def replacing(path: Path) -> Iterator[Path]:
             raise
 
 
-def write_text(path: Path, text: str) -> None:
+def write_text(path: Path, text: str, private: bool = False) -> None:
+    """`private`: owner-only (0600) from its first byte, for secrets and what names them."""
     with replacing(path) as partial:
-        partial.write_text(text)
+        if not private:
+            partial.write_text(text)
+            return
+        descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.chmod(partial, 0o600)  # also when a kill left one with wider permissions
+        with os.fdopen(descriptor, "w") as file:
+            file.write(text)

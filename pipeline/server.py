@@ -52,6 +52,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline import files
 from pipeline.errors import PipelineError, Terminated, cli
 from pipeline.tracking import redact
 
@@ -248,7 +249,7 @@ def write_auth_config(cfg: ServerConfig) -> Path:
         f"admin_username = {cfg.admin_username}\n"
         "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
     )
-    _write_private(path, text)
+    files.write_text(path, text, private=True)
     return path
 
 
@@ -260,20 +261,8 @@ def secret_key(state_dir: Path) -> str:
     if path.exists() and (kept := path.read_text().strip()):
         return kept
     key = secrets.token_hex(32)  # also for an empty file, which MLflow would refuse
-    _write_private(path, key + "\n")
+    files.write_text(path, key + "\n", private=True)
     return key
-
-
-def _write_private(path: Path, text: str) -> None:
-    """Owner-only, and whole: written beside, then renamed over, so a full disk or a kill
-    midway leaves the old file (or none), never an empty one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
-    descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    os.chmod(partial, 0o600)  # also when a leftover existed with wider permissions
-    with os.fdopen(descriptor, "w") as file:
-        file.write(text)
-    os.replace(partial, path)
 
 
 def mlflow_server_args(cfg: ServerConfig) -> list[str]:

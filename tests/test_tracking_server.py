@@ -35,6 +35,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from pipeline import files
 from pipeline import server as launcher
 from pipeline.errors import PipelineError, Terminated
 from tests.repo import ROOT, TINY, Background, dvc, free_port, make_repo, run, set_params, stage_env
@@ -163,7 +164,7 @@ def test_an_empty_or_half_written_secret_key_does_not_block_the_next_start(tmp_p
 
     monkeypatch.setattr(launcher.os, "replace", killed)
     with pytest.raises(OSError, match="No space left"):
-        launcher._write_private(kept, "other\n")
+        files.write_text(kept, "other\n", private=True)
     assert kept.read_text() == key + "\n"  # the key in use is whole
 
 
