@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -179,6 +180,15 @@ def peers_reachable() -> Iterator[None]:
     except (tf.errors.UnavailableError, tf.errors.DeadlineExceededError,
             tf.errors.CancelledError, tf.errors.InternalError) as error:  # fmt: skip
         first = str(error).splitlines()[0] if str(error) else ""
+        # TensorFlow sizes a collective group by each worker's own devices: one worker
+        # with another GPU count, or none, makes the first all-reduce malformed, before
+        # check_same_start can compare anything (tensorflow/tensorflow#47203, #60847).
+        if re.search(r"has group_size \d+ .* but that group has size|incompatible device", first):
+            raise PipelineError(
+                f"the workers have different numbers or kinds of devices ({type(error).__name__}: "
+                f"{first[:300]}); give every worker the same GPUs (CUDA_VISIBLE_DEVICES), or "
+                "none, and start them all again"
+            ) from None
         # An InternalError is a peer's collective aborting, or this worker's own kernel or
         # XLA fault, which a restart repeats: its whole first line, and both readings.
         own = isinstance(error, tf.errors.InternalError)

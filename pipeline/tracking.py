@@ -359,6 +359,11 @@ def prepared_data_hash(lock_file: Path = Path("dvc.lock")) -> str | None:
     return None
 
 
+# Set under `dvc exp run` only: a run resumed by a plain `dvc repro` (its model then lands
+# in the workspace, in no experiment) must not keep naming the experiment that started it.
+DVC_TAGS = ("dvc.exp_name", "dvc.baseline_rev")
+
+
 def run_tags() -> dict[str, str]:
     """Tags that lead from a run back to its exact code and data."""
     tags = {}
@@ -367,10 +372,7 @@ def run_tags() -> dict[str, str]:
         tags["git.commit"] = commit
         status = _git("status", "--porcelain", "--untracked-files=no")
         tags["git.dirty"] = str(bool(status)).lower()
-    for variable, tag in (
-        ("DVC_EXP_NAME", "dvc.exp_name"),
-        ("DVC_EXP_BASELINE_REV", "dvc.baseline_rev"),
-    ):
+    for variable, tag in zip(("DVC_EXP_NAME", "DVC_EXP_BASELINE_REV"), DVC_TAGS, strict=True):
         if os.environ.get(variable):
             tags[tag] = os.environ[variable]
     data_hash = prepared_data_hash()
@@ -524,11 +526,44 @@ def log_params(params: dict) -> None:
     mlflow.log_params({key: value for key, value in params.items() if key not in logged})
 
 
+def log_params_file(params: dict) -> None:
+    """The run's params as train/params.json, on every start of the run, before any epoch.
+
+    Also the run's first upload: MLflow opens a run's artifact store only then, so a
+    store that cannot take files (a folder this machine may not write, as the experiment
+    a teammate created on a shared database keeps theirs; an s3:// bucket without
+    credentials; a server whose --artifacts-destination is broken) stops the training
+    here, not after its last epoch when the model is logged.
+    """
+    import mlflow
+
+    where = redact(mlflow.get_artifact_uri())
+    try:
+        mlflow.log_dict(params, "train/params.json")
+    except Exception as error:  # artifact stores raise their own types (OSError, boto3's, ...)
+        if refused := _refusal(error):
+            raise TrackingError(
+                f"cannot store the run's artifacts: {refused}; then run `dvc repro` again"
+            ) from None
+        raise TrackingError(
+            f"cannot store the run's artifacts at {where} ({short_reason(error)}), so "
+            "neither its model; no epoch was trained by this attempt: fix the artifact store "
+            "(a folder this machine can write, the server's --artifacts-destination, "
+            "credentials) or wait until it answers, then run `dvc repro` again"
+        ) from None
+
+
 @retry_locked
-def set_tags(tags: dict[str, str]) -> None:
+def set_tags(tags: dict[str, str], unset: tuple[str, ...] = ()) -> None:
+    """Set `tags` on the active run and delete those of `unset` that `tags` lacks."""
     import mlflow
 
     mlflow.set_tags(tags)
+    run_id = mlflow.active_run().info.run_id
+    logged = mlflow.MlflowClient().get_run(run_id).data.tags
+    for key in unset:
+        if key in logged and key not in tags:
+            mlflow.delete_tag(key)
 
 
 @retry_locked

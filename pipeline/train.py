@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import hashlib
 import json
 import math
@@ -515,6 +516,8 @@ def run_training(
 
     cfg, cluster = params.train, cluster or Cluster()
     device = resolve_device(cfg)
+    if cluster.workers > 1:  # fit_workers runs its own tf.functions, which XLA does not compile
+        device = dataclasses.replace(device, jit_compile=False)
     if warning := emulation_warning(device):
         print(warning, file=sys.stderr, flush=True)
     gpus = device.count if device.kind == "GPU" else 1
@@ -541,10 +544,19 @@ def run_training(
         strategy.num_replicas_in_sync,
     )  # fmt: skip
     expected = resume_key(basis)
-    state = store.load(expected, basis) or TrainState(fingerprint=expected, basis=basis)
     if cluster.workers > 1:
         with peers_reachable():  # the first collective: a peer may die before any step
+            # Agree on what to train before the chief sets aside (or deletes) any state,
+            # and read a shared .train-state only once the chief has moved what it moves.
+            check_same_start(strategy, 0, expected)
+            state = store.load(expected, basis) if cluster.chief else None
+            check_same_start(strategy, 0, expected)
+            if not cluster.chief:
+                state = store.load(expected, basis)
+            state = state or TrainState(fingerprint=expected, basis=basis)
             check_same_start(strategy, state.epochs_done, expected)
+    else:
+        state = store.load(expected, basis) or TrainState(fingerprint=expected, basis=basis)
     with strategy.scope():
         model = compiled_model(params, meta, state, store, steps, device)
 
@@ -599,7 +611,7 @@ def run_training(
             validation_data=validation, callbacks=callbacks, verbose=0, shuffle=False,
         )  # fmt: skip
     if cluster.chief:
-        finish(params, meta, train, val, model, state, store, device, test_set)
+        finish(params, meta, train, val, model, state, store, device, test_set, cluster.workers)
 
 
 def start_run(params: Params, state, store, device: Device) -> None:
@@ -621,18 +633,29 @@ def start_run(params: Params, state, store, device: Device) -> None:
             ) from None
     # Every start: a kill while a new run's params were being logged leaves the rest to a
     # rerun, which then continues that run (log_params adds only those it lacks).
-    tracking.log_params({**logged_params(params), "train.precision_resolved": device.precision})
+    logged = {**logged_params(params), "train.precision_resolved": device.precision}
+    tracking.log_params(logged)
+    tracking.log_params_file(logged)  # the first upload: a broken artifact store stops us here
     if state.epochs_done:
         print(f"train: resuming after epoch {state.epochs_done} in MLflow run {state.run_id}")
         tracking.backfill_metrics(state.run_id, state.history)
     elif state.run_id == previous:
         print(f"train: starting again in MLflow run {state.run_id} (stopped during epoch 1)")
-    tracking.set_tags(tracking.run_tags())
+    tracking.set_tags(tracking.run_tags(), unset=tracking.DVC_TAGS)
+
+
+def rerun(workers: int) -> str:
+    """What resumes a training whose recovery state is kept. Under TF_CONFIG every worker
+    must start again: `dvc repro` on the chief alone would find a state for one worker
+    only, set it aside and train from epoch 1."""
+    if workers > 1:
+        return "`python -m pipeline.train` run again on every worker (the same TF_CONFIG)"
+    return "`dvc repro`"
 
 
 def finish(
     params: Params, meta: dict, train: Split, val: Split, model, state, store, device,
-    test_set: str | None = None,
+    test_set: str | None = None, workers: int = 1,
 ):  # fmt: skip
     """Chief only: save the model and metrics, log them to MLflow, clear the recovery state."""
     import keras
@@ -653,7 +676,7 @@ def finish(
     if state.model_uri is None:  # else a rerun: all was logged but the run's end
         with tracking.reported(
             "the training finished but could not be logged to MLflow",
-            "its recovery state is kept, so once the store answers `dvc repro` logs it "
+            f"its recovery state is kept, so once the store answers {rerun(workers)} logs it "
             "without training again",
         ):
             tracking.backfill_metrics(state.run_id, state.history)  # epochs an outage missed
@@ -679,8 +702,8 @@ def finish(
     files.write_text(paths.MODEL_INFO, json.dumps(info, indent=2) + "\n")
     with tracking.reported(
         "the training is logged to MLflow but its run could not be marked finished",
-        "its recovery state is kept, so once the store answers `dvc repro` marks it without "
-        "training or logging again",
+        f"its recovery state is kept, so once the store answers {rerun(workers)} marks it "
+        "without training or logging again",
     ):
         tracking.end_run(state.run_id)
     store.clear()

@@ -398,6 +398,21 @@ def test_resume_key_follows_the_training_params_and_the_data_by_content(raw_para
     ))  # fmt: skip
 
 
+def test_a_multi_worker_state_is_resumed_by_every_worker_not_by_dvc_repro(raw_params):
+    """A state records its workers: `dvc repro` on the chief alone sets it aside and trains
+    from epoch 1, so after a multi-worker training the hint names every worker."""
+    from pipeline.prepared import Split
+    from pipeline.resume import changes
+    from pipeline.train import rerun
+
+    params, meta = parse_params(raw_params), {"class_names": list("ab"), "sizes": {"train": 2}}
+    train = val = Split(np.zeros((2, 8, 8, 3), np.uint8), np.arange(2, dtype=np.int32))
+    workers = [resume_basis(params, meta, train, val, "float32", n, n) for n in (2, 1)]
+    assert "workers 2 -> 1" in changes(*workers)
+    assert rerun(1) == "`dvc repro`"
+    assert rerun(2) == "`python -m pipeline.train` run again on every worker (the same TF_CONFIG)"
+
+
 def test_a_failed_collective_becomes_one_clear_error():
     import tensorflow as tf
 
@@ -417,6 +432,18 @@ def test_a_failed_collective_becomes_one_clear_error():
     message = str(error.value)
     assert message.startswith("a training worker stopped or became unreachable, or this one failed")
     assert reason in message and message.endswith("the error is this one's own")
+    # Another GPU count on one worker: TensorFlow's words (#47203), not a dead peer.
+    reason = "Collective Op has group_size 8 and group_key 1 but that group has size 4"
+    with pytest.raises(PipelineError) as error, peers_reachable():
+        raise tf.errors.InternalError(None, None, reason + "\nEncountered when executing")
+    assert str(error.value) == (
+        f"the workers have different numbers or kinds of devices (InternalError: {reason}); "
+        "give every worker the same GPUs (CUDA_VISIBLE_DEVICES), or none, and start them all again"
+    )
+    reason = "Device /job:worker/replica:0/task:1/device:GPU:0 is joining a group with "
+    with pytest.raises(PipelineError) as error, peers_reachable():
+        raise tf.errors.InternalError(None, None, reason + "incompatible device typeCPU (g=3)")
+    assert str(error.value).startswith("the workers have different numbers or kinds of devices")
 
 
 def test_batch_larger_than_training_set_is_a_params_error(raw_params):
@@ -1194,6 +1221,69 @@ def test_a_store_error_as_the_run_starts_is_one_line_and_the_rerun_continues_the
     assert json.loads(Path("models/model_info.json").read_text())["run_id"] == state["run_id"]
     assert mlflow_store.get_run(state["run_id"]).info.status == "FINISHED"
     assert f"starting again in MLflow run {state['run_id']}" in capsys.readouterr().out
+
+
+def test_an_artifact_store_it_cannot_write_stops_the_training_before_its_first_epoch(
+    raw_params, mlflow_store, tmp_path, monkeypatch
+):
+    """MLflow opens a run's artifact store at its first upload: one this machine cannot
+    write (the folder of a teammate who created the experiment on a shared database) must
+    stop the training before epoch 1, not when its model is logged after the last."""
+    from pipeline import tracking
+    from pipeline.errors import end_mlflow_run
+    from pipeline.train import run_training
+
+    params, meta, train, empty = tiny_training(raw_params)
+    monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    blocker = tmp_path / "a-file"  # a folder under a file: no user can create it, root neither
+    blocker.write_text("")
+    artifacts = (blocker / "mlartifacts").as_uri()
+    mlflow_store.create_experiment(tracking.EXPERIMENT, artifact_location=artifacts)
+    tracking.connect(tmp_path)
+    with pytest.raises(tracking.TrackingError) as error:
+        run_training(params, meta, train, empty)
+    message = str(error.value)
+    assert message.startswith(f"cannot store the run's artifacts at {artifacts}/"), message
+    assert "Error: " in message and "no epoch was trained by this attempt" in message
+    assert not Path("models").exists()
+    end_mlflow_run("FAILED")  # as the stage's error handler does
+    assert json.loads(Path(".train-state/state.json").read_text())["epochs_done"] == 0
+
+    blocker.unlink()  # the store mended: the rerun trains, and the params file is there
+    run_training(params, meta, train, empty)
+    run_id = json.loads(Path("models/model_info.json").read_text())["run_id"]
+    logged = mlflow_store.download_artifacts(run_id, "train/params.json")
+    logged = json.loads(Path(logged).read_text())
+    assert logged["train.batch_size"] == 8 and logged["train.precision_resolved"] == "float32"
+    assert logged["model.filters"] == [4]
+
+
+def test_a_run_resumed_outside_its_experiment_stops_naming_it(
+    raw_params, mlflow_store, tmp_path, monkeypatch
+):
+    """`dvc exp run -n NAME` killed, then resumed by a plain `dvc repro`: the model lands in
+    the workspace, so the run no longer names the experiment (MLflow's set_tags only adds)."""
+    from pipeline import tracking
+    from pipeline.device import Device
+    from pipeline.resume import StateStore, TrainState
+    from pipeline.train import start_run
+
+    params, device = parse_params(raw_params), Device("CPU", 1, "float32", False)
+    store, state = StateStore(tmp_path / "state"), TrainState(fingerprint="-")
+    tracking.connect(tmp_path)
+    monkeypatch.setenv("DVC_EXP_NAME", "lr-small")
+    monkeypatch.setenv("DVC_EXP_BASELINE_REV", "a" * 40)
+    start_run(params, state, store, device)
+    mlflow.end_run("KILLED")
+    tags = mlflow_store.get_run(state.run_id).data.tags
+    assert (tags["dvc.exp_name"], tags["dvc.baseline_rev"]) == ("lr-small", "a" * 40)
+    monkeypatch.delenv("DVC_EXP_NAME")
+    monkeypatch.delenv("DVC_EXP_BASELINE_REV")
+    first = state.run_id
+    start_run(params, state, store, device)
+    mlflow.end_run()
+    assert state.run_id == first
+    assert not set(tracking.DVC_TAGS) & set(mlflow_store.get_run(first).data.tags)
 
 
 def test_log_model_keeps_one_model_per_run_across_tries(
@@ -2063,6 +2153,11 @@ def test_workers_with_different_params_refuse_before_building_the_model(prepared
     precision hung in the untimed broadcasts that build the model."""
     repos = worker_repos(prepared_repo, tmp_path)
     set_params(repos[1], {"train.learning_rate": 0.002})
+    # A state of other params on the chief: set aside (and the oldest set aside deleted)
+    # only by a training that goes ahead, not by one the workers refuse.
+    kept = repos[0] / ".train-state/state.json"
+    kept.parent.mkdir()
+    kept.write_text(json.dumps({"fingerprint": "another training", "epochs_done": 3}))
     with Background(tmp_path) as background:
         processes = start_workers(background, repos)
         outputs = background.wait(*processes, timeout=300)
@@ -2075,6 +2170,7 @@ def test_workers_with_different_params_refuse_before_building_the_model(prepared
         ), output[-2000:]
         assert "train: epoch" not in output
     assert not (repos[0] / "models").exists()
+    assert json.loads(kept.read_text())["epochs_done"] == 3
 
 
 @pytest.mark.slow
