@@ -526,6 +526,7 @@ def log_params(params: dict) -> None:
     mlflow.log_params({key: value for key, value in params.items() if key not in logged})
 
 
+@retry_locked
 def log_params_file(params: dict) -> None:
     """The run's params as train/params.json, on every start of the run, before any epoch.
 
@@ -541,6 +542,8 @@ def log_params_file(params: dict) -> None:
     try:
         mlflow.log_dict(params, "train/params.json")
     except Exception as error:  # artifact stores raise their own types (OSError, boto3's, ...)
+        if _is_locked(error):  # the run's lookup in a busy mlflow.db: retry_locked waits
+            raise
         if refused := _refusal(error):
             raise TrackingError(
                 f"cannot store the run's artifacts: {refused}; then run `dvc repro` again"
