@@ -21,9 +21,12 @@ several times (re-running only this stage after an `evaluate.*` change).
 Evaluation k of a training run logs its metrics to that run at step k
 (`test_accuracy`, `test_loss`, `test_f1_macro`, `test_accuracy_<class>`: the
 metric's history keeps every evaluation, its latest value is the newest) and
-its files, with the `evaluate` params it used, under the artifact folder
-`evaluation-k/`. Nothing is overwritten and MLflow's immutable params are
-never touched: `evaluate.*` values are not run params.
+its files, with the `evaluate` params it used and the commit and DVC
+experiment it ran in, under the artifact folder `evaluation-k/`. Nothing is
+overwritten: `evaluate.*` values are not run params (those never change once
+logged), and the one run param an evaluation adds, `evaluation.k` (when and
+where it ran), claims its number, so that two evaluations of one model at once
+take two (see tracking._claim_evaluation).
 """
 
 from __future__ import annotations
@@ -378,6 +381,9 @@ def main(argv: list[str] | None = None) -> None:
         paths.TEST_METRICS, paths.CONFUSION_FILE, paths.PER_CLASS_PNG, paths.CONFUSION_PNG,
     ] + ([paths.MISCLASSIFIED_PNG] if drawn else [])  # fmt: skip
     used = {key: value for key, value in flatten(params).items() if key.startswith("evaluate.")}
+    # And where it ran: an evaluation logs into the training's run, whose tags name the
+    # commit and DVC experiment that trained, not this one (`dvc exp run -S evaluate.*`).
+    used.update(tracking.run_tags())
     with tracking.reported(
         "the evaluation is done but could not be logged to MLflow",
         f"its figures are in {paths.TEST_METRICS}; once the store answers, `dvc repro` "

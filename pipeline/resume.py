@@ -11,6 +11,14 @@ deleting it: a quick `dvc exp run -S train.epochs=1` between a killed 50-epoch
 training and its rerun costs none of its epochs. The newest KEEP_ASIDE states
 set aside are kept, older ones discarded.
 
+`dvc exp run --temp` and queued experiments train in a temporary copy under
+`<repo>/.dvc/tmp/exps/`, deleted when the experiment ends, failed or not. Their
+state lives in the repository's own state folder instead, in
+`exps/<fingerprint>/`, claimed by the training that uses it (an flock the
+kernel drops with the process, however it dies), so a killed or failed
+experiment resumes when the same experiment runs again: queued, `--temp`, or
+in the workspace, which takes an unclaimed one into place.
+
 Writes are ordered so that the state on disk is always consistent: the new
 checkpoint is written under its own name, then `state.json` is atomically
 replaced to point at it, then the old checkpoint is removed. A state moves
@@ -22,6 +30,7 @@ during a move loses nothing.
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -37,6 +46,56 @@ from pipeline.errors import PipelineError
 STATE_FILE = "state.json"
 KEPT_DIR = "kept"  # in the state folder: kept/<fingerprint>/, states set aside
 KEEP_ASIDE = 2  # states set aside that are kept (each a checkpoint: 35 MB for the default network)
+# In the workspace's state folder: exps/<fingerprint>/, states of trainings in DVC's
+# temporary experiment copies, each beside its claim, exps/<fingerprint>.lock.
+EXPERIMENTS_DIR = "exps"
+NOT_THE_STATE = (KEPT_DIR, EXPERIMENTS_DIR)  # in a state folder, but other states
+
+
+class Claim:
+    """One training's exclusive hold on a state folder in exps/: two experiments of the
+    same settings (one queued twice, `dvc queue start -j 2`) must not write one state,
+    nor the workspace take a state a running experiment writes.
+
+    An flock on `<folder>.lock`: the kernel drops it when the process ends, however it
+    ends (SIGKILL too), so a dead training never holds a state."""
+
+    def __init__(self, fd: int, path: Path):
+        self.fd: int | None = fd
+        self.path = path
+
+    @classmethod
+    def take(cls, folder: Path) -> Claim | None:
+        """The claim on `folder`, or None while another process holds it."""
+        path = folder.with_name(folder.name + ".lock")
+        while True:
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            except FileNotFoundError:  # no exps/ yet, or another's release just removed it
+                path.parent.mkdir(parents=True, exist_ok=True)
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                return None
+            try:
+                current = os.stat(path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                current = False
+            if current:
+                return cls(fd, path)
+            # Its holder released it, deleting the file, between our open and our lock:
+            # a lock on that deleted file excludes no one. Take the file there now.
+            os.close(fd)
+
+    def release(self) -> None:
+        """Delete the lock file, then let go (in that order: see take)."""
+        if self.fd is None:
+            return
+        self.path.unlink(missing_ok=True)
+        os.close(self.fd)
+        self.fd = None
 
 
 @dataclass
@@ -105,11 +164,19 @@ def changes(old: dict | None, new: dict | None, shown: int = 4) -> str:
 
 
 class StateStore:
-    """The recovery state on disk; read-only (`writable=False`) on all but the chief worker."""
+    """The recovery state on disk; read-only (`writable=False`) on all but the chief worker.
 
-    def __init__(self, directory: Path, writable: bool = True):
+    claim: held on `directory` (a state folder in exps/) until release(). experiments:
+    the workspace's exps/, whose unclaimed state of the settings trained is taken back."""
+
+    def __init__(
+        self, directory: Path, writable: bool = True,
+        claim: Claim | None = None, experiments: Path | None = None,
+    ):  # fmt: skip
         self.directory = directory
         self.writable = writable
+        self.claim = claim
+        self.experiments = experiments
         # States load() threw away, for their MLflow runs: their training is not coming back.
         self.discarded: list[TrainState] = []
 
@@ -125,6 +192,8 @@ class StateStore:
             state = None
         if state is None:
             state = self._take_back(expected_fingerprint)
+            if state is None and self._adopt(expected_fingerprint):
+                state = self._take_back(expected_fingerprint)
         elif self.writable:  # a kill while it was set aside may have left its files there
             self._move(self._kept(expected_fingerprint), self.directory)
         self._keep_newest(expected_fingerprint)
@@ -183,7 +252,7 @@ class StateStore:
         target.mkdir(parents=True, exist_ok=True)
         into_place = target == self.directory
         entries = sorted(
-            (e for e in source.iterdir() if e.name != KEPT_DIR),
+            (e for e in source.iterdir() if e.name not in NOT_THE_STATE),
             key=lambda e: (e.name == STATE_FILE) != into_place,
         )
         for entry in entries:
@@ -219,6 +288,36 @@ class StateStore:
         if self.writable:
             self._move(kept, self.directory)
         return state
+
+    def _adopt(self, fingerprint: str) -> bool:
+        """Move an experiment's unclaimed state of this fingerprint from exps/ to kept/,
+        whence it is taken back. One rename: a kill leaves it on one side or the other."""
+        if not self.writable or self.experiments is None:
+            return False
+        folder = self.experiments / fingerprint
+        if not (folder / STATE_FILE).is_file():
+            return False
+        claim = Claim.take(folder)
+        if claim is None:
+            print(
+                f"train: warning: the recovery state {folder} of these settings is in use "
+                "by a training in a temporary experiment copy; this one starts anew",
+                flush=True,
+            )
+            return False
+        if not (folder / STATE_FILE).is_file():  # its training finished since we looked
+            claim.release()
+            return False
+        try:
+            kept = self._kept(fingerprint)
+            if kept.is_dir():  # no state.json there, or it would have been taken back
+                shutil.rmtree(kept)
+            kept.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(folder, kept)
+        finally:
+            claim.release()
+        print(f"train: taking the recovery state {folder} of a temporary experiment copy")
+        return True
 
     def _keep_newest(self, expected_fingerprint: str) -> None:
         """Discard all but the KEEP_ASIDE states set aside last (never this training's own),
@@ -301,16 +400,29 @@ class StateStore:
         return kept if not here.is_file() and kept.is_file() else here
 
     def clear(self) -> None:
-        """Remove the active state; the folder too unless states set aside are in it."""
+        """Remove the active state; the folder too unless other states are in it."""
         if not self.writable or not self.directory.is_dir():
             return
         for entry in self.directory.iterdir():
-            if entry.name == KEPT_DIR:
+            if entry.name in NOT_THE_STATE:
                 continue
             if entry.is_dir():
                 shutil.rmtree(entry, ignore_errors=True)
             else:
                 entry.unlink(missing_ok=True)
-        kept = self.directory / KEPT_DIR
-        if not kept.is_dir() or not any(kept.iterdir()):
+        others = (self.directory / name for name in NOT_THE_STATE)
+        if not any(d.is_dir() and any(d.iterdir()) for d in others):
             shutil.rmtree(self.directory, ignore_errors=True)
+
+    def release(self) -> None:
+        """Let go of the claim on the state folder, once the training is done with it, and
+        remove the state folders left empty (exps/, then the workspace's)."""
+        if self.claim is None:
+            return
+        self.claim.release()
+        self.claim = None
+        for folder in (self.directory.parent, self.directory.parent.parent):
+            try:
+                folder.rmdir()
+            except OSError:  # not empty: other experiments' states
+                break

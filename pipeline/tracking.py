@@ -38,6 +38,9 @@ T = TypeVar("T")
 # Seconds of SQLite contention a store call waits out before giving up: long by
 # default (nothing waits on it), short inside few_retries (the workers wait).
 _LOCK_WAIT_S = contextvars.ContextVar("lock_wait_s", default=600.0)
+# The command that tries a refused or failed stage again, named in its errors: a training
+# on several machines, or in a temporary experiment copy, sets its own (train.rerun).
+_RERUN = contextvars.ContextVar("rerun", default="`dvc repro`")
 
 
 class TrackingError(PipelineError):
@@ -406,6 +409,11 @@ def short_reason(error: Exception) -> str:
     return f"{type(error).__name__}: {text[:200]}"
 
 
+def retried_by(command: str) -> None:
+    """Name `command` (markdown-quoted) as what runs a stage again, in its errors."""
+    _RERUN.set(command)
+
+
 @contextlib.contextmanager
 def reported(what: str, then: str) -> Iterator[None]:
     """Turn a store error in the block into one line: `what` failed (why); `then`.
@@ -417,7 +425,7 @@ def reported(what: str, then: str) -> Iterator[None]:
         yield
     except store_errors() as error:
         if refused := _refusal(error):  # no rerun mends it by itself
-            raise TrackingError(f"{what}: {refused}; then run `dvc repro` again") from None
+            raise TrackingError(f"{what}: {refused}; then retry with {_RERUN.get()}") from None
         raise TrackingError(f"{what} ({short_reason(error)}); {then}") from None
 
 
@@ -546,13 +554,13 @@ def log_params_file(params: dict) -> None:
             raise
         if refused := _refusal(error):
             raise TrackingError(
-                f"cannot store the run's artifacts: {refused}; then run `dvc repro` again"
+                f"cannot store the run's artifacts: {refused}; then retry with {_RERUN.get()}"
             ) from None
         raise TrackingError(
             f"cannot store the run's artifacts at {where} ({short_reason(error)}), so "
             "neither its model; no epoch was trained by this attempt: fix the artifact store "
             "(a folder this machine can write, the server's --artifacts-destination, "
-            "credentials) or wait until it answers, then run `dvc repro` again"
+            f"credentials) or wait until it answers, then retry with {_RERUN.get()}"
         ) from None
 
 
@@ -759,31 +767,73 @@ def log_evaluation(run_id: str, metrics: dict[str, float], files: list[Path], pa
     """Record evaluation k of training run `run_id`: metrics at step k, files under evaluation-k/.
 
     Returns k. See pipeline/evaluate.py for why evaluations are kept this way. Two steps,
-    each retried on its own while SQLite is locked: a retry of the whole would number the
-    same evaluation again (k+1) once its metrics were in.
+    each retried on its own while SQLite is locked; a retry finds the number its claim
+    took (the run param `evaluation.k`, whose value `mark` is this evaluation's alone).
     """
-    number = _log_evaluation_metrics(run_id, metrics)
-    _log_evaluation_files(run_id, number, files, params)
+    import socket
+    import uuid
+
+    when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    mark = f"{when} {socket.gethostname()} pid {os.getpid()} {uuid.uuid4().hex[:8]}"
+    number = _log_evaluation_metrics(run_id, metrics, mark)
+    _log_evaluation_files(run_id, number, files, {**params, "evaluation.claim": mark})
     return number
 
 
+EVALUATION_PARAM = re.compile(r"evaluation\.(\d+)")  # a run param claiming evaluation k
+
+
 @retry_locked
-def _log_evaluation_metrics(run_id: str, metrics: dict[str, float]) -> int:
-    """Take the next evaluation number and log the metrics at that step: one batch, which
+def _log_evaluation_metrics(run_id: str, metrics: dict[str, float], mark: str) -> int:
+    """Claim the next evaluation number and log the metrics at that step: one batch, which
     the store writes whole or not at all."""
     import mlflow
 
     client = mlflow.MlflowClient()
-    with store_lock():  # two evaluations of one run must not take the same number
-        number = len(client.get_metric_history(run_id, "test_accuracy")) + 1
+    with store_lock():  # SQLite: the whole step at once (claims alone suffice on a server)
+        number = _claim_evaluation(client, run_id, mark)
+        stamp = int(time.time() * 1000)
         client.log_batch(
             run_id,
             metrics=[
-                mlflow.entities.Metric(key, float(value), int(time.time() * 1000), number)
+                mlflow.entities.Metric(key, float(value), stamp, number)
                 for key, value in metrics.items()
             ],
         )
     return number
+
+
+def _claim_evaluation(client, run_id: str, mark: str) -> int:
+    """The lowest free evaluation number, taken by logging the run param `evaluation.k` =
+    `mark`. MLflow's params never change once logged, and every store (SQL databases
+    through their primary key) refuses a second value for one atomically: two evaluations
+    of one run at once (`dvc queue start -j 2` of `evaluate.*` experiments, on a tracking
+    server) take two numbers, where reading the metric history and writing after it
+    would give both the same one and the second's files would overwrite the first's.
+    Numbers start after the evaluations the test_accuracy history holds (those logged
+    before claims were)."""
+    from mlflow.exceptions import MlflowException
+
+    params = client.get_run(run_id).data.params
+    claimed = {int(m[1]): v for k, v in params.items() if (m := EVALUATION_PARAM.fullmatch(k))}
+    for number, value in claimed.items():
+        if value == mark:  # a retry after the claim got through
+            return number
+    number = len(client.get_metric_history(run_id, "test_accuracy")) + 1
+    while True:
+        while number in claimed:
+            number += 1
+        try:
+            client.log_param(run_id, f"evaluation.{number}", mark)
+            return number
+        except MlflowException:  # taken meanwhile, or the store's own trouble: look
+            params = client.get_run(run_id).data.params
+            taken = params.get(f"evaluation.{number}")
+            if taken == mark:  # ours after all: the reply was lost, and a retry refused
+                return number
+            if taken is None:
+                raise
+            claimed[number] = taken
 
 
 @retry_locked
@@ -796,7 +846,12 @@ def _log_evaluation_files(run_id: str, number: int, files: list[Path], params: d
     for file in files:
         client.log_artifact(run_id, str(file), artifact_path=folder)
     client.log_dict(run_id, params, f"{folder}/params.json")
-    client.set_tag(run_id, "evaluation.count", str(number))
+    # The highest number claimed, not this one: a later evaluation may be done first.
+    claimed = [
+        int(m[1]) for key in client.get_run(run_id).data.params
+        if (m := EVALUATION_PARAM.fullmatch(key))
+    ]  # fmt: skip
+    client.set_tag(run_id, "evaluation.count", str(max([number, *claimed])))
 
 
 @retry_locked

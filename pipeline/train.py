@@ -512,9 +512,10 @@ def run_training(
         make_strategy,
         peers_reachable,
     )
-    from pipeline.resume import StateStore, TrainState
+    from pipeline.resume import TrainState
 
     cfg, cluster = params.train, cluster or Cluster()
+    tracking.retried_by(rerun(cluster.workers))  # in the errors of refused store calls
     device = resolve_device(cfg)
     if cluster.workers > 1:  # fit_workers runs its own tf.functions, which XLA does not compile
         device = dataclasses.replace(device, jit_compile=False)
@@ -537,13 +538,13 @@ def run_training(
     keras.mixed_precision.set_global_policy(device.precision)
 
     steps = steps_per_epoch(len(train.labels), cfg.batch_size)
-    # Only the chief writes the recovery state; the other workers read it to resume too.
-    store = StateStore(paths.TRAIN_STATE_DIR, writable=cluster.chief)
     basis = resume_basis(
         params, meta, train, val, device.precision, cluster.workers,
         strategy.num_replicas_in_sync,
     )  # fmt: skip
     expected = resume_key(basis)
+    # Only the chief writes the recovery state; the other workers read it to resume too.
+    store = recovery_store(expected, writable=cluster.chief)
     if cluster.workers > 1:
         with peers_reachable():  # the first collective: a peer may die before any step
             # Agree on what to train before the chief sets aside (or deletes) any state,
@@ -614,6 +615,48 @@ def run_training(
         finish(params, meta, train, val, model, state, store, device, test_set, cluster.workers)
 
 
+def experiment_copy() -> bool:
+    """Whether this runs in one of DVC's temporary experiment copies (`dvc exp run
+    --temp`, a queued experiment), deleted with everything in it when the run ends."""
+    from pipeline.tracking import repository_root
+
+    return repository_root() != Path.cwd().resolve()
+
+
+def recovery_store(expected: str, writable: bool):
+    """Where the training of fingerprint `expected` keeps its recovery state.
+
+    In the workspace, .train-state/, which also takes back the state a killed or failed
+    experiment left. In an experiment copy, the workspace's .train-state/exps/<expected>/,
+    claimed for this training, as the copy's own would be deleted with it; while another
+    training of the same settings holds that one, the copy's own, saying so."""
+    from pipeline.resume import EXPERIMENTS_DIR, Claim, StateStore
+    from pipeline.tracking import repository_root
+
+    shared = repository_root() / paths.TRAIN_STATE_DIR / EXPERIMENTS_DIR
+    if not experiment_copy():
+        return StateStore(paths.TRAIN_STATE_DIR, writable, experiments=shared)
+    folder = shared / expected
+    if not writable:  # another worker's: the chief holds the claim
+        return StateStore(folder, writable=False)
+    try:
+        claim = Claim.take(folder)
+    except OSError as error:  # the workspace's disk: read-only, full
+        raise PipelineError(
+            f"cannot write the recovery state in {folder.parent} ({error.strerror or error})"
+        ) from None
+    if claim is None:
+        print(
+            f"train: warning: another training of these settings holds {folder}; this "
+            "one keeps its recovery state in its temporary copy, deleted with it",
+            file=sys.stderr,
+            flush=True,
+        )
+        return StateStore(paths.TRAIN_STATE_DIR, writable)
+    print(f"train: recovery state in {folder}, outside this temporary copy", flush=True)
+    return StateStore(folder, writable, claim=claim)
+
+
 def start_run(params: Params, state, store, device: Device) -> None:
     """Chief only: start the MLflow run, or continue the recovery state's."""
     from pipeline import tracking
@@ -650,6 +693,8 @@ def rerun(workers: int) -> str:
     only, set it aside and train from epoch 1."""
     if workers > 1:
         return "`python -m pipeline.train` run again on every worker (the same TF_CONFIG)"
+    if experiment_copy():
+        return "the same `dvc exp run` (or `dvc repro` in the workspace)"
     return "`dvc repro`"
 
 
@@ -707,6 +752,7 @@ def finish(
     ):
         tracking.end_run(state.run_id)
     store.clear()
+    store.release()
     print(
         f"train: done, {state.epochs_done} epoch{'s' * (state.epochs_done != 1)} in "
         f"{_duration(state.wall_time_s)}; "

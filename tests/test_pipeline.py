@@ -171,6 +171,8 @@ def test_evaluate_change_reruns_only_evaluate_and_keeps_both_evaluations(repo, c
         mlflow.artifacts.load_text(f"runs:/{logged.info.run_id}/evaluation-2/params.json")
     )
     assert params["evaluate.misclassified"] == 6
+    head = run(["git", "rev-parse", "HEAD"], repo).stdout.strip()
+    assert params["git.commit"] == head and "dvc.exp_name" not in params  # `dvc repro`
     assert len(client.search_model_versions("name = 'cifar10-resnet'")) == 1  # same model
     commit(repo, "evaluate change")
 
@@ -296,6 +298,9 @@ def test_queued_experiments_land_in_the_same_store(repo, client):
     assert {r.data.tags["dvc.baseline_rev"] for r in runs} == {head}
     for logged in runs:  # each trained, evaluated and registered
         assert "test_accuracy" in logged.data.metrics
+        uri = f"runs:/{logged.info.run_id}/evaluation-1/params.json"
+        evaluation = json.loads(mlflow.artifacts.load_text(uri))
+        assert evaluation["dvc.exp_name"] == logged.data.tags["dvc.exp_name"]
         assert logged.data.tags["registry.version"] in {"3", "4"}
     assert not (repo / ".dvc/tmp/exps/mlflow.db").exists()
 

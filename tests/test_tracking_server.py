@@ -694,3 +694,39 @@ def test_two_trainings_at_once_lose_nothing(server, repo, served_archive, tmp_pa
         experiment = client.get_experiment_by_name("cifar10-resnet").experiment_id
         assert len(set(run_ids)) == 2  # two runs, both in the experiment's list
         assert set(run_ids) <= {run.info.run_id for run in client.search_runs([experiment])}
+
+
+def test_two_evaluations_of_one_run_at_once_take_two_numbers(server, tmp_path, monkeypatch):
+    """PostgreSQL behind the server takes a run param once: a claim the other evaluation
+    made after ours looked at the run is refused to us, over REST, and we take the next."""
+    import mlflow
+
+    from pipeline import tracking
+
+    with login("alice", USERS["alice"]):
+        client = server.client()
+        run_id = client.create_run(client.create_experiment("claims")).info.run_id
+        rival = [1]
+
+        def stale_history(self, run, key):
+            if rival:
+                client.log_param(run_id, f"evaluation.{rival.pop()}", "the other one")
+            return []
+
+        monkeypatch.setattr(mlflow.MlflowClient, "get_metric_history", stale_history)
+        previous = mlflow.get_tracking_uri()
+        mlflow.set_tracking_uri(server.url)
+        try:
+            (tmp_path / "test.json").write_text("{}\n")
+            number = tracking.log_evaluation(
+                run_id, {"test_accuracy": 0.5}, [tmp_path / "test.json"], {"evaluate.x": 1}
+            )
+        finally:
+            mlflow.set_tracking_uri(previous)
+        params = client.get_run(run_id).data.params
+        assert number == 2 and params["evaluation.1"] == "the other one"
+        assert params["evaluation.2"].split(" pid ")[0].endswith(socket.gethostname())
+        assert [a.path for a in client.list_artifacts(run_id, "evaluation-2")] == [
+            "evaluation-2/params.json", "evaluation-2/test.json",
+        ]  # fmt: skip
+        assert client.get_run(run_id).data.tags["evaluation.count"] == "2"

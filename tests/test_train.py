@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import json
 import os
@@ -713,6 +714,46 @@ def test_an_evaluation_retried_on_a_locked_store_keeps_its_number(
     assert not mlflow_store.list_artifacts(run_id, "evaluation-2")
 
 
+def test_two_evaluations_of_one_run_at_once_take_two_numbers(mlflow_store, tmp_path, monkeypatch):
+    """On a tracking server nothing serialises two evaluations of one model: both read the
+    metric history before either logs. The run param each claims its number with, which
+    MLflow's store takes once, tells them apart; nothing is overwritten."""
+    from pipeline import tracking
+
+    run_id = mlflow_store.create_run(mlflow_store.create_experiment("e")).info.run_id
+    real_history, rival = mlflow.MlflowClient.get_metric_history, []
+
+    def stale_history(self, run, key):
+        if rival:  # the other evaluation claims between our look and our claim
+            mlflow_store.log_param(run_id, f"evaluation.{rival.pop()}", "the other one")
+        return []  # as both read it before either logged
+
+    monkeypatch.setattr(mlflow.MlflowClient, "get_metric_history", stale_history)
+    (tmp_path / "report.txt").write_text("figures\n")
+    numbers = []
+    for accuracy, seen in ((0.5, []), (0.6, []), (0.7, [3])):
+        rival.extend(seen)
+        numbers.append(
+            tracking.log_evaluation(
+                run_id, {"test_accuracy": accuracy}, [tmp_path / "report.txt"], {"x": accuracy}
+            )
+        )
+    assert numbers == [1, 2, 4]  # 3 taken by the rival after we looked
+    params = mlflow_store.get_run(run_id).data.params
+    assert sorted(params) == ["evaluation.1", "evaluation.2", "evaluation.3", "evaluation.4"]
+    assert len(set(params.values())) == 4
+    history = real_history(mlflow_store, run_id, "test_accuracy")
+    assert sorted((m.step, m.value) for m in history) == [(1, 0.5), (2, 0.6), (4, 0.7)]
+    for number, accuracy in zip(numbers, (0.5, 0.6, 0.7), strict=True):
+        logged = mlflow_store.download_artifacts(run_id, f"evaluation-{number}/params.json")
+        logged = json.loads(Path(logged).read_text())
+        assert logged == {"x": accuracy, "evaluation.claim": params[f"evaluation.{number}"]}
+    assert mlflow_store.get_run(run_id).data.tags["evaluation.count"] == "4"
+    # A retry whose claim got through the first time takes that number again.
+    mark = params["evaluation.2"]
+    assert tracking._log_evaluation_metrics(run_id, {"test_accuracy": 0.6}, mark) == 2
+
+
 def test_artifacts_go_beside_the_sqlite_store_whatever_the_working_directory(
     mlflow_store, tmp_path, monkeypatch
 ):
@@ -970,6 +1011,7 @@ def test_a_refusal_after_connect_says_to_ask_for_permission_not_to_wait(monkeypa
     from mlflow.protos.databricks_pb2 import PERMISSION_DENIED, UNAUTHENTICATED
 
     from pipeline import tracking
+    from pipeline.train import rerun
 
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "bob")
     with pytest.raises(tracking.TrackingError) as error:
@@ -978,7 +1020,17 @@ def test_a_refusal_after_connect_says_to_ask_for_permission_not_to_wait(monkeypa
     assert str(error.value) == (
         "the evaluation is done but not logged: permission denied (HTTP 403) for user 'bob' "
         "on experiment 'cifar10-resnet' or the registered model it writes to. Ask the "
-        "server's admin for EDIT permission on it; then run `dvc repro` again"
+        "server's admin for EDIT permission on it; then retry with `dvc repro`"
+    )
+    # After a training on several machines, or in an experiment copy, the rerun is another.
+    monkeypatch.setattr(tracking, "_RERUN", contextvars.ContextVar("rerun", default="`dvc repro`"))
+    tracking.retried_by(rerun(2))
+    with pytest.raises(tracking.TrackingError) as error:
+        with tracking.reported("x", "rerun later"):
+            raise MlflowException("Permission denied", error_code=PERMISSION_DENIED)
+    assert str(error.value).endswith(
+        "; then retry with `python -m pipeline.train` run again on every worker (the same "
+        "TF_CONFIG)"
     )
     with pytest.raises(tracking.TrackingError, match=r"login refused \(HTTP 401\) for user"):
         with tracking.reported("x", "rerun later"):
@@ -1440,6 +1492,125 @@ def test_the_state_a_training_asks_for_is_taken_back_however_old(tmp_path, capsy
     assert sorted(p.name for p in (store.directory / "kept").iterdir()) == ["quick1", "quick2"]
 
 
+def test_a_claim_excludes_others_until_released_or_its_process_dies(tmp_path):
+    from pipeline.resume import Claim
+
+    folder = tmp_path / ".train-state/exps/abc"
+    first = Claim.take(folder)
+    assert first is not None and (tmp_path / ".train-state/exps/abc.lock").is_file()
+    assert Claim.take(folder) is None  # held: a second open file, even in this process
+    first.release()
+    assert not (tmp_path / ".train-state/exps/abc.lock").exists()
+    second = Claim.take(folder)
+    assert second is not None
+    second.release()
+
+    # Held by a process that is then killed: the kernel lets go, the lock file stays.
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pipeline.resume import Claim; "
+         f"c = Claim.take(__import__('pathlib').Path({str(folder)!r})); "
+         "print(c is not None, flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parents[1],
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline() == "True\n"
+        assert Claim.take(folder) is None
+    finally:
+        holder.kill()
+        holder.wait()
+    third = Claim.take(folder)
+    assert third is not None
+    third.release()
+
+
+def test_the_workspace_takes_back_an_experiment_state_no_training_holds(tmp_path, capsys):
+    """A queued experiment killed after 7 epochs: the same settings trained in the workspace
+    resume it, unless a training in another experiment copy holds it."""
+    from pipeline.resume import Claim, StateStore
+
+    exps = tmp_path / ".train-state/exps"
+    experiment = StateStore(exps / "fp", claim=Claim.take(exps / "fp"))
+    killed_after(experiment, "fp", 7, "RUN-q")
+    workspace = StateStore(tmp_path / ".train-state", experiments=exps)
+    assert workspace.load("fp") is None  # claimed: the experiment is still training
+    assert "is in use by a training in a temporary experiment copy" in capsys.readouterr().out
+    assert (exps / "fp/state.json").is_file()
+
+    experiment.claim.release()  # as its death would
+    state = workspace.load("fp")
+    assert (state.run_id, state.epochs_done) == ("RUN-q", 7)
+    assert workspace.checkpoint_path(state).read_bytes() == b"fp after 7"
+    assert workspace.checkpoint_path(state).parent == workspace.directory
+    out = capsys.readouterr().out
+    assert f"taking the recovery state {exps / 'fp'} of a temporary experiment copy" in out
+    assert not (exps / "fp").exists() and workspace.discarded == []
+
+    # Another experiment's state is not the workspace's to clear, set aside or discard.
+    other = StateStore(exps / "other", claim=Claim.take(exps / "other"))
+    killed_after(other, "other", 3, "RUN-o")
+    other.claim.release()
+    assert workspace.load("fp").epochs_done == 7
+    workspace.clear()
+    assert (exps / "other/state.json").is_file()
+    assert workspace.load("third") is None and workspace.discarded == []
+    assert sorted(p.name for p in workspace.directory.iterdir()) == ["exps"]
+
+
+def test_an_experiment_state_folder_goes_when_its_training_is_done(tmp_path):
+    from pipeline.resume import Claim, StateStore
+
+    exps = tmp_path / ".train-state/exps"
+    first = StateStore(exps / "one", claim=Claim.take(exps / "one"))
+    second = StateStore(exps / "two", claim=Claim.take(exps / "two"))
+    killed_after(first, "one", 2, "RUN-1")
+    killed_after(second, "two", 2, "RUN-2")
+    first.clear()
+    first.release()
+    assert sorted(p.name for p in exps.iterdir()) == ["two", "two.lock"]
+    second.clear()
+    second.release()
+    assert not (tmp_path / ".train-state").exists()
+
+
+def test_an_experiment_copy_keeps_its_state_in_the_workspace(tmp_path, monkeypatch, capsys):
+    """`dvc exp run --temp` and queued experiments train in .dvc/tmp/exps/<name>, which DVC
+    deletes when they end: their state lives in the workspace's .train-state/exps/."""
+    from pipeline.train import recovery_store, rerun
+
+    workspace = tmp_path / "repo"
+    copy = workspace / ".dvc/tmp/exps/tmpab12"
+    copy.mkdir(parents=True)
+    monkeypatch.chdir(copy)
+    monkeypatch.setenv("DVC_ROOT", str(copy))
+    store = recovery_store("fp", writable=True)
+    assert store.directory == workspace / ".train-state/exps/fp"
+    assert capsys.readouterr().out == (
+        f"train: recovery state in {store.directory}, outside this temporary copy\n"
+    )
+    assert rerun(1) == "the same `dvc exp run` (or `dvc repro` in the workspace)"
+    reader = recovery_store("fp", writable=False)  # another worker: no claim of its own
+    assert reader.directory == store.directory and reader.claim is None
+
+    # The same settings, queued twice and run side by side: the second keeps its own.
+    twin = recovery_store("fp", writable=True)
+    assert twin.directory == Path(".train-state") and twin.claim is None
+    assert "another training of these settings holds" in capsys.readouterr().err
+    store.release()
+
+    monkeypatch.chdir(workspace)
+    monkeypatch.setenv("DVC_ROOT", str(workspace))
+    store = recovery_store("fp", writable=True)
+    assert store.directory == Path(".train-state") and store.claim is None
+    assert store.experiments == workspace / ".train-state/exps"
+    assert rerun(1) == "`dvc repro`"
+
+    (workspace / ".train-state").write_text("not a folder")  # the disk's trouble: one line
+    monkeypatch.chdir(copy)
+    monkeypatch.setenv("DVC_ROOT", str(copy))
+    with pytest.raises(PipelineError, match=r"cannot write the recovery state in .*/exps \("):
+        recovery_store("fp", writable=True)
+
+
 def take_back_killed_after_one_file(store, fingerprint: str, monkeypatch) -> None:
     from pipeline import resume
 
@@ -1844,6 +2015,67 @@ def test_sigkill_resumes_in_the_same_run_without_gaps(repo, tmp_path, run_delete
     rates = [float(row.split(",")[5]) for row in history]
     peak = rates.index(max(rates))
     assert 0 < peak < 5 and rates[-1] < rates[peak] / 100
+    assert not (repo / ".train-state").exists()
+
+
+def killed_after_an_epoch(background, cwd, env, states: Path, more_than: int) -> dict:
+    """Train in `cwd` and SIGKILL it once the one state in `states`/*/ has more than
+    `more_than` epochs; that state, and its folder."""
+    process = background.start([sys.executable, "-m", "pipeline.train"], cwd, env)
+    deadline, state = time.monotonic() + 120, {}
+    while time.monotonic() < deadline and process.poll() is None:
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            [found] = states.glob("*/state.json")
+            state = {**json.loads(found.read_text()), "folder": found.parent}
+            if state["epochs_done"] > more_than:
+                break
+        time.sleep(0.02)
+    assert process.poll() is None, f"ended before the kill: {background.output(process)}"
+    assert state, f"no recovery state at {states} in 120 s: {background.output(process)}"
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    return {**json.loads((state["folder"] / "state.json").read_text()), "folder": state["folder"]}
+
+
+@pytest.mark.slow
+def test_a_killed_experiment_resumes_in_the_next_copy_and_then_in_the_workspace(repo, tmp_path):
+    """`dvc exp run --temp` and queued experiments run in a copy DVC deletes when they end,
+    killed or not: the next run of the same experiment, in a copy or not, resumes it."""
+    set_params(repo, {"train.epochs": 6})
+    states = repo / ".train-state/exps"
+    outside = {".train-state", "mlflow.db", "mlartifacts", "tmp"}  # not in a DVC copy
+
+    def experiment_copy(name: str) -> Path:
+        copy = repo / ".dvc/tmp/exps" / name
+        shutil.copytree(repo, copy, symlinks=True, ignore=lambda d, names: outside & set(names))
+        return copy
+
+    with Background(tmp_path) as background:
+        first = experiment_copy("tmpfirst")
+        killed = killed_after_an_epoch(
+            background, first, stage_env({"DVC_ROOT": str(first)}), states, 0
+        )
+        shutil.rmtree(first)  # as DVC does with a copy whose run ended
+        assert "train: recovery state in" in background.output(background.started[0][0])
+        second = experiment_copy("tmpsecond")
+        again = killed_after_an_epoch(
+            background, second, stage_env({"DVC_ROOT": str(second)}), states, killed["epochs_done"]
+        )
+        shutil.rmtree(second)
+        assert f"resuming after epoch {killed['epochs_done']}" in background.output(
+            background.started[1][0]
+        )
+    assert again["run_id"] == killed["run_id"] and again["folder"] == killed["folder"]
+    assert killed["epochs_done"] < again["epochs_done"] < 6
+
+    result = train(repo)
+    assert f"taking the recovery state {killed['folder']}" in result.stdout
+    assert f"resuming after epoch {again['epochs_done']}" in result.stdout
+    assert result.stdout.count("train: epoch") == 6 - again["epochs_done"]
+    _, runs = runs_of(repo)
+    assert [(r.info.run_id, r.info.status) for r in runs] == [(killed["run_id"], "FINISHED")]
+    history = (repo / "metrics/history.csv").read_text().splitlines()[1:]
+    assert [row.split(",")[0] for row in history] == ["1", "2", "3", "4", "5", "6"]
     assert not (repo / ".train-state").exists()
 
 
