@@ -319,6 +319,11 @@ def main(argv: list[str] | None = None) -> None:
     from pipeline import tracking
 
     root = tracking.repository_root()
+    # What evaluates again: in a temporary experiment copy, whose files DVC deletes when
+    # the stage fails, the same experiment; `dvc repro` would score the workspace's model.
+    copy = tracking.in_experiment_copy()
+    again = "the same `dvc exp run`" if copy else "`dvc repro`"
+    tracking.retried_by(again)
     tracking.connect(root)  # fail before the work if the store is unreachable
     with tracking.reported(f"cannot read MLflow run {info['run_id']}", "nothing was evaluated"):
         tracking.check_run(info["run_id"], paths.MODEL_INFO)  # the store may not have it
@@ -386,8 +391,8 @@ def main(argv: list[str] | None = None) -> None:
     used.update(tracking.run_tags())
     with tracking.reported(
         "the evaluation is done but could not be logged to MLflow",
-        f"its figures are in {paths.TEST_METRICS}; once the store answers, `dvc repro` "
-        "evaluates again and logs it",
+        f"its figures are {'printed above' if copy else f'in {paths.TEST_METRICS}'}; once "
+        f"the store answers, {again} evaluates again and logs it",
     ):
         number = tracking.log_evaluation(info["run_id"], mlflow_metrics(figures), files, used)
     print(f"evaluate: logged as evaluation {number} of MLflow run {info['run_id']}", flush=True)
@@ -398,7 +403,7 @@ def main(argv: list[str] | None = None) -> None:
 
     with tracking.reported(
         f"evaluation {number} is logged, but the model could not be registered",
-        "`dvc repro` evaluates again (evaluation "
+        f"{again} evaluates again (evaluation "
         f"{number + 1}) and registers it once the registry takes it; "
         "evaluate.register: false skips the registry",
     ):
@@ -410,7 +415,7 @@ def main(argv: list[str] | None = None) -> None:
     # The registry has decided (above); only its record on the run is missing if this fails.
     with tracking.reported(
         f"the registry decision is made, but it could not be tagged on MLflow run {info['run_id']}",
-        "the registry itself is right; `dvc repro` evaluates again and tags the run",
+        f"the registry itself is right; {again} evaluates again and tags the run",
     ):
         tracking.set_run_tags(info["run_id"], decision.tags())
 

@@ -57,6 +57,12 @@ def repository_root(cwd: Path | None = None) -> Path:
     return root
 
 
+def in_experiment_copy() -> bool:
+    """Whether this runs in one of DVC's temporary experiment copies (`dvc exp run
+    --temp`, a queued experiment), deleted with everything in it when the run ends."""
+    return repository_root() != Path.cwd().resolve()
+
+
 def tracking_uri(root: Path) -> str:
     """MLFLOW_TRACKING_URI, else the repository's own SQLite store.
 

@@ -615,14 +615,6 @@ def run_training(
         finish(params, meta, train, val, model, state, store, device, test_set, cluster.workers)
 
 
-def experiment_copy() -> bool:
-    """Whether this runs in one of DVC's temporary experiment copies (`dvc exp run
-    --temp`, a queued experiment), deleted with everything in it when the run ends."""
-    from pipeline.tracking import repository_root
-
-    return repository_root() != Path.cwd().resolve()
-
-
 def recovery_store(expected: str, writable: bool):
     """Where the training of fingerprint `expected` keeps its recovery state.
 
@@ -631,10 +623,10 @@ def recovery_store(expected: str, writable: bool):
     claimed for this training, as the copy's own would be deleted with it; while another
     training of the same settings holds that one, the copy's own, saying so."""
     from pipeline.resume import EXPERIMENTS_DIR, Claim, StateStore
-    from pipeline.tracking import repository_root
+    from pipeline.tracking import in_experiment_copy, repository_root
 
     shared = repository_root() / paths.TRAIN_STATE_DIR / EXPERIMENTS_DIR
-    if not experiment_copy():
+    if not in_experiment_copy():
         return StateStore(paths.TRAIN_STATE_DIR, writable, experiments=shared)
     folder = shared / expected
     if not writable:  # another worker's: the chief holds the claim
@@ -693,7 +685,9 @@ def rerun(workers: int) -> str:
     only, set it aside and train from epoch 1."""
     if workers > 1:
         return "`python -m pipeline.train` run again on every worker (the same TF_CONFIG)"
-    if experiment_copy():
+    from pipeline.tracking import in_experiment_copy
+
+    if in_experiment_copy():
         return "the same `dvc exp run` (or `dvc repro` in the workspace)"
     return "`dvc repro`"
 
