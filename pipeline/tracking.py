@@ -789,6 +789,12 @@ def log_evaluation(run_id: str, metrics: dict[str, float], files: list[Path], pa
 EVALUATION_PARAM = re.compile(r"evaluation\.(\d+)")  # a run param claiming evaluation k
 
 
+def _claims(client, run_id: str) -> dict[int, str]:
+    """The run's evaluation claims: number -> the mark of the evaluation that took it."""
+    params = client.get_run(run_id).data.params
+    return {int(m[1]): v for k, v in params.items() if (m := EVALUATION_PARAM.fullmatch(k))}
+
+
 @retry_locked
 def _log_evaluation_metrics(run_id: str, metrics: dict[str, float], mark: str) -> int:
     """Claim the next evaluation number and log the metrics at that step: one batch, which
@@ -820,8 +826,7 @@ def _claim_evaluation(client, run_id: str, mark: str) -> int:
     before claims were)."""
     from mlflow.exceptions import MlflowException
 
-    params = client.get_run(run_id).data.params
-    claimed = {int(m[1]): v for k, v in params.items() if (m := EVALUATION_PARAM.fullmatch(k))}
+    claimed = _claims(client, run_id)
     for number, value in claimed.items():
         if value == mark:  # a retry after the claim got through
             return number
@@ -833,8 +838,7 @@ def _claim_evaluation(client, run_id: str, mark: str) -> int:
             client.log_param(run_id, f"evaluation.{number}", mark)
             return number
         except MlflowException:  # taken meanwhile, or the store's own trouble: look
-            params = client.get_run(run_id).data.params
-            taken = params.get(f"evaluation.{number}")
+            taken = _claims(client, run_id).get(number)
             if taken == mark:  # ours after all: the reply was lost, and a retry refused
                 return number
             if taken is None:
@@ -853,11 +857,7 @@ def _log_evaluation_files(run_id: str, number: int, files: list[Path], params: d
         client.log_artifact(run_id, str(file), artifact_path=folder)
     client.log_dict(run_id, params, f"{folder}/params.json")
     # The highest number claimed, not this one: a later evaluation may be done first.
-    claimed = [
-        int(m[1]) for key in client.get_run(run_id).data.params
-        if (m := EVALUATION_PARAM.fullmatch(key))
-    ]  # fmt: skip
-    client.set_tag(run_id, "evaluation.count", str(max([number, *claimed])))
+    client.set_tag(run_id, "evaluation.count", str(max([number, *_claims(client, run_id)])))
 
 
 @retry_locked
