@@ -89,6 +89,21 @@ class Claim:
             # a lock on that deleted file excludes no one. Take the file there now.
             os.close(fd)
 
+    @staticmethod
+    def held(folder: Path) -> bool:
+        """Whether a running training holds `folder` now (a probe that takes nothing)."""
+        try:
+            fd = os.open(folder.with_name(folder.name + ".lock"), os.O_RDONLY)
+        except FileNotFoundError:  # a holder keeps its lock file until it lets go
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return False
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)  # and with it the shared lock, if taken
+
     def release(self) -> None:
         """Delete the lock file, then let go (in that order: see take)."""
         if self.fd is None:
@@ -197,6 +212,7 @@ class StateStore:
         elif self.writable:  # a kill while it was set aside may have left its files there
             self._move(self._kept(expected_fingerprint), self.directory)
         self._keep_newest(expected_fingerprint)
+        self._mention_waiting(expected_fingerprint)
         if state is None:
             return None
         if state.epochs_done and not (state.checkpoint and self.checkpoint_path(state).is_file()):
@@ -318,6 +334,27 @@ class StateStore:
             claim.release()
         print(f"train: taking the recovery state {folder} of a temporary experiment copy")
         return True
+
+    def _mention_waiting(self, expected_fingerprint: str) -> None:
+        """Say which states of other experiments wait in exps/ and what they weigh: no
+        count or age prunes them (their experiments may be queued again any time)."""
+        if not self.writable or self.experiments is None or not self.experiments.is_dir():
+            return
+        waiting = [
+            folder for folder in self.experiments.iterdir()
+            if folder.name != expected_fingerprint and (folder / STATE_FILE).is_file()
+            and not Claim.held(folder)
+        ]  # fmt: skip
+        if not waiting:
+            return
+        size = sum(f.stat().st_size for folder in waiting for f in folder.iterdir() if f.is_file())
+        states = f"{len(waiting)} recovery state{'s' * (len(waiting) != 1)}"
+        print(
+            f"train: {states} of killed or failed experiments wait in {self.experiments} "
+            f"({size / 1e6:.0f} MB): running the same experiment again resumes it; "
+            f"`rm -rf {self.experiments}` drops them",
+            flush=True,
+        )
 
     def _keep_newest(self, expected_fingerprint: str) -> None:
         """Discard all but the KEEP_ASIDE states set aside last (never this training's own),

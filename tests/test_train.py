@@ -1548,8 +1548,16 @@ def test_the_workspace_takes_back_an_experiment_state_no_training_holds(tmp_path
     # Another experiment's state is not the workspace's to clear, set aside or discard.
     other = StateStore(exps / "other", claim=Claim.take(exps / "other"))
     killed_after(other, "other", 3, "RUN-o")
-    other.claim.release()
     assert workspace.load("fp").epochs_done == 7
+    assert "wait in" not in capsys.readouterr().out  # still training: not waiting
+    assert Claim.held(exps / "other") and not Claim.held(exps / "none")
+    other.claim.release()
+    assert not Claim.held(exps / "other")
+    assert workspace.load("fp").epochs_done == 7
+    assert capsys.readouterr().out == (
+        f"train: 1 recovery state of killed or failed experiments wait in {exps} (0 MB): "
+        f"running the same experiment again resumes it; `rm -rf {exps}` drops them\n"
+    )
     workspace.clear()
     assert (exps / "other/state.json").is_file()
     assert workspace.load("third") is None and workspace.discarded == []
