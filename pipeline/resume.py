@@ -351,7 +351,7 @@ class StateStore:
         states = f"{len(waiting)} recovery state{'s' * (len(waiting) != 1)}"
         print(
             f"train: {states} of killed or failed experiments wait in {self.experiments} "
-            f"({size / 1e6:.0f} MB): running the same experiment again resumes it; "
+            f"({size / 1e6:.1f} MB): running the same experiment again resumes it; "
             f"`rm -rf {self.experiments}` drops them",
             flush=True,
         )

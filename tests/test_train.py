@@ -1555,7 +1555,7 @@ def test_the_workspace_takes_back_an_experiment_state_no_training_holds(tmp_path
     assert not Claim.held(exps / "other")
     assert workspace.load("fp").epochs_done == 7
     assert capsys.readouterr().out == (
-        f"train: 1 recovery state of killed or failed experiments wait in {exps} (0 MB): "
+        f"train: 1 recovery state of killed or failed experiments wait in {exps} (0.0 MB): "
         f"running the same experiment again resumes it; `rm -rf {exps}` drops them\n"
     )
     workspace.clear()
