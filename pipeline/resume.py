@@ -64,10 +64,14 @@ class Claim:
         self.fd: int | None = fd
         self.path = path
 
+    @staticmethod
+    def lock_file(folder: Path) -> Path:
+        return folder.with_name(folder.name + ".lock")
+
     @classmethod
     def take(cls, folder: Path) -> Claim | None:
         """The claim on `folder`, or None while another process holds it."""
-        path = folder.with_name(folder.name + ".lock")
+        path = cls.lock_file(folder)
         while True:
             try:
                 fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -93,7 +97,7 @@ class Claim:
     def held(folder: Path) -> bool:
         """Whether a running training holds `folder` now (a probe that takes nothing)."""
         try:
-            fd = os.open(folder.with_name(folder.name + ".lock"), os.O_RDONLY)
+            fd = os.open(Claim.lock_file(folder), os.O_RDONLY)
         except FileNotFoundError:  # a holder keeps its lock file until it lets go
             return False
         try:
@@ -332,7 +336,10 @@ class StateStore:
             os.replace(folder, kept)
         finally:
             claim.release()
-        print(f"train: taking the recovery state {folder} of a temporary experiment copy")
+        print(
+            f"train: taking the recovery state {folder} of a temporary experiment copy",
+            flush=True,
+        )
         return True
 
     def _mention_waiting(self, expected_fingerprint: str) -> None:
