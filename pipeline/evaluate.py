@@ -356,7 +356,13 @@ def main(argv: list[str] | None = None) -> None:
         tta = score(mean, test.labels, class_names)
         figures["shift_tta"] = tta_figures(tta)
     matrix = confusion_matrix(test.labels, probabilities.argmax(axis=1), len(class_names))
-    drawn = write_outputs(figures, matrix, probabilities, test, class_names, cfg)
+    try:
+        drawn = write_outputs(figures, matrix, probabilities, test, class_names, cfg)
+    except OSError as error:  # a full disk, a file where metrics/ should be
+        raise PipelineError(
+            f"could not write the evaluation's outputs in {paths.METRICS_DIR}/: {error}; "
+            f"nothing was logged to MLflow. Free the space or fix the folder, then run {again}"
+        ) from None
     print(
         f"evaluate: {figures['images']} test images: accuracy {figures['accuracy']:.4f}, "
         f"loss {figures['loss']:.4f}, macro F1 {figures['f1_macro']:.4f} "

@@ -181,7 +181,10 @@ def parse_batch(payload: bytes, member: str, num_classes: int) -> Split:
         raise ArchiveError(f"{member}: 'data' must be a uint8 array of shape (N, {PIXELS})")
     if data.shape[1] != PIXELS:
         raise ArchiveError(f"{member}: 'data' rows hold {data.shape[1]} values, not {PIXELS}")
-    labels = np.asarray(labels if labels is not None else [], dtype=np.int64)
+    labels = np.asarray(labels if labels is not None else [])
+    if labels.size and not np.issubdtype(labels.dtype, np.integer):  # 1.7 would pass as class 1
+        raise ArchiveError(f"{member}: labels must be whole numbers, found {labels.dtype} values")
+    labels = labels.astype(np.int64)
     if labels.shape != (len(data),):
         raise ArchiveError(f"{member}: {len(labels)} labels for {len(data)} images")
     if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
@@ -324,7 +327,10 @@ def main(argv: list[str] | None = None) -> None:
     else:
         dataset = read_cifar10(source)
     splits, meta = prepare(dataset, params.val_size, params.seed)
-    write_prepared(paths.PREPARED_DIR, splits, meta)
+    try:
+        write_prepared(paths.PREPARED_DIR, splits, meta)
+    except OSError as error:  # a full disk (about 180 MB for CIFAR-10), a read-only folder
+        raise PipelineError(f"could not write {paths.PREPARED_DIR}: {error}") from None
     sizes = ", ".join(f"{n} {name}" for name, n in meta["sizes"].items())
     mean = ", ".join(f"{v:.2f}" for v in meta["mean"])
     std = ", ".join(f"{v:.2f}" for v in meta["std"])

@@ -223,6 +223,32 @@ def test_evaluating_by_hand_on_test_images_drawn_anew_is_refused(repo, tmp_path)
     assert dvc(repo, "status").stdout.strip().endswith("up to date.")
 
 
+def test_outputs_evaluate_cannot_write_are_one_line_and_nothing_is_logged(repo, client):
+    """A full disk or a file in the way: the reason and the fix, no traceback, and no
+    evaluation logged that metrics/ does not hold."""
+    info = json.loads((repo / "models/model_info.json").read_text())
+    before = client.get_run(info["run_id"]).data.params
+    blocker = repo / "metrics/confusion.csv"  # evaluate's first output
+    kept = blocker.read_bytes()
+    blocker.unlink()
+    blocker.mkdir()  # a file cannot be renamed over a folder
+    try:
+        result = run([sys.executable, "-m", "pipeline.evaluate"], repo, stage_env(), check=False)
+    finally:
+        blocker.rmdir()
+        blocker.write_bytes(kept)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    (line,) = result.stderr.strip().splitlines()[-1:]
+    assert line.startswith(
+        "error: could not write the evaluation's outputs in metrics/: [Errno 21] Is a directory"
+    ), line
+    assert line.endswith(
+        "nothing was logged to MLflow. Free the space or fix the folder, then run `dvc repro`"
+    ), line
+    assert client.get_run(info["run_id"]).data.params == before  # no evaluation claimed
+    assert run(["git", "status", "--porcelain"], repo).stdout == ""
+
+
 def start_queue(repo, workers: int) -> None:
     """`dvc queue start` as a user's shell runs it: it returns once the workers are spawned.
 

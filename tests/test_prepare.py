@@ -276,6 +276,14 @@ def test_bad_labels_and_shapes_are_refused(tmp_path):
     write_archive(path, replace={"data_batch_2": bad_labels})
     with pytest.raises(ArchiveError, match=r"data_batch_2: labels must lie in 0..9, found 0..12"):
         read_cifar10(path)
+    for labels, found in (([0.9, 1.7], "float64"), ([b"cat", b"dog"], "|S3")):
+        # Cast to whole numbers, 1.7 would pass for class 1 and b"cat" raise ValueError.
+        wrong = py2_dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": labels})
+        write_archive(path, replace={"data_batch_3": wrong})
+        with pytest.raises(
+            ArchiveError, match=f"data_batch_3: labels must be whole numbers, found {found} values"
+        ):
+            read_cifar10(path)
     bad_shape = py2_dumps({b"data": np.zeros((2, 100), np.uint8), b"labels": [0, 1]})
     write_archive(path, replace={"test_batch": bad_shape})
     with pytest.raises(ArchiveError, match="test_batch: 'data' rows hold 100 values, not 3072"):
@@ -325,3 +333,27 @@ def test_a_meta_json_prepare_did_not_write_is_one_line(tmp_path, text, message):
     assert str(error.value) == (
         f"{tmp_path / paths.META_FILE}: not what prepare writes {message}; run `dvc repro prepare`"
     )
+
+
+def test_prepared_data_it_cannot_write_is_one_line_naming_the_folder(tmp_path, raw_params):
+    """A full disk or a file in the way is the user's to fix: the reason, no traceback."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    from tests.repo import ROOT
+
+    raw_params["data"]["val_size"] = 20  # of the archive's 200 training images
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw_params))
+    write_archive(tmp_path / paths.RAW_DIR / "cifar-10-python.tar.gz")
+    (tmp_path / paths.PREPARED_DIR).parent.mkdir(exist_ok=True)
+    (tmp_path / paths.PREPARED_DIR).write_text("not a folder")
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline.prepare"], cwd=tmp_path, capture_output=True,
+        text=True, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+    )  # fmt: skip
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip().startswith(
+        f"error: could not write {paths.PREPARED_DIR}: [Errno 17] File exists"
+    ), result.stderr
