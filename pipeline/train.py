@@ -709,36 +709,43 @@ def finish(
     # model is logged, and until then it would describe, to evaluate, a model it is not.
     paths.MODEL_INFO.unlink(missing_ok=True)
     save_model(export, paths.MODEL_FILE)
-    summary = train_summary(state, train, val, device)
-    files.write_text(paths.TRAIN_METRICS, json.dumps(summary, indent=2) + "\n")
-    write_history(paths.HISTORY_FILE, state.history)
-    if state.model_uri is None:  # else a rerun: all was logged but the run's end
-        with tracking.reported(
-            "the training finished but could not be logged to MLflow",
-            f"its recovery state is kept, so once the store answers {rerun(workers)} logs it "
-            "without training again",
-        ):
-            tracking.backfill_metrics(state.run_id, state.history)  # epochs an outage missed
-            # The model last: calls before it are harmless to repeat when a rerun logs the run.
-            tracking.log_final(summary, [paths.HISTORY_FILE, paths.TRAIN_METRICS])
-            examples = val if len(val.labels) else train
-            state.model_uri = tracking.log_model(export, examples, meta["class_names"])
-        store.record(state)
-    from pipeline.prepared import training_data_digest
+    try:  # a full disk, or a metrics/ it cannot write, after hours of training
+        summary = train_summary(state, train, val, device)
+        files.write_text(paths.TRAIN_METRICS, json.dumps(summary, indent=2) + "\n")
+        write_history(paths.HISTORY_FILE, state.history)
+        if state.model_uri is None:  # else a rerun: all was logged but the run's end
+            with tracking.reported(
+                "the training finished but could not be logged to MLflow",
+                f"its recovery state is kept, so once the store answers {rerun(workers)} logs it "
+                "without training again",
+            ):
+                tracking.backfill_metrics(state.run_id, state.history)  # epochs an outage missed
+                # The model last: calls before it are harmless to repeat when a rerun logs the run.
+                tracking.log_final(summary, [paths.HISTORY_FILE, paths.TRAIN_METRICS])
+                examples = val if len(val.labels) else train
+                state.model_uri = tracking.log_model(export, examples, meta["class_names"])
+            store.record(state)
+        from pipeline.prepared import training_data_digest
 
-    info = {
-        "run_id": state.run_id,
-        "model_uri": state.model_uri,
-        "class_names": meta["class_names"],
-        "image_size": meta["image_size"],
-        # What it learnt from and what was held out from it then: evaluate refuses test
-        # images drawn anew beside other training images (prepared since), which may be
-        # ones it learnt from.
-        "training_data": training_data_digest(train, val),
-    }
-    if test_set:  # training from data/prepared, not from images in memory (a benchmark)
-        info["test_set"] = test_set
-    files.write_text(paths.MODEL_INFO, json.dumps(info, indent=2) + "\n")
+        info = {
+            "run_id": state.run_id,
+            "model_uri": state.model_uri,
+            "class_names": meta["class_names"],
+            "image_size": meta["image_size"],
+            # What it learnt from and what was held out from it then: evaluate refuses test
+            # images drawn anew beside other training images (prepared since), which may be
+            # ones it learnt from.
+            "training_data": training_data_digest(train, val),
+        }
+        if test_set:  # training from data/prepared, not from images in memory (a benchmark)
+            info["test_set"] = test_set
+        files.write_text(paths.MODEL_INFO, json.dumps(info, indent=2) + "\n")
+    except OSError as error:
+        raise PipelineError(
+            f"the training finished but its outputs could not be written ({error}); its "
+            f"recovery state is kept, so once that is fixed {rerun(workers)} writes them "
+            "without training again"
+        ) from None
     with tracking.reported(
         "the training is logged to MLflow but its run could not be marked finished",
         f"its recovery state is kept, so once the store answers {rerun(workers)} marks it "

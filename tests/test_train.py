@@ -1246,6 +1246,38 @@ def test_store_failures_at_the_end_of_training_leave_one_model_and_a_finished_ru
     assert not Path(".train-state").exists()
 
 
+def test_outputs_it_cannot_write_after_training_are_one_line_and_the_rerun_trains_nothing(
+    raw_params, mlflow_store, tmp_path, monkeypatch, capsys
+):
+    """A full disk or a metrics/ in the way once the epochs are done: the reason, the
+    recovery state kept, and the rerun writes the outputs without training again."""
+    from pipeline.errors import PipelineError, end_mlflow_run
+    from pipeline.train import run_training
+
+    params, meta, train, empty = tiny_training(raw_params)
+    monkeypatch.chdir(tmp_path)
+    Path("metrics").write_text("a file where the folder goes")
+    with pytest.raises(PipelineError) as error:
+        run_training(params, meta, train, empty)
+    assert str(error.value).startswith(
+        "the training finished but its outputs could not be written ([Errno 17] File exists"
+    ), error.value
+    assert str(error.value).endswith(
+        "its recovery state is kept, so once that is fixed `dvc repro` writes them without "
+        "training again"
+    )
+    assert Path(".train-state").is_dir() and Path("models/model.keras").exists()
+    end_mlflow_run("FAILED")  # as the stage's error handler does
+    Path("metrics").unlink()
+    run_training(params, meta, train, empty)
+    out = capsys.readouterr().out
+    assert out.count("train: epoch 1/1") == 1 and "resuming after epoch 1" in out
+    info = json.loads(Path("models/model_info.json").read_text())
+    assert mlflow_store.get_run(info["run_id"]).info.status == "FINISHED"
+    assert json.loads(Path("metrics/train.json").read_text())["epochs"] == 1
+    assert not Path(".train-state").exists()
+
+
 def test_a_store_error_as_the_run_starts_is_one_line_and_the_rerun_continues_the_run(
     raw_params, mlflow_store, tmp_path, monkeypatch, capsys
 ):
