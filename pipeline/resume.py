@@ -35,6 +35,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -50,6 +51,11 @@ KEEP_ASIDE = 2  # states set aside that are kept (each a checkpoint: 35 MB for t
 # temporary experiment copies, each beside its claim, exps/<fingerprint>.lock.
 EXPERIMENTS_DIR = "exps"
 NOT_THE_STATE = (KEPT_DIR, EXPERIMENTS_DIR)  # in a state folder, but other states
+
+
+# How long a claim waits out another's hold before calling it taken: held()'s probe and
+# a workspace's adoption hold a lock for microseconds to milliseconds, a training for hours.
+CLAIM_PATIENCE_S = 1.0
 
 
 class Claim:
@@ -69,9 +75,10 @@ class Claim:
         return folder.with_name(folder.name + ".lock")
 
     @classmethod
-    def take(cls, folder: Path) -> Claim | None:
+    def take(cls, folder: Path, patience_s: float = CLAIM_PATIENCE_S) -> Claim | None:
         """The claim on `folder`, or None while another process holds it."""
         path = cls.lock_file(folder)
+        give_up = time.monotonic() + patience_s
         while True:
             try:
                 fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -82,7 +89,10 @@ class Claim:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 os.close(fd)
-                return None
+                if time.monotonic() >= give_up:
+                    return None
+                time.sleep(0.05)  # a moment's hold (held()'s probe, a release) passes
+                continue
             try:
                 current = os.stat(path).st_ino == os.fstat(fd).st_ino
             except FileNotFoundError:
@@ -359,7 +369,8 @@ class StateStore:
         print(
             f"train: {states} of killed or failed experiments wait in {self.experiments} "
             f"({size / 1e6:.1f} MB): running the same experiment again resumes it; "
-            f"`rm -rf {self.experiments}` drops them",
+            f"`rm -rf {self.experiments}` drops them (not while a queued or `--temp` "
+            "experiment trains: it keeps its state there too)",
             flush=True,
         )
 

@@ -1555,6 +1555,29 @@ def test_a_claim_excludes_others_until_released_or_its_process_dies(tmp_path):
     third.release()
 
 
+def test_a_claim_waits_out_a_moments_hold_such_as_a_probe(tmp_path):
+    """held()'s probe, or another's release, holds the lock for an instant: an experiment
+    taking its state then must not conclude that another training holds it."""
+    import fcntl
+    import threading
+
+    from pipeline.resume import Claim
+
+    folder = tmp_path / ".train-state/exps/abc"
+    Claim.take(folder).release()
+    probe = os.open(Claim.lock_file(folder), os.O_RDWR | os.O_CREAT)
+    fcntl.flock(probe, fcntl.LOCK_SH)  # what held() takes, for 0.3 s instead of microseconds
+    threading.Timer(0.3, os.close, [probe]).start()
+    claim = Claim.take(folder)
+    assert claim is not None
+    claim.release()
+    held = Claim.take(folder)
+    started = time.monotonic()
+    assert Claim.take(folder, patience_s=0.2) is None  # a real holder: given up on in time
+    assert 0.2 <= time.monotonic() - started < 1.0
+    held.release()
+
+
 def test_the_workspace_takes_back_an_experiment_state_no_training_holds(tmp_path, capsys):
     """A queued experiment killed after 7 epochs: the same settings trained in the workspace
     resume it, unless a training in another experiment copy holds it."""
@@ -1588,7 +1611,8 @@ def test_the_workspace_takes_back_an_experiment_state_no_training_holds(tmp_path
     assert workspace.load("fp").epochs_done == 7
     assert capsys.readouterr().out == (
         f"train: 1 recovery state of killed or failed experiments wait in {exps} (0.0 MB): "
-        f"running the same experiment again resumes it; `rm -rf {exps}` drops them\n"
+        f"running the same experiment again resumes it; `rm -rf {exps}` drops them (not "
+        "while a queued or `--temp` experiment trains: it keeps its state there too)\n"
     )
     workspace.clear()
     assert (exps / "other/state.json").is_file()
