@@ -27,7 +27,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pipeline.errors import PipelineError
 
@@ -45,6 +45,7 @@ class Cluster:
     workers: int = 1
     index: int = 0  # this worker's position, 0 .. workers - 1
     chief: bool = True  # the one process that writes outputs and talks to MLflow
+    address: str = field(default="", compare=False)  # "host:port", this worker's in TF_CONFIG
 
     @classmethod
     def from_environment(cls) -> Cluster:
@@ -96,7 +97,8 @@ class Cluster:
             )
         position = index + (len(chiefs) if kind == "worker" else 0)
         chief = kind == "chief" or (not chiefs and index == 0)
-        return cls(len(chiefs) + len(workers), position, chief)
+        address = (chiefs if kind == "chief" else workers)[index]
+        return cls(len(chiefs) + len(workers), position, chief, address)
 
 
 def make_strategy(gpus: int, cluster: Cluster):
@@ -123,7 +125,20 @@ def make_strategy(gpus: int, cluster: Cluster):
             "output), then start this one again"
         )
         with deadline(WORKER_WAIT_S, stopped):
-            return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+            try:
+                return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+            except tf.errors.UnknownError as error:
+                if "Could not start gRPC server" not in str(error):
+                    raise
+                # Seen when a worker is restarted before the one it replaces, or its
+                # peers, let go of the port: they stop within COLLECTIVE_TIMEOUT_S.
+                raise PipelineError(
+                    f"worker {cluster.index} of {cluster.workers}: cannot listen on "
+                    f"{cluster.address or 'its address'} (its entry in TF_CONFIG): the port is "
+                    f"taken, by a worker of an earlier start still stopping (within "
+                    f"{COLLECTIVE_TIMEOUT_S} s of a peer's end) or by another program; wait "
+                    "and start it again, or give it a free port in every worker's TF_CONFIG"
+                ) from None
     if gpus > 1:
         return tf.distribute.MirroredStrategy()
     return tf.distribute.get_strategy()

@@ -2397,6 +2397,41 @@ def test_a_worker_whose_peers_never_start_stops_after_its_wait(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_worker_whose_port_is_taken_says_so_in_one_line(tmp_path):
+    """Restarted before the worker it replaces let go of its port (or a typo'd port that
+    another program holds): TensorFlow's UnknownError, with a traceback, said only that it
+    "could not start gRPC server"."""
+    import socket
+
+    from tests.repo import free_ports
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        workers = [f"localhost:{port}", f"localhost:{free_ports(1)[0]}"]
+        config = {"cluster": {"worker": workers}, "task": {"type": "worker", "index": 0}}
+        script = (
+            "import sys; from pipeline import distributed, errors; "
+            "distributed.WORKER_WAIT_S = 60; sys.exit(errors.cli(lambda: distributed."
+            "make_strategy(1, distributed.Cluster.from_environment()))())"
+        )
+        result = subprocess.run(
+            [sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True,
+            env=stage_env({"TF_CONFIG": json.dumps(config), "PYTHONPATH": str(ROOT)}),
+            timeout=120,
+        )  # fmt: skip
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: worker 0 of 2: cannot listen on localhost:{port} (its entry in TF_CONFIG): "
+        "the port is taken, by a worker of an earlier start still stopping (within 120 s of "
+        "a peer's end) or by another program; wait and start it again, or give it a free "
+        "port in every worker's TF_CONFIG"
+    )
+
+
+@pytest.mark.slow
 def test_ctrl_c_while_waiting_for_the_peers_stops_the_worker_at_once(tmp_path):
     """TensorFlow, waiting, ignores the SIGINT a terminal sends the process group; the
     watchdog died of it, and the wait went on without its limit."""
@@ -2536,6 +2571,8 @@ def test_tf_config_is_read_into_the_workers_place_and_a_wrong_index_is_one_line(
     assert cluster({"type": "worker", "index": 1}, **two) == Cluster(2, 1, False)
     assert cluster({"type": "worker", "index": 0}, **two) == Cluster(2, 0, True)
     assert cluster({"type": "worker", "index": 0}, chief=["c:1"], **two) == Cluster(3, 1, False)
+    assert cluster({"type": "worker", "index": 1}, chief=["c:1"], **two).address == "b:1"
+    assert cluster({"type": "chief", "index": 0}, chief=["c:1"], **two).address == "c:1"
     with pytest.raises(PipelineError, match=r"task index 5 is not one of the 2 workers listed"):
         cluster({"type": "worker", "index": 5}, **two)
     with pytest.raises(PipelineError, match="TF_CONFIG is not a cluster description"):
