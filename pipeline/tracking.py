@@ -798,7 +798,9 @@ def _claims(client, run_id: str) -> dict[int, str]:
 @retry_locked
 def _log_evaluation_metrics(run_id: str, metrics: dict[str, float], mark: str) -> int:
     """Claim the next evaluation number and log the metrics at that step: one batch, which
-    the store writes whole or not at all."""
+    the store writes whole or not at all, up to MLflow's 1000 metrics a request (five
+    headline figures and one per class: about 995 classes). Beyond, MLflow sends several,
+    and a store failing between them leaves that step part-logged."""
     import mlflow
 
     client = mlflow.MlflowClient()
