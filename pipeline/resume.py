@@ -215,18 +215,25 @@ class StateStore:
         A state of other params or data is set aside (kept/), and one set aside earlier
         for these is taken back; then the newest KEEP_ASIDE states set aside are kept.
         basis: what expected_fingerprint was computed from, to name what changed."""
-        state = self._read(self.directory)
-        if state is not None and state.fingerprint != expected_fingerprint:
-            self._set_aside(state, f"it belongs to {changes(state.basis, basis)}")
-            state = None
-        if state is None:
-            state = self._take_back(expected_fingerprint)
-            if state is None and self._adopt(expected_fingerprint):
+        try:  # a full or read-only disk, a file where a folder goes: before any training
+            state = self._read(self.directory)
+            if state is not None and state.fingerprint != expected_fingerprint:
+                self._set_aside(state, f"it belongs to {changes(state.basis, basis)}")
+                state = None
+            if state is None:
                 state = self._take_back(expected_fingerprint)
-        elif self.writable:  # a kill while it was set aside may have left its files there
-            self._move(self._kept(expected_fingerprint), self.directory)
-        self._keep_newest(expected_fingerprint)
-        self._mention_waiting(expected_fingerprint)
+                if state is None and self._adopt(expected_fingerprint):
+                    state = self._take_back(expected_fingerprint)
+            elif self.writable:  # a kill while it was set aside may have left its files there
+                self._move(self._kept(expected_fingerprint), self.directory)
+            self._keep_newest(expected_fingerprint)
+            self._mention_waiting(expected_fingerprint)
+        except OSError as error:
+            # A move cut short is one the next load finishes (see _move): no state is lost.
+            raise PipelineError(
+                f"cannot set aside or take back the recovery states in {self.directory} "
+                f"({error}); fix that and run again"
+            ) from None
         if state is None:
             return None
         if state.epochs_done and not (state.checkpoint and self.checkpoint_path(state).is_file()):

@@ -1459,6 +1459,25 @@ def killed_after(store, fingerprint: str, epochs: int, run_id: str) -> None:
     store.record(TrainState(fingerprint, run_id, epochs, checkpoint=checkpoint))
 
 
+def test_recovery_states_it_cannot_move_are_one_line_and_stay_where_they_were(tmp_path):
+    """A file where kept/ goes (or a full, read-only disk): no traceback, no state lost."""
+    from pipeline.resume import StateStore
+
+    store = StateStore(tmp_path / ".train-state")
+    killed_after(store, "old", 3, "RUN-o")
+    (store.directory / "kept").write_text("a file where the folder goes")
+    with pytest.raises(PipelineError) as error:
+        store.load("new")
+    assert str(error.value).startswith(
+        f"cannot set aside or take back the recovery states in {store.directory} ([Errno"
+    ), error.value
+    assert str(error.value).endswith("); fix that and run again")
+    (store.directory / "kept").unlink()
+    state = store.load("old")
+    assert (state.run_id, state.epochs_done) == ("RUN-o", 3)
+    assert store.checkpoint_path(state).read_bytes() == b"old after 3"
+
+
 def test_a_training_of_other_settings_sets_the_state_aside_and_a_rerun_takes_it_back(
     tmp_path, capsys
 ):
