@@ -29,6 +29,7 @@ during a move loses nothing.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -472,9 +473,11 @@ class StateStore:
                 shutil.rmtree(entry, ignore_errors=True)
             else:
                 entry.unlink(missing_ok=True)
-        others = (self.directory / name for name in NOT_THE_STATE)
-        if not any(d.is_dir() and any(d.iterdir()) for d in others):
-            shutil.rmtree(self.directory, ignore_errors=True)
+        # rmdir, not a look then rmtree: an experiment copy may claim a state in exps/
+        # between the two, and its lock file must not go.
+        for folder in (*(self.directory / name for name in NOT_THE_STATE), self.directory):
+            with contextlib.suppress(OSError):  # not empty (other states), or not there
+                folder.rmdir()
 
     def release(self) -> None:
         """Let go of the claim on the state folder, once the training is done with it, and

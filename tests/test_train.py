@@ -1459,6 +1459,35 @@ def killed_after(store, fingerprint: str, epochs: int, run_id: str) -> None:
     store.record(TrainState(fingerprint, run_id, epochs, checkpoint=checkpoint))
 
 
+def test_clearing_the_workspace_state_spares_a_claim_taken_meanwhile(tmp_path, monkeypatch):
+    """An experiment copy claiming its state in exps/ just as the workspace's training
+    ends: its lock file must survive the workspace removing .train-state/."""
+    import pathlib
+
+    from pipeline import resume
+    from pipeline.resume import StateStore
+
+    store = StateStore(tmp_path / ".train-state")
+    killed_after(store, "fp", 3, "RUN-w")
+    claims = []
+
+    def claimed_meanwhile(original):
+        def removing(path, *args, **kwargs):
+            if Path(path) == store.directory and not claims:  # the claim comes in first
+                claims.append(resume.Claim.take(store.directory / "exps/other"))
+            return original(path, *args, **kwargs)
+
+        return removing
+
+    monkeypatch.setattr(resume.shutil, "rmtree", claimed_meanwhile(shutil.rmtree))
+    monkeypatch.setattr(pathlib.Path, "rmdir", claimed_meanwhile(pathlib.Path.rmdir))
+    store.clear()
+    assert claims and claims[0] is not None
+    assert (store.directory / "exps/other.lock").is_file()  # what keeps others out
+    assert sorted(p.name for p in store.directory.iterdir()) == ["exps"]
+    claims[0].release()
+
+
 def test_recovery_states_it_cannot_move_are_one_line_and_stay_where_they_were(tmp_path):
     """A file where kept/ goes (or a full, read-only disk): no traceback, no state lost."""
     from pipeline.resume import StateStore
