@@ -311,7 +311,7 @@ class Params:
             raise _fail(
                 "train.augment.shift",
                 f"a whole number of pixels with interpolation nearest, which shifts by whole "
-                f"pixels: {augment.shift} of {side} pixels is {pixels:.3g}; "
+                f"pixels: {augment.shift} of {side} pixels is {round(pixels, 3):g}; "
                 f"{below}/{side} = {below / side:.6g} or {above}/{side} = {above / side:.6g}",
                 augment.shift,
             )

@@ -187,6 +187,17 @@ IMAGEFOLDER = {"data.format": "imagefolder", "data.url": "file:///data/pets", "d
             "10/96 = 0.104167, got 0.1",
         ),  # fmt: skip
         (
+            {
+                **IMAGEFOLDER,
+                "data.image_size": 224,
+                "train.augment.interpolation": "nearest",
+                "train.augment.shift": 0.45,
+            },
+            "train.augment.shift: must be a whole number of pixels with interpolation nearest, "
+            "which shifts by whole pixels: 0.45 of 224 pixels is 100.8; 100/224 = 0.446429 or "
+            "101/224 = 0.450893, got 0.45",
+        ),  # fmt: skip (100.8, not 3 significant digits' 101: a whole number, said to be none)
+        (
             {"train.learning_rate": 2, "train.weight_decay": 0.5},
             "train.weight_decay: must be below 1 / train.learning_rate (0.5): each step shrinks "
             "every weight by learning_rate * weight_decay of itself, got 0.5",
