@@ -137,6 +137,7 @@ def fetch(
     `backoff_s`, then twice that, and so on. Raises DownloadError otherwise.
     """
     md5 = md5.lower()
+    _refuse_a_login(url)
     name = _file_name(url)
     dest_dir.mkdir(parents=True, exist_ok=True)
     final, part = dest_dir / name, dest_dir / f"{name}.part"
@@ -145,14 +146,21 @@ def fetch(
     local = _local_path(url) if url.startswith("file://") else None
     if url.startswith("file://") and local is None:
         raise DownloadError(_host_named(url, name))
-    if local is not None and not local.exists():
+    try:  # Python 3.11's exists() raises, not answers False, under a folder one cannot enter
+        exists = local is not None and local.exists()
+        folder = local if exists and local.is_dir() else None
+    except PermissionError as error:
+        raise DownloadError(
+            f"{url} (data.url): cannot read {local} ({error.strerror}); make it, and the "
+            f"folders above it, readable by this user, or fix data.url: {FIX_HINT}"
+        ) from None
+    if local is not None and not exists:
         hint = "" if url.startswith("file:///") else (
             f"A local path needs three slashes, e.g. file:///path/to/{name}; "
         )  # fmt: skip
         raise DownloadError(
             f"{url} (data.url): no such file or folder {local}. {hint}fix data.url: {FIX_HINT}"
         )
-    folder = local if local is not None and local.is_dir() else None
     if folder is not None and md5:
         raise DownloadError(
             f'{url} (data.url) is a folder, which has no single md5: set data.md5 to "" '
@@ -268,7 +276,9 @@ def _keep_only(final: Path) -> Path:
     404, no network) leaves the earlier download where it was.
     """
     for stale in final.parent.iterdir():
-        if stale != final:
+        # On a disk that ignores case (macOS's), the reused file may list as cifar-10-...
+        # while data.url names CIFAR-10-...: the same file, which must stay.
+        if stale != final and not (final.exists() and os.path.samefile(stale, final)):
             print(f"download: removing {stale}, left over from an earlier data.url", flush=True)
             _remove(stale)
     return final
@@ -279,7 +289,7 @@ def _download_http(
 ) -> str:
     """One attempt: stream `url` into `part`, resuming it if it exists; return the md5."""
     offset = part.stat().st_size if part.exists() else 0
-    request = urllib.request.Request(url, headers={"User-Agent": "pipeline.download"})
+    request = urllib.request.Request(_ascii(url), headers={"User-Agent": "pipeline.download"})
     if offset:
         request.add_header("Range", f"bytes={offset}-")
     try:
@@ -340,8 +350,46 @@ def _download_http(
 def _local_path(url: str) -> Path | None:
     """The path a file:// URL names on this machine; None if it names another host."""
     split = urllib.parse.urlsplit(url)
+    if split.query or split.fragment or url.endswith(("?", "#")):
+        # A URL's path ends at them: file:///data/pets#v2 would name /data/pets.
+        raise DownloadError(
+            f"{url} (data.url): a # or ? ends a URL's path, so this names "
+            f"{urllib.request.url2pathname(split.path)}; write them in the path as %23 and "
+            f"%3F: {FIX_HINT}"
+        )
     local = split.netloc in ("", "localhost")
     return Path(urllib.request.url2pathname(split.path)) if local else None
+
+
+def _ascii(url: str) -> str:
+    """`url` with its characters beyond ASCII percent-encoded (UTF-8), as a browser sends
+    them: http.client refuses them (UnicodeEncodeError), and a URL copied from the
+    address bar shows them decoded (https://host/données/...). A host name beyond ASCII
+    http.client encodes itself (IDNA)."""
+    if url.isascii():
+        return url
+    split = urllib.parse.urlsplit(url)
+    parts = {part: getattr(split, part) for part in ("path", "query", "fragment")}
+    encoded = {
+        part: re.sub(r"[^\x00-\x7f]+", lambda m: urllib.parse.quote(m[0]), text)
+        for part, text in parts.items()
+    }
+    return urllib.parse.urlunsplit(split._replace(**encoded))
+
+
+def _refuse_a_login(url: str) -> None:
+    """A user name and password in data.url would be committed with params.yaml and logged
+    with every MLflow run, and urllib does not send them (it read the password as a port)."""
+    split = urllib.parse.urlsplit(url)
+    if "@" not in split.netloc:
+        return
+    shown = urllib.parse.urlunsplit(split._replace(netloc="***@" + split.netloc.rpartition("@")[2]))
+    raise DownloadError(
+        f"{shown} (data.url) holds a login (user:password@); it would be committed with "
+        "params.yaml and logged with every run, and this download does not send one. Point "
+        "data.url at a copy that needs none (a public mirror, a presigned URL, a file:// "
+        f"path): {FIX_HINT}"
+    )
 
 
 def _copy_local(url: str, part: Path, name: str, progress: Progress) -> str:

@@ -518,3 +518,79 @@ def test_a_kill_while_the_earlier_folder_copy_is_deleted_leaves_the_new_one_whol
     monkeypatch.setattr(download, "_remove", remove)
     fetch(folder.as_uri(), "", raw, progress=quiet(), **FAST)
     assert os.listdir(raw) == ["pets"]  # and the next run removes it
+
+
+def test_a_hash_or_question_mark_in_a_file_url_is_refused_not_cut(tmp_path):
+    """file:///data/pets#v2 names /data/pets to a URL parser: that folder was copied."""
+    (tmp_path / "pets/train/cat").mkdir(parents=True)
+    (tmp_path / "pets#v2/train/dog").mkdir(parents=True)
+    for mark in ("#", "?"):
+        url = f"file://{tmp_path}/pets{mark}v2"
+        with pytest.raises(DownloadError) as error:
+            fetch(url, "", tmp_path / "raw", progress=quiet(), **FAST)
+        assert str(error.value).startswith(
+            f"{url} (data.url): a # or ? ends a URL's path, so this names {tmp_path}/pets; "
+            "write them in the path as %23 and %3F"
+        )
+    copied = fetch(f"file://{tmp_path}/pets%23v2", "", tmp_path / "raw", progress=quiet())
+    assert sorted(p.name for p in (copied / "train").iterdir()) == ["dog"]
+
+
+def test_a_file_url_under_a_folder_it_cannot_enter_is_one_line(tmp_path, monkeypatch):
+    """Python 3.11's Path.exists raises PermissionError there (another user's mode-700 home);
+    root, which runs these tests, enters any folder, so the refusal is simulated."""
+    source = tmp_path / "alice" / NAME
+    real_exists = Path.exists
+
+    def exists(path, *args, **kwargs):
+        if path == source:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_exists(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "exists", exists)
+    with pytest.raises(DownloadError) as error:
+        fetch(source.as_uri(), MD5, tmp_path / "raw", progress=quiet(), **FAST)
+    assert str(error.value).startswith(
+        f"{source.as_uri()} (data.url): cannot read {source} (Permission denied); make it, and "
+        "the folders above it, readable by this user"
+    )
+
+
+def test_a_url_with_letters_beyond_ascii_is_sent_percent_encoded(tmp_path):
+    """As a browser's address bar shows it: http.client raised UnicodeEncodeError."""
+    with PayloadServer(PAYLOAD, f"/donn%C3%A9es/{NAME}") as server:
+        url = f"{server.base_url}/données/{NAME}"
+        path = fetch(url, MD5, tmp_path / "raw", progress=quiet(), **FAST)
+        assert [r.path for r in server.requests] == [f"/donn%C3%A9es/{NAME}"]
+    assert path == tmp_path / "raw" / NAME and path.read_bytes() == PAYLOAD
+
+
+def test_a_url_with_a_login_is_refused_without_showing_the_password(serve, tmp_path):
+    """urllib sends no login from a URL (it took `s3cret@127.0.0.1` for a port), and a
+    password in data.url would be committed and logged with every run."""
+    server = serve()
+    url = server.url.replace("http://", "http://alice:s3cret@")
+    with pytest.raises(DownloadError) as error:
+        fetch(url, MD5, tmp_path / "raw", progress=quiet(), **FAST)
+    assert str(error.value).startswith(
+        f"{server.url.replace('http://', 'http://***@')} (data.url) holds a login "
+        "(user:password@); it would be committed with params.yaml"
+    )
+    assert "s3cret" not in str(error.value) and "alice" not in str(error.value)
+    assert server.requests == [] and not (tmp_path / "raw").exists()
+
+
+def test_a_reused_archive_named_in_another_case_is_kept(tmp_path, capsys):
+    """On a disk that ignores case (macOS's), data.url's CIFAR-10-python.tar.gz is the
+    cifar-10-python.tar.gz already there: reused, then deleted as "left over". A hard link
+    stands in here for the two names of one file."""
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / NAME).write_bytes(PAYLOAD)
+    os.link(raw / NAME, raw / NAME.upper())
+    mirror = tmp_path / "mirror" / NAME.upper()
+    mirror.parent.mkdir()
+    mirror.write_bytes(PAYLOAD)
+    path = fetch(mirror.as_uri(), MD5, raw, progress=quiet(), **FAST)
+    assert path == raw / NAME.upper() and "reusing" in capsys.readouterr().out
+    assert (raw / NAME).read_bytes() == PAYLOAD  # the one file, under the name the disk keeps
