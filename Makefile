@@ -35,13 +35,16 @@ venv: $(STAMP)
 # The versions CI tested (.ci/constraints.txt): newer releases wait until they are tested.
 CONSTRAINTS := .ci/constraints.txt
 
+# A .venv whose creation failed half-way (python3.11 without its venv package writes
+# bin/python, then stops at ensurepip) is made again, not reused for ever.
+# So is one of another Python (3.12, say), which every install would refuse.
+VENV_WORKS := { $(BIN)/python -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' && \
+	$(BIN)/python -m pip --version; } >/dev/null 2>&1
+
 $(STAMP): pyproject.toml $(CONSTRAINTS)
-	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found; install Python 3.11 or run make PYTHON=/path/to/python3.11"; exit 1; }
-	@# A .venv whose creation failed half-way (python3.11 without its venv package writes
-	@# bin/python, then stops at ensurepip) is made again, not reused for ever.
-	@# So is one of another Python (3.12, say), which every install would refuse.
-	{ $(BIN)/python -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' && \
-	  $(BIN)/python -m pip --version; } >/dev/null 2>&1 || { rm -rf $(VENV) && $(PYTHON) -m venv $(VENV); }
+	@# $(PYTHON) only to make a .venv: one made by make PYTHON=... stays, without it.
+	@$(VENV_WORKS) || command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found; install Python 3.11 or run make PYTHON=/path/to/python3.11"; exit 1; }
+	$(VENV_WORKS) || { rm -rf $(VENV) && $(PYTHON) -m venv $(VENV); }
 	$(BIN)/python -m pip install --quiet --upgrade pip -c $(CONSTRAINTS)
 	$(BIN)/python -m pip install --quiet -e '.[$(EXTRAS)]' -c $(CONSTRAINTS)
 	rm -f $(VENV)/.installed-*

@@ -112,3 +112,34 @@ def test_the_venv_installs_the_versions_ci_tested_which_keep_the_projects_pins()
             name, version = exact.groups()
             assert pins[name.lower()] == version, requirement
     assert {"tensorflow", "keras", "dvc", "mlflow", "pytest", "pip"} <= pins.keys()
+
+
+def test_a_venv_made_with_another_python_is_reused_without_it(tmp_path):
+    """`make venv PYTHON=/opt/py311/bin/python3.11` once; after a pyproject.toml change,
+    `make test` (no PYTHON=) must update that .venv, not stop at "python3.11 not found"."""
+    for name in ("Makefile", "pyproject.toml"):
+        shutil.copy2(ROOT / name, tmp_path)
+    (tmp_path / ".ci").mkdir()
+    shutil.copy2(ROOT / ".ci/constraints.txt", tmp_path / ".ci")
+    fake = tmp_path / ".venv/bin/python"  # the real Python, with a pip that only says so
+    fake.parent.mkdir(parents=True)
+    fake.write_text(
+        '#!/bin/sh\nif [ "$1" = -m ]; then echo "pip $*" >> "$(dirname "$0")/../pip.log"; '
+        f'exit 0; fi\nexec {ROOT / ".venv/bin/python"} "$@"\n'
+    )
+    fake.chmod(0o755)
+    absent = tmp_path / "nowhere/python3.11"
+    result = subprocess.run(
+        ["make", "venv", f"PYTHON={absent}"], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "install --quiet -e .[dev]" in (tmp_path / ".venv/pip.log").read_text()
+    assert (tmp_path / ".venv/.installed-dev").is_file()
+
+    fake.unlink()  # no .venv that works: then the Python that makes one is needed
+    (tmp_path / ".venv/.installed-dev").unlink()
+    result = subprocess.run(
+        ["make", "venv", f"PYTHON={absent}"], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert result.returncode != 0
+    assert f"error: {absent} not found; install Python 3.11" in result.stdout
