@@ -335,7 +335,8 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     print(
         f"server: MLflow at http://{cfg.host}:{cfg.port} (logins required); "
-        f"runs in {redact(cfg.backend_store_uri)}, artifacts in {cfg.artifacts_destination}, "
+        f"runs in {redact(cfg.backend_store_uri)}, "
+        f"artifacts in {redact(cfg.artifacts_destination)}, "
         f"users in {redact(cfg.auth_database_uri)}; config {os.environ['MLFLOW_AUTH_CONFIG_PATH']}",
         flush=True,
     )

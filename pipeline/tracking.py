@@ -110,9 +110,11 @@ def _is_locked(error: Exception) -> bool:
 
 def redact(uri: str) -> str:
     """`uri` with its password replaced by ***, for messages and logs."""
-    # user:password@ as SQLAlchemy splits it (the password runs to the first @, and may
-    # hold / ? #; the user may be empty), and a libpq-style ?password= query parameter.
-    uri = re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", uri)
+    # user:password@ as SQLAlchemy splits it (the user may be empty or hold an @, as
+    # Azure's user@server does; the password runs to the first @ and may hold / ? #), and
+    # as urllib3 splits an http one (the password runs to the last @ before the host),
+    # and a libpq-style ?password= query parameter.
+    uri = re.sub(r"(://[^:/\s]*:)[^@\s]*(?:@[^@/\s?#]*)*@", r"\1***@", uri)
     return re.sub(r"([?&]password=)[^&#]*", r"\1***", uri, flags=re.IGNORECASE)
 
 
@@ -270,6 +272,21 @@ def _refused(
         return (
             "login refused (HTTP 401), no credentials were sent. The server needs a login: "
             "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
+        )
+    if (
+        status == 401
+        and user
+        and not (os.environ.get("MLFLOW_TRACKING_PASSWORD") or parts.password)
+    ):
+        return (  # MLflow sends a login only with both, else the token or nothing
+            f"login refused (HTTP 401){who}: no password was sent (MLFLOW_TRACKING_PASSWORD "
+            "is unset or empty). Set it"
+        )
+    if status == 401 and not user:  # a token alone, sent as a bearer token
+        return (
+            "login refused (HTTP 401): the server does not take MLFLOW_TRACKING_TOKEN. A "
+            "server with logins (make tracking-server) needs MLFLOW_TRACKING_USERNAME and "
+            "MLFLOW_TRACKING_PASSWORD"
         )
     if status == 401:
         return (

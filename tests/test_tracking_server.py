@@ -222,6 +222,16 @@ def test_passwords_are_redacted_wherever_a_uri_carries_them():
             "postgresql://db/mlflow?user=mlflow&password=***&sslmode=require"
         ),
         "postgresql://mlflow@db/mlflow": "postgresql://mlflow@db/mlflow",
+        # Azure's user@server login: SQLAlchemy takes the user to the colon.
+        "postgresql://mlflow@azure:s3cret@db:5432/mlflow": (
+            "postgresql://mlflow@azure:***@db:5432/mlflow"
+        ),
+        # urllib3 takes an http password to the last @ before the host.
+        "http://alice:p@ss@mlflow-host:5000": "http://alice:***@mlflow-host:5000",
+        "ftp://mlflow:s3cret@nas/mlflow a second postgresql://u:v@db/x": (
+            "ftp://mlflow:***@nas/mlflow a second postgresql://u:***@db/x"
+        ),
+        "http://mlflow-host:5000/x": "http://mlflow-host:5000/x",
         "sqlite:///srv/mlflow.db": "sqlite:///srv/mlflow.db",
     }
     for uri, shown in cases.items():

@@ -1097,6 +1097,34 @@ def test_a_password_in_the_tracking_uri_is_never_printed(monkeypatch):
     assert "for user 'alice'" in tracking._refused("http://alice:pw@mlflow:5000", 401)
 
 
+def test_a_refused_login_says_which_part_of_it_is_missing(monkeypatch):
+    """MLflow sends a login only with a user name and a password: a user alone (a password
+    file that was not there) sends nothing, and "wrong password" sent the user hunting."""
+    from pipeline import tracking
+
+    for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    server = "http://mlflow-host:5000"
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "alice")
+    for password in (None, ""):
+        if password is not None:
+            monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password)
+        assert tracking._refused(server, 401) == (
+            "login refused (HTTP 401) for user 'alice': no password was sent "
+            "(MLFLOW_TRACKING_PASSWORD is unset or empty). Set it"
+        )
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "not hers")
+    assert "for user 'alice': wrong user name or password" in tracking._refused(server, 401)
+    monkeypatch.delenv("MLFLOW_TRACKING_USERNAME")
+    monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD")
+    monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", "a-token")
+    assert tracking._refused(server, 401) == (
+        "login refused (HTTP 401): the server does not take MLFLOW_TRACKING_TOKEN. A server "
+        "with logins (make tracking-server) needs MLFLOW_TRACKING_USERNAME and "
+        "MLFLOW_TRACKING_PASSWORD"
+    )
+
+
 def test_a_sqlite_store_in_a_missing_folder_is_one_plain_line(tmp_path, monkeypatch):
     from pipeline import tracking
 
