@@ -54,7 +54,7 @@ from pathlib import Path
 
 from pipeline import files
 from pipeline.errors import PipelineError, Terminated, cli
-from pipeline.tracking import redact
+from pipeline.tracking import first_line, probe_database, redact
 
 PERMISSIONS = ("READ", "USE", "EDIT", "MANAGE", "NO_PERMISSIONS")
 AUTH_CONFIG_FILE = "basic_auth.ini"
@@ -208,8 +208,6 @@ def check_database(uri: str, option: str, private: bool = False) -> None:
     private: a SQLite file only its owner may read (0600), as the users' password
     hashes in the auth database must be; an existing one is narrowed too.
     """
-    import sqlalchemy
-
     from pipeline.tracking import sqlite_file
 
     path = sqlite_file(uri)
@@ -219,22 +217,16 @@ def check_database(uri: str, option: str, private: bool = False) -> None:
             os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))  # an empty file: a new DB
             os.chmod(path, 0o600)
     try:
-        # Seconds: a host that drops packets fails in 10 s, not after the OS's minutes.
-        timeout = {"connect_timeout": 10} if uri.startswith("postgresql") else {}
-        engine = sqlalchemy.create_engine(uri, connect_args=timeout)
-        with engine.connect():
-            pass
-        engine.dispose()
+        probe_database(uri)
     except ModuleNotFoundError as error:
         raise PipelineError(
             f"{option} {redact(uri)}: the database driver {error.name} is not installed; "
             "install this project's dependencies (pip install -e .)"
         ) from None
     except Exception as error:  # drivers raise many types: bad URI, refused, no such database
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise PipelineError(
-            f"{option} {redact(uri)} is not usable: {redact(reason)}. Start the database and "
-            "create it (createdb), or fix the URI"
+            f"{option} {redact(uri)} is not usable: {redact(first_line(error))}. Start the "
+            "database and create it (createdb), or fix the URI"
         ) from None
 
 

@@ -97,6 +97,36 @@ def sqlite_file(uri: str) -> Path | None:
     return None if path in ("", ":memory:") else Path(path)
 
 
+# Stores MLflow opens through SQLAlchemy itself, by the URI's scheme (postgresql+psycopg...).
+DATABASE_SCHEMES = ("postgresql", "mysql", "mssql")
+
+
+def database_server(uri: str) -> bool:
+    """A database server MLflow connects to itself (no MLflow server between)."""
+    return uri.partition("://")[0].partition("+")[0] in DATABASE_SCHEMES
+
+
+def probe_database(uri: str) -> None:
+    """Connect once and let go, raising the driver's error: a host that drops packets
+    fails in 10 s, not after the OS's minutes, and MLflow's own engine, which tries 10
+    times over 100 s and warns at each, then opens a database that answers."""
+    import sqlalchemy
+
+    timeout = {"connect_timeout": 10} if uri.startswith(("postgresql", "mysql")) else {}
+    engine = sqlalchemy.create_engine(uri, connect_args=timeout)
+    try:
+        with engine.connect():
+            pass
+    finally:
+        engine.dispose()
+
+
+def first_line(error: BaseException) -> str:
+    """An error's first line (drivers add hints and links on more), or its type."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def _is_locked(error: Exception) -> bool:
     """SQLite busy with another writer (a local store; a server's 503 MLflow's client
     retries itself, then reports without the server's text).
@@ -187,6 +217,8 @@ def connect(root: Path) -> str:
         ):
             if sqlite_file(uri):
                 _create_schema_once(uri)
+            elif database_server(uri):
+                probe_database(uri)
             location = artifact_location(uri, root)
             return retry_locked(_get_or_create_experiment)(mlflow, location)
     except MlflowException as error:
@@ -199,8 +231,14 @@ def connect(root: Path) -> str:
         raise TrackingError(_unreachable(uri, redact(message))) from None
     except TrackingError:  # already one line (a missing folder for the SQLite file)
         raise
+    except ModuleNotFoundError as error:  # a database URI whose driver is not installed
+        raise TrackingError(
+            f"MLflow tracking store {redact(uri)}: the database driver {error.name} is not "
+            "installed; install it, or point MLFLOW_TRACKING_URI at the MLflow server"
+        ) from None
     except Exception as error:  # network and driver errors come in many types
-        raise TrackingError(_unreachable(uri, redact(f"{type(error).__name__}: {error}"))) from None
+        reason = f"{type(error).__name__}: {first_line(error)}"
+        raise TrackingError(_unreachable(uri, redact(reason))) from None
 
 
 @contextlib.contextmanager
@@ -238,6 +276,11 @@ def _create_schema_once(uri: str) -> None:
 
 
 def _unreachable(uri: str, reason: str) -> str:
+    if database_server(uri):  # its login is in the URI
+        return (
+            f"MLflow tracking store {redact(uri)} is not usable: {reason}. Start the "
+            "database or fix MLFLOW_TRACKING_URI (unset it to use the local mlflow.db)"
+        )
     return (
         f"MLflow tracking store {redact(uri)} is not usable: {reason}. Start the server or fix "
         "MLFLOW_TRACKING_URI (unset it to use the local mlflow.db), and for a server that "

@@ -1097,6 +1097,28 @@ def test_a_password_in_the_tracking_uri_is_never_printed(monkeypatch):
     assert "for user 'alice'" in tracking._refused("http://alice:pw@mlflow:5000", 401)
 
 
+def test_a_database_store_that_is_down_fails_in_seconds_in_one_line(monkeypatch):
+    """MLFLOW_TRACKING_URI at PostgreSQL itself: MLflow's engine tried 10 times over 100 s,
+    warning at each, and the error ran over four lines (the driver's hints and a link)."""
+    from pipeline import tracking
+
+    uri = f"postgresql://mlflow:hunter2-secret@127.0.0.1:{free_port()}/mlflow"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    started = time.monotonic()
+    with pytest.raises(tracking.TrackingError) as error:
+        tracking.connect(Path.cwd())
+    assert time.monotonic() - started < 15
+    message = str(error.value)
+    assert "\n" not in message and "hunter2" not in message
+    assert (
+        message.startswith("MLflow tracking store postgresql://mlflow:***@127.0.0.1:")
+        and "is not usable: OperationalError: " in message
+    )
+    assert message.endswith(
+        "Start the database or fix MLFLOW_TRACKING_URI (unset it to use the local mlflow.db)"
+    )
+
+
 def test_a_refused_login_says_which_part_of_it_is_missing(monkeypatch):
     """MLflow sends a login only with a user name and a password: a user alone (a password
     file that was not there) sends nothing, and "wrong password" sent the user hunting."""
