@@ -345,6 +345,7 @@ def main(argv: list[str] | None = None) -> None:
         )
 
     import click
+    import sqlalchemy
     from mlflow.cli import server as mlflow_server
     from mlflow.exceptions import MlflowException
 
@@ -361,6 +362,14 @@ def main(argv: list[str] | None = None) -> None:
             # MLflow's own text points at the ini, which this command rewrites at each start.
             hint = f" (use the variable: this command rewrites {AUTH_CONFIG_FILE} at each start)"
         raise PipelineError(f"mlflow server: {error.message}{hint}") from None
+    except sqlalchemy.exc.SQLAlchemyError as error:
+        # The auth database's schema, made here before the workers start: a user that may
+        # connect but not create tables (PostgreSQL 15's public schema), say.
+        raise PipelineError(
+            f"mlflow server: the database refused its schema ({redact(first_line(error))}); "
+            "give the server's database user its own database (createdb -O) or rights on "
+            "the schema"
+        ) from None
     except click.ClickException as error:  # a bad option after `--`
         raise PipelineError(f"mlflow server: {error.format_message()}") from None
     except click.exceptions.Abort as error:  # click's for Ctrl-C before the workers ran

@@ -282,6 +282,39 @@ def test_ctrl_c_while_the_server_starts_is_an_interruption_not_a_traceback(
     assert (status, capsys.readouterr().err.strip().splitlines()[-1]) == (code, said)
 
 
+def test_a_schema_the_database_refuses_is_one_line_without_its_password(
+    tmp_path, monkeypatch, capsys
+):
+    """MLflow makes the auth database's tables in this process before its workers start;
+    a user that may connect but not create them raised SQLAlchemy's error, a traceback."""
+    import sqlalchemy
+    from mlflow.cli import server as mlflow_server
+
+    def refused(args, **kwargs):
+        raise sqlalchemy.exc.ProgrammingError(
+            "CREATE TABLE users ...", {}, Exception("permission denied for schema public")
+        )
+
+    monkeypatch.setattr(mlflow_server, "main", refused)
+    for name in (
+        "MLFLOW_AUTH_CONFIG_PATH", "MLFLOW_FLASK_SERVER_SECRET_KEY",
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "MLFLOW_AUTH_ADMIN_USERNAME",
+    ):  # fmt: skip
+        monkeypatch.setenv(name, "")
+    status = launcher.main([
+        "--backend-store-uri", f"sqlite:///{tmp_path / 'runs.db'}",
+        "--artifacts-destination", str(tmp_path / "artifacts"), "--state-dir", str(tmp_path / "s"),
+    ])  # fmt: skip
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert status == 1 and last.startswith(
+        "error: mlflow server: the database refused its schema ((builtins.Exception) "
+        "permission denied for schema public"
+    ), last
+    assert last.endswith(
+        "give the server's database user its own database (createdb -O) or rights on the schema"
+    )
+
+
 def test_an_unreachable_database_fails_in_one_line_without_its_password():
     uri = f"postgresql://mlflow:hunter2-secret@127.0.0.1:{free_port()}/mlflow"
     with pytest.raises(PipelineError) as error:
