@@ -252,6 +252,20 @@ def test_a_store_error_quoting_a_uri_with_a_password_is_shown_without_it():
     )
 
 
+def launch_on_sqlite(tmp_path, monkeypatch) -> int:
+    """`python -m pipeline.server` on SQLite stores under tmp_path, as the environment of
+    a fresh shell has it; its exit status. For tests that replace mlflow's server."""
+    for name in (
+        "MLFLOW_AUTH_CONFIG_PATH", "MLFLOW_FLASK_SERVER_SECRET_KEY",
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "MLFLOW_AUTH_ADMIN_USERNAME",
+    ):  # fmt: skip
+        monkeypatch.setenv(name, "")
+    return launcher.main([
+        "--backend-store-uri", f"sqlite:///{tmp_path / 'runs.db'}",
+        "--artifacts-destination", str(tmp_path / "artifacts"), "--state-dir", str(tmp_path / "s"),
+    ])  # fmt: skip
+
+
 @pytest.mark.parametrize(
     ("signal_error", "code", "said"), [(KeyboardInterrupt, 130, "interrupted"),
                                          (Terminated, 143, "terminated")],
@@ -270,15 +284,7 @@ def test_ctrl_c_while_the_server_starts_is_an_interruption_not_a_traceback(
             raise click.exceptions.Abort() from None
 
     monkeypatch.setattr(mlflow_server, "main", interrupted)
-    for name in (
-        "MLFLOW_AUTH_CONFIG_PATH", "MLFLOW_FLASK_SERVER_SECRET_KEY",
-        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "MLFLOW_AUTH_ADMIN_USERNAME",
-    ):  # fmt: skip
-        monkeypatch.setenv(name, "")
-    status = launcher.main([
-        "--backend-store-uri", f"sqlite:///{tmp_path / 'runs.db'}",
-        "--artifacts-destination", str(tmp_path / "artifacts"), "--state-dir", str(tmp_path / "s"),
-    ])  # fmt: skip
+    status = launch_on_sqlite(tmp_path, monkeypatch)
     assert (status, capsys.readouterr().err.strip().splitlines()[-1]) == (code, said)
 
 
@@ -296,15 +302,7 @@ def test_a_schema_the_database_refuses_is_one_line_without_its_password(
         )
 
     monkeypatch.setattr(mlflow_server, "main", refused)
-    for name in (
-        "MLFLOW_AUTH_CONFIG_PATH", "MLFLOW_FLASK_SERVER_SECRET_KEY",
-        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "MLFLOW_AUTH_ADMIN_USERNAME",
-    ):  # fmt: skip
-        monkeypatch.setenv(name, "")
-    status = launcher.main([
-        "--backend-store-uri", f"sqlite:///{tmp_path / 'runs.db'}",
-        "--artifacts-destination", str(tmp_path / "artifacts"), "--state-dir", str(tmp_path / "s"),
-    ])  # fmt: skip
+    status = launch_on_sqlite(tmp_path, monkeypatch)
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert status == 1 and last.startswith(
         "error: mlflow server: the database refused its schema ((builtins.Exception) "
