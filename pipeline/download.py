@@ -278,10 +278,17 @@ def _keep_only(final: Path) -> Path:
     for stale in final.parent.iterdir():
         # On a disk that ignores case (macOS's), the reused file may list as cifar-10-...
         # while data.url names CIFAR-10-...: the same file, which must stay.
-        if stale != final and not (final.exists() and os.path.samefile(stale, final)):
+        if stale != final and not _same_file(stale, final):
             print(f"download: removing {stale}, left over from an earlier data.url", flush=True)
             _remove(stale)
     return final
+
+
+def _same_file(one: Path, other: Path) -> bool:
+    try:
+        return os.path.samefile(one, other)
+    except OSError:  # either gone, or a link to nothing (a cache entry DVC dropped)
+        return False
 
 
 def _download_http(

@@ -594,3 +594,6 @@ def test_a_reused_archive_named_in_another_case_is_kept(tmp_path, capsys):
     path = fetch(mirror.as_uri(), MD5, raw, progress=quiet(), **FAST)
     assert path == raw / NAME.upper() and "reusing" in capsys.readouterr().out
     assert (raw / NAME).read_bytes() == PAYLOAD  # the one file, under the name the disk keeps
+    (raw / "dangling").symlink_to(tmp_path / "gone")  # a link to nothing is still removed
+    fetch(mirror.as_uri(), MD5, raw, progress=quiet(), **FAST)
+    assert not (raw / "dangling").is_symlink()
