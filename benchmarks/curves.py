@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import math
 import sys
 from pathlib import Path
@@ -52,7 +53,11 @@ def draw(runs: dict[str, dict[str, list[float]]], out: Path) -> None:
     fig, (top, bottom) = plt.subplots(
         2, 1, figsize=(8, 7), sharex=True, gridspec_kw={"height_ratios": [3, 1]}
     )
-    for (label, history), colour in zip(runs.items(), plt.cm.tab10.colors, strict=False):
+    # tab20 after 10 runs (tab10's first ten are its even ones), then round again: zip
+    # with tab10 alone dropped the 11th run and on.
+    palette = plt.cm.tab10.colors if len(runs) <= 10 else plt.cm.tab20.colors
+    colours = itertools.cycle(palette)
+    for (label, history), colour in zip(runs.items(), colours, strict=False):
         val = history.get("val_accuracy")
         if val:
             summary = f"{label}: val (final {val[-1]:.4f}, best {max(val):.4f})"
@@ -64,6 +69,7 @@ def draw(runs: dict[str, dict[str, list[float]]], out: Path) -> None:
     top.grid(alpha=0.3)
     top.legend(loc="lower right", fontsize=8)
     bottom.set_ylabel("learning rate")
+    bottom.set_yscale("log", nonpositive="mask")  # Adam's 1e-3 beside SGD's 0.1, both seen
     bottom.set_xlabel("epoch")
     bottom.grid(alpha=0.3)
     fig.tight_layout()

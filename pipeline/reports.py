@@ -18,12 +18,22 @@ from pipeline import files
 MAX_INCHES = 40
 MAX_COUNTED_CLASSES = 30  # confusion cells with their counts written in
 MAX_LABELLED_CLASSES = 100  # class names on the confusion matrix's axes
+CAPTION_CHARS = 18  # of a class name under a misclassified image, "pred: " and "(97%)" beside
 
 
 def _plain(name: str) -> str:
     """A class name as text, not math: matplotlib reads "$...$" as TeX, and savefig raises
     on what is not TeX (a class "$x^$ plan")."""
     return name.replace("$", r"\$")
+
+
+def _short(name: str, width: int) -> str:
+    """`name` in at most `width` characters, its middle elided: the start and the end of
+    `automobile_with_trailer` and `automobile_with_caravan` both stay."""
+    if len(name) <= width:
+        return name
+    head = (width - 1) // 2
+    return name[:head] + "…" + name[len(name) - (width - 1 - head) :]
 
 
 def _pyplot():
@@ -55,16 +65,23 @@ def misclassified_grid(
     wrong = wrong[np.argsort(-confidences[wrong], kind="stable")][:count]
     columns = max(1, min(6, len(wrong)))  # inches: 2 per image, 4.5 at least for the title
     rows = max(1, -(-len(wrong) // columns))
+    # Constrained layout keeps each two-line caption clear of the image above it (tight
+    # layout let the row above cover the "true:" line).
     figure, axes = plt.subplots(
-        rows, columns, figsize=(max(4.5, 2.0 * columns), 2.3 * rows), squeeze=False
-    )
+        rows, columns, figsize=(max(4.5, 2.0 * columns), 2.4 * rows), squeeze=False,
+        layout="constrained",
+    )  # fmt: skip
     for axis in axes.flat:
         axis.axis("off")
     for axis, index in zip(axes.flat, wrong, strict=False):
         axis.imshow(images[index], interpolation="nearest")
+        # 8 pt in a 2-inch column: names past CAPTION_CHARS ran into the next caption.
+        true, predicted = (
+            _plain(_short(class_names[k], CAPTION_CHARS))
+            for k in (labels[index], predictions[index])
+        )
         axis.set_title(
-            f"true: {_plain(class_names[labels[index]])}\n"
-            f"pred: {_plain(class_names[predictions[index]])} ({confidences[index]:.0%})",
+            f"true: {true}\npred: {predicted} ({confidences[index]:.0%})",
             fontsize=8,
             color="firebrick",
         )
@@ -72,7 +89,6 @@ def misclassified_grid(
     if note:
         axes[0, 0].text(0.5, 0.5, note, ha="center", va="center")
     figure.suptitle(title, fontsize=10)
-    figure.tight_layout(rect=(0, 0, 1, 0.97))  # leave the title its own band
     with files.replacing(path) as partial:
         figure.savefig(partial, dpi=100)
     plt.close(figure)
@@ -97,7 +113,10 @@ def per_class_chart(accuracies: dict[str, float], overall: float, path: Path) ->
     names = list(accuracies)
     values = [accuracies[n] for n in names]
     height = min(0.35 * len(names) + 1.2, 5 * MAX_INCHES)  # inches; 100 px each
-    figure, axis = plt.subplots(figsize=(6, height))
+    # Wider for long names (8 pt: about 0.07 inch a character), which took the title's room.
+    longest = max((len(n) for n in names), default=0)
+    width = min(6 + 0.07 * max(0, longest - 15), MAX_INCHES)
+    figure, axis = plt.subplots(figsize=(width, height))
     bars = axis.barh(range(len(names)), values, color="steelblue")
     axis.set_yticks(range(len(names)), [_plain(n) for n in names], fontsize=8)
     axis.invert_yaxis()  # first class on top
@@ -110,7 +129,7 @@ def per_class_chart(accuracies: dict[str, float], overall: float, path: Path) ->
     axis.set_xlabel("test accuracy")
     # The overall figure in the title: a legend inside the axes covered the bars, which
     # reach 0.9 and more on a trained model.
-    axis.set_title(f"Per-class test accuracy (dashed: overall {overall:.1%})")
+    axis.set_title(f"Per-class test accuracy\n(dashed: overall {overall:.1%})")
     figure.tight_layout()
     with files.replacing(path) as partial:
         figure.savefig(partial, dpi=100)
@@ -131,7 +150,12 @@ def confusion_chart(matrix: np.ndarray, class_names: Sequence[str], path: Path) 
     size, counts would colour the large classes and hide the small ones' confusions."""
     plt = _pyplot()
     classes = len(class_names)
-    size = min(0.55 * classes + 2, MAX_INCHES)  # inches, square
+    # Inches, square; larger for long names (8 pt: about 0.07 inch a character), which the
+    # true-class labels take from the matrix's width and the slanted ones from its height.
+    longest = (
+        max((len(n) for n in class_names), default=0) if classes <= MAX_LABELLED_CLASSES else 0
+    )
+    size = min(0.55 * classes + 2 + 0.07 * max(0, longest - 12), MAX_INCHES)
     figure, axis = plt.subplots(figsize=(size, size))
     shares = row_shares(matrix)
     axis.imshow(shares, cmap="Blues", vmin=0.0, vmax=1.0)
@@ -146,7 +170,7 @@ def confusion_chart(matrix: np.ndarray, class_names: Sequence[str], path: Path) 
         axis.text(column, row, str(value), ha="center", va="center", fontsize=7, color=color)
     axis.set_xlabel("predicted")
     axis.set_ylabel("true")
-    axis.set_title("Confusion matrix (test; colour: share of the true class)")
+    axis.set_title("Confusion matrix (test)\ncolour: share of the true class")
     figure.tight_layout()
     with files.replacing(path) as partial:
         figure.savefig(partial, dpi=100)

@@ -52,3 +52,23 @@ def test_bad_input_names_the_problem(tmp_path):
     with pytest.raises(SystemExit) as refused:  # argparse: LABEL=path expected
         curves.main([str(tmp_path / "x.png"), "no-label.csv"])
     assert refused.value.code == 2  # argparse's usage error, not read_history's "cannot read"
+
+
+def test_every_run_gets_its_own_curve_and_rates_of_any_size_show(monkeypatch, tmp_path):
+    """zip with tab10's 10 colours dropped an 11th run; on a linear axis Adam's 1e-3 lay
+    flat on zero beside SGD's 0.1."""
+    import matplotlib.pyplot as plt
+
+    figures = []
+    close = plt.close
+    monkeypatch.setattr(plt, "close", lambda figure=None: (figures.append(figure), close(figure)))
+    runs = {
+        f"run{k}": {"epoch": [1, 2], "accuracy": [0.5, 0.6], "learning_rate": [rate, rate / 10]}
+        for k, rate in enumerate([0.1] * 10 + [0.001])
+    }
+    curves.draw(runs, tmp_path / "curve.png")
+    (figure,) = figures
+    top, bottom = figure.axes
+    assert [line.get_label() for line in bottom.get_lines()] == list(runs)
+    assert len({line.get_color() for line in bottom.get_lines()}) == 11  # each its own
+    assert bottom.get_yscale() == "log"

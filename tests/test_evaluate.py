@@ -361,3 +361,45 @@ def test_outputs_that_fail_midway_leave_no_new_test_json(tmp_path, monkeypatch):
         "confusion.csv", "confusion_matrix.png", "misclassified.png", "per_class_accuracy.png",
         "test.json",
     ]  # fmt: skip
+
+
+def test_chart_text_stays_clear_of_the_images_and_inside_the_figure(tmp_path, monkeypatch):
+    """Seen: from the second row of the error grid on, the image above covered the "true:"
+    line; long class names ran into the next caption and pushed the per-class chart's
+    title, with the overall accuracy in it, off the figure."""
+    import matplotlib.pyplot as plt
+
+    from pipeline import reports
+
+    figures = []  # each with its renderer, taken before close drops its Agg canvas
+    close = plt.close
+    monkeypatch.setattr(
+        plt, "close",
+        lambda figure: (figures.append((figure, figure.canvas.get_renderer())), close(figure)),
+    )  # fmt: skip
+    names = [
+        "airplane",
+        "automobile_with_trailer",
+        "a_class_name_of_forty_five_characters_or_so",
+        "cat",
+    ]
+    labels = np.arange(24) % 4
+    images = np.random.default_rng(0).integers(0, 256, (24, 32, 32, 3), dtype=np.uint8)
+    reports.misclassified_grid(
+        images, labels, (labels + 1) % 4, np.full(24, 0.97), names, tmp_path / "grid.png", 24
+    )
+    reports.per_class_chart(dict.fromkeys(names, 0.5), 0.723, tmp_path / "per_class.png")
+    reports.confusion_chart(np.eye(4, dtype=int), names, tmp_path / "confusion.png")
+    (grid, renderer), *others = figures
+    axes = np.array(grid.axes).reshape(4, 6)
+    extent = lambda artist: artist.get_window_extent(renderer)  # noqa: E731 (pixels, y up)
+    for row, column in np.ndindex(4, 6):
+        if row:
+            assert extent(axes[row, column].title).y1 <= extent(axes[row - 1, column].images[0]).y0
+        if column:
+            assert extent(axes[row, column - 1].title).x1 <= extent(axes[row, column].title).x0
+    assert "pred: a_class_…ers_or_so (97%)" in axes[0, 1].title.get_text()  # middle elided
+    for figure, drawn_by in others:  # the per-class chart, the confusion matrix
+        drawn = figure.axes[0].get_tightbbox(drawn_by)  # with its tick labels and title
+        assert 0 <= drawn.x0 and drawn.x1 <= figure.bbox.width, (figure.axes[0].get_title(), drawn)
+    assert "overall 72.3%" in others[0][0].axes[0].get_title()
