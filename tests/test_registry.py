@@ -163,6 +163,12 @@ real = MlflowClient.get_model_version_by_alias
 
 def slow(self, name, alias):  # a pause between reading the champion and moving the alias
     found = real(self, name, alias)
+    # Without the lock both read before either moves it, however slow the machine; with
+    # it the other cannot read yet, and this one goes on after 5 s.
+    pathlib.Path(me + ".read").touch()
+    waited = time.monotonic() + 5
+    while not pathlib.Path(other + ".read").exists() and time.monotonic() < waited:
+        time.sleep(0.01)
     time.sleep(float(pause))
     return found
 
