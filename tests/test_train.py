@@ -946,17 +946,20 @@ def test_epoch_logs_give_up_within_the_workers_collective_timeout(monkeypatch):
 def test_a_busy_store_is_waited_out_briefly_inside_few_retries(monkeypatch):
     """An epoch's log must not hold the chief past the workers' 120 s: inside few_retries
     a locked SQLite store is waited out for 30 s of the clock, elsewhere for 600 s."""
+    import types
+
     from mlflow.exceptions import MlflowException
 
     from pipeline import tracking
 
     clock = [0.0]
-    monkeypatch.setattr(tracking.time, "monotonic", lambda: clock[0])
 
     def sleep(seconds):
         clock[0] += seconds
 
-    monkeypatch.setattr(tracking.time, "sleep", sleep)
+    # tracking's own clock only: patching the time module would move it for every thread.
+    fake = types.SimpleNamespace(monotonic=lambda: clock[0], sleep=sleep)
+    monkeypatch.setattr(tracking, "time", fake)
 
     @tracking.retry_locked
     def locked():
