@@ -737,6 +737,7 @@ def test_two_trainings_at_once_lose_nothing(server, repo, served_archive, tmp_pa
         assert set(run_ids) <= {run.info.run_id for run in client.search_runs([experiment])}
 
 
+@pytest.mark.slow  # PostgreSQL and the MLflow server: `make test-fast` starts neither
 def test_two_evaluations_of_one_run_at_once_take_two_numbers(server, tmp_path, monkeypatch):
     """PostgreSQL behind the server takes a run param once: a claim the other evaluation
     made after ours looked at the run is refused to us, over REST, and we take the next."""
