@@ -32,8 +32,10 @@ IN_VENV := PATH="$(abspath $(BIN)):$$PATH"
 
 venv: $(STAMP)
 
-# The versions CI tested (.ci/constraints.txt): newer releases wait until they are tested.
+# The versions CI tested (.ci/constraints.txt): newer releases wait until they are tested;
+# the setuptools and wheel pip builds with (.ci/build-constraints.txt) too.
 CONSTRAINTS := .ci/constraints.txt
+BUILD_CONSTRAINTS := .ci/build-constraints.txt
 
 # A .venv whose creation failed half-way (python3.11 without its venv package writes
 # bin/python, then stops at ensurepip) is made again, not reused for ever.
@@ -41,12 +43,13 @@ CONSTRAINTS := .ci/constraints.txt
 VENV_WORKS := { $(BIN)/python -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' && \
 	$(BIN)/python -m pip --version; } >/dev/null 2>&1
 
-$(STAMP): pyproject.toml $(CONSTRAINTS)
+$(STAMP): pyproject.toml $(CONSTRAINTS) $(BUILD_CONSTRAINTS)
 	@# $(PYTHON) only to make a .venv: one made by make PYTHON=... stays, without it.
 	@$(VENV_WORKS) || command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found; install Python 3.11 or run make PYTHON=/path/to/python3.11"; exit 1; }
 	$(VENV_WORKS) || { rm -rf $(VENV) && $(PYTHON) -m venv $(VENV); }
 	$(BIN)/python -m pip install --quiet --upgrade pip -c $(CONSTRAINTS)
-	$(BIN)/python -m pip install --quiet -e '.[$(EXTRAS)]' -c $(CONSTRAINTS)
+	$(BIN)/python -m pip install --quiet -e '.[$(EXTRAS)]' -c $(CONSTRAINTS) \
+	  --build-constraint $(BUILD_CONSTRAINTS)
 	rm -f $(VENV)/.installed-*
 	touch $@
 

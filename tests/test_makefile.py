@@ -95,6 +95,11 @@ def test_the_venv_installs_the_versions_ci_tested_which_keep_the_projects_pins()
     out = planned()
     assert "pip install --quiet -e '.[dev]' -c .ci/constraints.txt" in out
     assert "pip install --quiet --upgrade pip -c .ci/constraints.txt" in out
+    # pip builds this project and source-only packages with these, not the newest.
+    assert "--build-constraint .ci/build-constraints.txt" in out
+    build = (ROOT / ".ci/build-constraints.txt").read_text().splitlines()
+    pinned = {line.split("==")[0] for line in build if line and not line.startswith("#")}
+    assert pinned == {"setuptools", "wheel"}
     pins = {
         name.lower(): version  # pip freeze keeps a project's own spelling: PyYAML, Flask
         for name, version in (
@@ -120,7 +125,8 @@ def test_a_venv_made_with_another_python_is_reused_without_it(tmp_path):
     for name in ("Makefile", "pyproject.toml"):
         shutil.copy2(ROOT / name, tmp_path)
     (tmp_path / ".ci").mkdir()
-    shutil.copy2(ROOT / ".ci/constraints.txt", tmp_path / ".ci")
+    for name in ("constraints.txt", "build-constraints.txt"):
+        shutil.copy2(ROOT / ".ci" / name, tmp_path / ".ci")
     fake = tmp_path / ".venv/bin/python"  # the real Python, with a pip that only says so
     fake.parent.mkdir(parents=True)
     fake.write_text(
