@@ -269,7 +269,7 @@ def child(mode: str, args: argparse.Namespace) -> None:
         result["precision"] = "uint8"  # no arithmetic in a model: the batches as fed
     else:
         result = run_pipeline(mode.split(":")[1], params, split, meta, args.epochs, args.batch_size)
-    result["images"] = len(split.labels)
+    result["images"] = len(split.labels) // args.batch_size * args.batch_size  # whole batches
     result["gpus"] = len(tf.config.list_physical_devices("GPU"))
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     result["peak_gpu_mb"] = device_peak_mb()
@@ -360,7 +360,7 @@ def interleaved(args: argparse.Namespace) -> dict:
             "peak_rss_mb": max(run["peak_rss_mb"] for run in runs),
             "peak_gpu_mb": max((run["peak_gpu_mb"] or 0 for run in runs), default=0) or None,
             "onednn": runs[0]["onednn"],
-            "images": runs[0]["images"],  # per epoch: --images, or all the data has if fewer
+            "images": runs[0]["images"],  # per epoch, in whole batches of --images or the data
         }
     return results
 
