@@ -365,14 +365,17 @@ class StateStore:
         count or age prunes them (their experiments may be queued again any time)."""
         if not self.writable or self.experiments is None or not self.experiments.is_dir():
             return
-        waiting = [
-            folder for folder in self.experiments.iterdir()
-            if folder.name != expected_fingerprint and (folder / STATE_FILE).is_file()
-            and not Claim.held(folder)
-        ]  # fmt: skip
+        try:  # a notice: a state another training takes meanwhile must not stop this one
+            waiting = [
+                folder for folder in self.experiments.iterdir()
+                if folder.name != expected_fingerprint and (folder / STATE_FILE).is_file()
+                and not Claim.held(folder)
+            ]  # fmt: skip
+            size = sum(f.stat().st_size for d in waiting for f in d.iterdir() if f.is_file())
+        except OSError:
+            return
         if not waiting:
             return
-        size = sum(f.stat().st_size for folder in waiting for f in folder.iterdir() if f.is_file())
         states = f"{len(waiting)} recovery state{'s' * (len(waiting) != 1)}"
         print(
             f"train: {states} of killed or failed experiments wait in {self.experiments} "

@@ -1513,6 +1513,33 @@ def killed_after(store, fingerprint: str, epochs: int, run_id: str) -> None:
     store.record(TrainState(fingerprint, run_id, epochs, checkpoint=checkpoint))
 
 
+def test_a_waiting_state_taken_while_it_is_counted_does_not_stop_the_training(
+    tmp_path, monkeypatch, capsys
+):
+    """The waiting-states line is a notice: a state whose files another training moves
+    away as they are weighed (FileNotFoundError) leaves it out, not the training."""
+    from pipeline.resume import Claim, StateStore
+
+    exps = tmp_path / ".train-state/exps"
+    other = StateStore(exps / "other", claim=Claim.take(exps / "other"))
+    killed_after(other, "other", 3, "RUN-o")
+    other.claim.release()
+    workspace = StateStore(tmp_path / ".train-state", experiments=exps)
+    killed_after(workspace, "fp", 5, "RUN-w")
+    real_stat, seen = Path.stat, []
+
+    def taken_meanwhile(path, *args, **kwargs):  # there when looked at, gone when weighed
+        if path.parent == exps / "other" and path.suffix == ".keras":
+            seen.append(path)
+            if len(seen) > 1:
+                raise FileNotFoundError(2, "No such file or directory", str(path))
+        return real_stat(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "stat", taken_meanwhile)
+    assert workspace.load("fp").epochs_done == 5
+    assert len(seen) > 1 and "wait in" not in capsys.readouterr().out
+
+
 def test_clearing_the_workspace_state_spares_a_claim_taken_meanwhile(tmp_path, monkeypatch):
     """An experiment copy claiming its state in exps/ just as the workspace's training
     ends: its lock file must survive the workspace removing .train-state/."""
