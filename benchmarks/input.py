@@ -45,20 +45,27 @@ WAYS = ("augmented", "plain")
 
 
 def measure(params, split, epochs: int, rounds: int, sizes: list[int]) -> dict:
-    """{"<way>@<batch>": {"images_per_second": median, "epoch_rates": [...]}}, taking turns."""
+    """{"<way>@<batch>": {"images_per_second": median, "epoch_rates": [...],
+    "images_per_epoch": whole batches}}, taking turns."""
     rates: dict[str, list[float]] = {}
+    drawn: dict[str, int] = {}
     for index in range(rounds):
         for batch in sizes:
             for way in WAYS:
                 measured = run_input(params, split, epochs, batch, way == "augmented")
                 rates.setdefault(f"{way}@{batch}", []).extend(measured["epoch_rates"])
+                drawn[f"{way}@{batch}"] = measured["images_per_epoch"]
                 print(
                     f"input bench: round {index + 1}/{rounds}: {way}, batch {batch}: "
                     f"{measured['images_per_second']:.0f} img/s",
                     flush=True,
                 )
     return {
-        key: {"images_per_second": statistics.median(values), "epoch_rates": values}
+        key: {
+            "images_per_second": statistics.median(values),
+            "epoch_rates": values,
+            "images_per_epoch": drawn[key],
+        }
         for key, values in rates.items()
     }
 
@@ -98,12 +105,15 @@ def main(argv: list[str] | None = None) -> None:
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     report = {
         "date": time.strftime("%Y-%m-%d %H:%M"), "device": device(), "cpus": cpus,
-        "data": source, "images_per_epoch": len(split.labels), "epochs": args.epochs,
+        "data": source, "images": len(split.labels), "epochs": args.epochs,
         "rounds": args.rounds, "params": str(args.params),
         "augment": dataclasses.asdict(params.train.augment),
         **versions(), "results": results,
     }  # fmt: skip
-    print(f"\n{report['device']}; {cpus} CPUs for tf.data; {len(split.labels)} images ({source})")
+    print(
+        f"\n{report['device']}; {cpus} CPUs for tf.data; {len(split.labels)} images ({source}), "
+        "whole batches of them per epoch"
+    )
     for batch in args.batch_sizes:
         augmented = results[f"augmented@{batch}"]["images_per_second"]
         plain = results[f"plain@{batch}"]["images_per_second"]

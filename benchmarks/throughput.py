@@ -247,7 +247,10 @@ def run_input(params, split, epochs: int, batch: int, augmented: bool = True) ->
             next(batches)
         ends.append(time.perf_counter())
     rates = rates_between(ends, steps * batch)
-    return {"images_per_second": statistics.median(rates), "epoch_rates": rates}
+    return {
+        "images_per_second": statistics.median(rates), "epoch_rates": rates,
+        "images_per_epoch": steps * batch,  # whole batches: training drops the remainder
+    }  # fmt: skip
 
 
 def child(mode: str, args: argparse.Namespace) -> None:

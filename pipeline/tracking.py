@@ -345,10 +345,6 @@ def _refused(
     return None
 
 
-# SQLAlchemy stores MLflow opens itself (`postgresql+psycopg2://`, `mysql+pymysql://` too).
-DATABASE_SCHEMES = ("postgresql", "mysql", "mssql")
-
-
 def artifact_location(uri: str, root: Path) -> str | None:
     """Where a new experiment keeps its artifacts: beside a SQLite store's database file,
     or in the repository's mlartifacts/ for another database the client opens itself.
@@ -361,7 +357,7 @@ def artifact_location(uri: str, root: Path) -> str | None:
     database = sqlite_file(uri)
     if database is not None:
         return (database.parent / ARTIFACTS_DIR).as_uri()
-    if uri.partition("://")[0].partition("+")[0] in DATABASE_SCHEMES:
+    if database_server(uri):
         return (root / ARTIFACTS_DIR).as_uri()
     return None
 

@@ -398,7 +398,7 @@ def test_the_input_benchmark_times_both_ways_at_each_batch_size(tmp_path, capsys
 
     out = tmp_path / "input.json"
     input_bench.main(
-        ["--images", "64", "--epochs", "2", "--rounds", "2", "--batch-sizes", "16,32",
+        ["--images", "48", "--epochs", "2", "--rounds", "2", "--batch-sizes", "16,32",
          "--out", str(out)]
     )  # fmt: skip
     report = json.loads(out.read_text())
@@ -408,5 +408,8 @@ def test_the_input_benchmark_times_both_ways_at_each_batch_size(tmp_path, capsys
         assert measured["images_per_second"] == pytest.approx(
             sorted(measured["epoch_rates"])[0] / 2 + sorted(measured["epoch_rates"])[1] / 2
         )
-    assert report["augment"]["flip"] is True and report["images_per_epoch"] == 64
+    assert report["augment"]["flip"] is True and report["images"] == 48
+    # Whole batches, as training draws them: 48 images make one batch of 32, 16 left out.
+    assert report["results"]["plain@32"]["images_per_epoch"] == 32
+    assert report["results"]["augmented@16"]["images_per_epoch"] == 48
     assert "batch 32" in capsys.readouterr().out
