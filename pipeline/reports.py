@@ -156,9 +156,13 @@ def confusion_chart(matrix: np.ndarray, class_names: Sequence[str], path: Path) 
         max((len(n) for n in class_names), default=0) if classes <= MAX_LABELLED_CLASSES else 0
     )
     size = min(0.55 * classes + 2 + 0.07 * max(0, longest - 12), MAX_INCHES)
-    figure, axis = plt.subplots(figsize=(size, size))
+    # One inch wider for the colour bar, so that the matrix keeps its square.
+    figure, axis = plt.subplots(figsize=(size + 1, size))
     shares = row_shares(matrix)
-    axis.imshow(shares, cmap="Blues", vmin=0.0, vmax=1.0)
+    image = axis.imshow(shares, cmap="Blues", vmin=0.0, vmax=1.0)
+    bar = figure.colorbar(image, ax=axis, fraction=0.046, pad=0.04, format="{x:.0%}")
+    bar.set_label("share of the true class's test images", fontsize=8)
+    bar.ax.tick_params(labelsize=8)
     if classes <= MAX_LABELLED_CLASSES:
         ticks, names = range(classes), [_plain(n) for n in class_names]
         axis.set_xticks(ticks, names, rotation=45, ha="right", fontsize=8)
@@ -170,7 +174,7 @@ def confusion_chart(matrix: np.ndarray, class_names: Sequence[str], path: Path) 
         axis.text(column, row, str(value), ha="center", va="center", fontsize=7, color=color)
     axis.set_xlabel("predicted")
     axis.set_ylabel("true")
-    axis.set_title("Confusion matrix (test)\ncolour: share of the true class")
+    axis.set_title("Confusion matrix (test)\nrows: true class, colour: its share")
     figure.tight_layout()
     with files.replacing(path) as partial:
         figure.savefig(partial, dpi=100)
