@@ -266,6 +266,33 @@ def launch_on_sqlite(tmp_path, monkeypatch) -> int:
     ])  # fmt: skip
 
 
+def test_the_start_line_names_the_stores_without_their_passwords(tmp_path, monkeypatch, capsys):
+    """An sftp:// artifacts destination carries its password in the URI (MLflow's way);
+    MLflow is given it whole, the start line shows it redacted, like the databases'."""
+    from mlflow.cli import server as mlflow_server
+
+    given = []
+    monkeypatch.setattr(mlflow_server, "main", lambda args, **kwargs: given.append(args))
+    for name in (
+        "MLFLOW_AUTH_CONFIG_PATH", "MLFLOW_FLASK_SERVER_SECRET_KEY",
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "MLFLOW_AUTH_ADMIN_USERNAME",
+    ):  # fmt: skip
+        monkeypatch.setenv(name, "")
+    status = launcher.main([
+        "--backend-store-uri", f"sqlite:///{tmp_path / 'runs.db'}",
+        "--artifacts-destination", "sftp://mlflow:s3cret@files.example/mlflow",
+        "--state-dir", str(tmp_path / "s"),
+    ])  # fmt: skip
+    said = capsys.readouterr()
+    assert status == 0, said.err
+    [args] = given
+    assert args[args.index("--artifacts-destination") + 1] == (
+        "sftp://mlflow:s3cret@files.example/mlflow"
+    )
+    assert "artifacts in sftp://mlflow:***@files.example/mlflow, " in said.out
+    assert "s3cret" not in said.out + said.err
+
+
 @pytest.mark.parametrize(
     ("signal_error", "code", "said"), [(KeyboardInterrupt, 130, "interrupted"),
                                          (Terminated, 143, "terminated")],
