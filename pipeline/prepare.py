@@ -247,6 +247,9 @@ def stratified_split(labels: np.ndarray, val_size: int, seed: int) -> tuple[np.n
     return train_idx, val_idx
 
 
+MIN_STD = 1.0  # 0-255 pixel units: the smallest per-channel std the model normalizes by
+
+
 def channel_stats(
     images: np.ndarray, chunk_values: int = 1 << 22
 ) -> tuple[list[float], list[float]]:
@@ -266,7 +269,10 @@ def channel_stats(
     count = images.size // images.shape[-1]
     mean = total / count
     std = np.sqrt(np.maximum(squares / count - mean**2, 0.0))
-    return mean.tolist(), std.tolist()
+    # A channel with one value in every training pixel (images with no blue, say) has std
+    # 0, and the model divides by it; it tells classes apart no more at any scale, so 1
+    # pixel level serves and keeps other values in other images finite.
+    return mean.tolist(), np.maximum(std, MIN_STD).tolist()
 
 
 def prepare(dataset: Dataset, val_size: int, seed: int) -> tuple[dict[str, Split], dict]:

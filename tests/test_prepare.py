@@ -72,6 +72,23 @@ def test_split_sizes_balance_and_statistics(archive, tmp_path):
     np.testing.assert_array_equal(splits["test"].images, dataset.test.images)
 
 
+def test_a_channel_with_one_value_everywhere_still_builds_a_model(tmp_path):
+    """Images with no blue at all: std 0 in that channel, which the model divides by."""
+    from pipeline.config import ModelParams
+    from pipeline.model import build_model
+
+    images = np.random.default_rng(0).integers(0, 256, (40, 8, 8, 3), dtype=np.uint8)
+    images[..., 2] = 0
+    labels = np.arange(40, dtype=np.int32) % 2
+    dataset = Dataset(Split(images, labels), Split(images[:4], labels[:4]), ("a", "b"))
+    _, meta = prepare(dataset, val_size=0, seed=1)
+    assert meta["std"][2] == 1.0 and meta["mean"][2] == 0.0 and 60 < meta["std"][0] < 90
+    tiny = ModelParams(stem_filters=8, filters=(8,), units_per_stage=1, dropout=0.0)
+    model = build_model(tiny, num_classes=2, image_size=8, mean=meta["mean"], std=meta["std"])
+    other = np.full((1, 8, 8, 3), 200, np.uint8)  # blue where training had none
+    assert np.isfinite(model.predict(other, verbose=0)).all()
+
+
 def test_split_is_seeded_and_exact_for_uneven_classes():
     labels = np.repeat(np.arange(3), [50, 30, 20])
     train_a, val_a = stratified_split(labels, 17, seed=3)
