@@ -155,7 +155,7 @@ def confusion_chart(matrix: np.ndarray, class_names: Sequence[str], path: Path) 
     longest = (
         max((len(n) for n in class_names), default=0) if classes <= MAX_LABELLED_CLASSES else 0
     )
-    size = min(0.55 * classes + 2 + 0.07 * max(0, longest - 12), MAX_INCHES)
+    size = min(0.55 * classes + 2 + 0.07 * max(0, longest - 12), MAX_INCHES - 1)
     # One inch wider for the colour bar, so that the matrix keeps its square.
     figure, axis = plt.subplots(figsize=(size + 1, size))
     shares = row_shares(matrix)
