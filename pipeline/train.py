@@ -380,13 +380,13 @@ def build_network(params: Params, meta: dict):
 
 
 # The code that decides what a training computes, by module: the network and its loss,
-# the input and augmentation, the optimizer and schedule, SAM, the compiled model, and the
-# multi-worker step. Only these functions, classes and constants (a constant a function
-# reads is not in the function's source) of model.py, optimizer.py, distributed.py and
-# this module: a fix in
-# their logging, progress lines, loading or recovery code (restored_model, agreeing) keeps a
-# recovery state (a crash fixed after 40 epochs must not cost the 40), and so do edits of
-# comments and docstrings: the digest is of the code's syntax tree without them.
+# the input and augmentation, the optimizer and schedule, SAM, the compiled model, the
+# seeds, the fit and the multi-worker step. Only these functions, classes and constants
+# (a constant a function reads is not in the function's source) of model.py,
+# optimizer.py, distributed.py and this module: a fix in their logging, progress lines,
+# loading or recovery code (restored_model, agreeing) keeps a recovery state (a crash
+# fixed after 40 epochs must not cost the 40), and so do edits of comments and
+# docstrings: the digest is of the code's syntax tree without them.
 TRAINING_CODE = {
     "pipeline/model.py": (
         "build_model", "_conv", "_residual_unit", "crossentropy", "SmoothedCrossentropy",
@@ -398,7 +398,7 @@ TRAINING_CODE = {
     ),
     "pipeline/sam.py": None,
     "pipeline/distributed.py": ("agree_on_overflow", "fit_workers"),
-    "pipeline/train.py": ("compiled_model", "build_network"),
+    "pipeline/train.py": ("compiled_model", "build_network", "seed_everything", "fit_epochs"),
 }  # fmt: skip
 
 
@@ -502,16 +502,10 @@ def run_training(
     """Train (or resume) and export the model. test_set: the digest of the test images
     held out beside `train` (prepared.digest_of_test_set), kept in model_info.json."""
     import keras
-    import tensorflow as tf
 
     from pipeline import tracking
-    from pipeline.data import make_dataset, steps_per_epoch
-    from pipeline.distributed import (
-        check_same_start,
-        fit_workers,
-        make_strategy,
-        peers_reachable,
-    )
+    from pipeline.data import steps_per_epoch
+    from pipeline.distributed import check_same_start, make_strategy, peers_reachable
     from pipeline.resume import TrainState
 
     cfg, cluster = params.train, cluster or Cluster()
@@ -532,9 +526,7 @@ def run_training(
     strategy = make_strategy(gpus, cluster)
     check_fits(cfg, train, strategy.num_replicas_in_sync)
     keras.config.disable_interactive_logging()  # our one line per epoch replaces the bars
-    keras.utils.set_random_seed(cfg.seed)  # weight init and dropout
-    if cfg.deterministic:
-        tf.config.experimental.enable_op_determinism()
+    seed_everything(cfg)
     keras.mixed_precision.set_global_policy(device.precision)
 
     steps = steps_per_epoch(len(train.labels), cfg.batch_size)
@@ -591,28 +583,55 @@ def run_training(
         state, store, cfg.epochs, steps * cfg.batch_size, log_epoch, divergence_remedy(cfg)
     )
     progress = StepProgress(cfg.epochs, steps, cfg.batch_size, PROGRESS_EVERY_S)
-    if state.epochs_done < cfg.epochs and cluster.workers > 1:
-        fit_workers(
-            model, strategy, train, val, cfg, steps, state.epochs_done,
-            lambda *args: recorder.end_epoch(model, *args), progress,
-        )  # fmt: skip
-    elif state.epochs_done < cfg.epochs:
-        dataset = make_dataset(
-            train, cfg.batch_size, training=True, augment=cfg.augment, seed=cfg.seed,
-            first_epoch=state.epochs_done, epochs=cfg.epochs,
-        )  # fmt: skip
-        validation = make_dataset(val, cfg.batch_size) if len(val.labels) else None
-        callbacks = keras_callbacks(recorder, progress)
-        if cfg.sam_rho:
-            from pipeline.sam import sharpness_aware
-
-            callbacks.append(sharpness_aware(model, cfg.sam_rho, cfg.sam_from_epoch))
-        model.fit(
-            dataset, epochs=cfg.epochs, initial_epoch=state.epochs_done, steps_per_epoch=steps,
-            validation_data=validation, callbacks=callbacks, verbose=0, shuffle=False,
+    if state.epochs_done < cfg.epochs:
+        fit_epochs(
+            model, strategy, train, val, cfg, steps, state.epochs_done, recorder, progress,
+            cluster.workers,
         )  # fmt: skip
     if cluster.chief:
         finish(params, meta, train, val, model, state, store, device, test_set, cluster.workers)
+
+
+def seed_everything(cfg: TrainParams) -> None:
+    """Weight init, dropout and (with train.deterministic) the order of float sums."""
+    import keras
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(cfg.seed)
+    if cfg.deterministic:
+        tf.config.experimental.enable_op_determinism()
+
+
+def fit_epochs(
+    model, strategy, train: Split, val: Split, cfg: TrainParams, steps: int, first_epoch: int,
+    recorder: EpochRecorder, progress: StepProgress, workers: int,
+) -> None:  # fmt: skip
+    """Train epochs first_epoch + 1 .. cfg.epochs (1-based): Keras's fit on one machine, the
+    multi-worker loop on several; `recorder` saves and logs each epoch as it ends."""
+    from pipeline.data import make_dataset
+
+    if workers > 1:
+        from pipeline.distributed import fit_workers
+
+        fit_workers(
+            model, strategy, train, val, cfg, steps, first_epoch,
+            lambda *args: recorder.end_epoch(model, *args), progress,
+        )  # fmt: skip
+        return
+    dataset = make_dataset(
+        train, cfg.batch_size, training=True, augment=cfg.augment, seed=cfg.seed,
+        first_epoch=first_epoch, epochs=cfg.epochs,
+    )  # fmt: skip
+    validation = make_dataset(val, cfg.batch_size) if len(val.labels) else None
+    callbacks = keras_callbacks(recorder, progress)
+    if cfg.sam_rho:
+        from pipeline.sam import sharpness_aware
+
+        callbacks.append(sharpness_aware(model, cfg.sam_rho, cfg.sam_from_epoch))
+    model.fit(
+        dataset, epochs=cfg.epochs, initial_epoch=first_epoch, steps_per_epoch=steps,
+        validation_data=validation, callbacks=callbacks, verbose=0, shuffle=False,
+    )  # fmt: skip
 
 
 def recovery_store(expected: str, writable: bool):
