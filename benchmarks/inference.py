@@ -28,6 +28,8 @@ import statistics
 import time
 from pathlib import Path
 
+from pipeline import paths
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -40,7 +42,7 @@ def load_model(path: Path | None):
 
     if path is not None:
         return keras.saving.load_model(path)
-    params = load_params(ROOT / "params.yaml")
+    params = load_params(ROOT / paths.PARAMS)
     keras.utils.set_random_seed(0)
     # Statistics of uniform random pixels: the normalization costs the same whatever they are.
     return build_model(

@@ -40,6 +40,7 @@ from benchmarks.throughput import (
     run_input,
     versions,
 )
+from pipeline import paths
 
 WAYS = ("augmented", "plain")
 
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--epochs", type=int, default=3, help="epochs per run; the first dropped")
     parser.add_argument("--rounds", type=int, default=2, help="turns each way takes")
     parser.add_argument("--batch-sizes", type=batch_sizes, default=[128, 512])
-    parser.add_argument("--params", type=Path, default=ROOT / "params.yaml")
+    parser.add_argument("--params", type=Path, default=ROOT / paths.PARAMS)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/input.json")
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.epochs < 2 or args.images < max(args.batch_sizes):

@@ -18,6 +18,8 @@ import statistics
 import time
 from pathlib import Path
 
+from pipeline import paths
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -27,7 +29,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="timed epochs per mode")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--rho", type=float, default=0.05)
-    parser.add_argument("--params", type=Path, default=ROOT / "params.yaml")
+    parser.add_argument("--params", type=Path, default=ROOT / paths.PARAMS)
     args = parser.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from pipeline.startup import import_tensorflow

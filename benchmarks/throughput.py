@@ -59,6 +59,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from pipeline import paths
 from pipeline.startup import nvidia_device
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -442,7 +443,7 @@ def main() -> None:
         help="also measure mixed_bfloat16 where auto picked float32 (emulated there: slow)",
     )  # fmt: skip
     parser.add_argument(
-        "--params", type=Path, default=ROOT / "params.yaml",
+        "--params", type=Path, default=ROOT / paths.PARAMS,
         help="params file whose model (and train settings) to measure",
     )  # fmt: skip
     parser.add_argument("--child", help=argparse.SUPPRESS)

@@ -24,6 +24,7 @@ from typing import Any
 from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
 
+from pipeline import paths
 from pipeline.errors import PipelineError
 
 CIFAR10_TRAIN_IMAGES = 50_000  # images in the canonical training batches
@@ -345,7 +346,7 @@ class Params:
 
 def _build(cls: type, raw: Any, path: str) -> Any:
     """Build dataclass `cls` from mapping `raw`, checking every field; `path` names it."""
-    where = path or "params.yaml"
+    where = path or str(paths.PARAMS)
     if not isinstance(raw, Mapping):
         raise ParamsError(f"{where}: must be a mapping of keys to values, got {raw!r}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -377,7 +378,7 @@ def parse_params(raw: Any) -> Params:
     return _build(Params, raw, "")
 
 
-def load_params(path: Path | str = "params.yaml") -> Params:
+def load_params(path: Path | str = paths.PARAMS) -> Params:
     """Read and validate params.yaml; the one place any stage reads its knobs."""
     return parse_params(read_yaml(path))
 

@@ -275,7 +275,7 @@ def training_digests(info: dict, test: Split, class_names: list[str]) -> dict:
 
     now = {"test_set": digest_of_test_set(test.images, test.labels, class_names)}
     if "test_set" in info and now["test_set"] != info["test_set"]:
-        train, val = (load_split(paths.PREPARED_DIR, split) for split in ("train", "val"))
+        train, val = (load_split(paths.PREPARED_DIR, split) for split in paths.SPLITS[:2])
         now["training_data"] = training_data_digest(train, val)
     return now
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 PARAMS = Path("params.yaml")
+DVC_LOCK = Path("dvc.lock")  # DVC's record of each stage's deps and outs, by md5
 
 RAW_DIR = Path("data/raw")  # download's out: the archive as served
 PREPARED_DIR = Path("data/prepared")  # prepare's out: uint8 arrays + stats

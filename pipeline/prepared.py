@@ -32,9 +32,9 @@ class Split:
 
 def write_prepared(out_dir: Path, splits: dict[str, Split], meta: dict) -> None:
     """Write each file under a temporary name, then rename, so none is ever half-written."""
-    for name, split in splits.items():
+    for name in paths.SPLITS:  # each one: a split missing here would be a stale file there
         with files.replacing(paths.split_file(out_dir, name)) as partial:
-            np.savez(partial, images=split.images, labels=split.labels)
+            np.savez(partial, images=splits[name].images, labels=splits[name].labels)
     files.write_text(out_dir / paths.META_FILE, json.dumps(meta, indent=2) + "\n")
 
 

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 
 from pipeline.tracking import retry_locked, store_lock
 
-MODEL_NAME = "cifar10-resnet"
 # The version tag with the digest of its test images. Versions tagged before 2026-12-01
 # carry `test_set`, a digest that depended on the images' order: not read, so such a
 # champion counts as untagged and is compared with, as before the tag existed.
@@ -37,7 +36,7 @@ class Decision:
     champion_version: str | None  # the champion before this decision
     champion_accuracy: float | None
     promoted: bool
-    name: str = MODEL_NAME  # the registered model
+    name: str  # the registered model (evaluate.registered_model)
     other_test_set: bool = False  # the champion was scored on other test images
 
     def describe(self) -> str:
@@ -118,7 +117,7 @@ def _not_found(error: Exception) -> bool:
 
 @retry_locked
 def register(
-    model_uri: str, run_id: str, accuracy: float, name: str = MODEL_NAME, test_set: str = ""
+    model_uri: str, run_id: str, accuracy: float, name: str, test_set: str = ""
 ) -> Decision:
     """Register (or find) the version of `model_uri` under `name` and decide on the champion
     alias; `test_set` is a digest of the test images `accuracy` was measured on."""

@@ -412,7 +412,7 @@ def _git(*args: str) -> str | None:
     return result.stdout.strip() if result.returncode == 0 else None
 
 
-def prepared_data_hash(lock_file: Path = Path("dvc.lock")) -> str | None:
+def prepared_data_hash(lock_file: Path = paths.DVC_LOCK) -> str | None:
     """md5 of data/prepared as dvc.lock records it (the exact data a run trained on)."""
     try:
         lock = yaml.safe_load(lock_file.read_text()) or {}

@@ -8,7 +8,11 @@ import pytest
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, TEMPORARILY_UNAVAILABLE
 
+from pipeline.config import load_params
 from pipeline.registry import Decision, recorded_accuracy, should_promote
+from tests.repo import ROOT
+
+NAME = load_params(ROOT / "params.yaml").evaluate.registered_model  # cifar10-resnet
 
 
 class Client:
@@ -68,13 +72,13 @@ def test_an_unscored_champion_is_replaced_and_the_decision_says_why(store):
     from pipeline.registry import register
 
     client, run = store
-    decision = register(f"runs:/{run.info.run_id}/model", run.info.run_id, 0.5)
+    decision = register(f"runs:/{run.info.run_id}/model", run.info.run_id, 0.5, NAME)
     assert decision.describe() == (
         "cifar10-resnet version 2 (test accuracy 0.5000) beats champion version 1 "
         "(no recorded test accuracy): @champion -> version 2"
     )
     assert str(client.get_model_version_by_alias("cifar10-resnet", "champion").version) == "2"
-    kept = Decision("3", 0.5, "1", 0.75, should_promote(0.5, 0.75))
+    kept = Decision("3", 0.5, "1", 0.75, should_promote(0.5, 0.75), NAME)
     assert kept.describe().endswith(
         "does not beat champion version 1 (0.7500): @champion stays on version 1"
     )
@@ -93,7 +97,7 @@ def test_a_store_error_reading_the_champion_fails_and_keeps_the_champion(store, 
 
     monkeypatch.setattr(MlflowClient, "get_model_version_by_alias", broken)
     with pytest.raises(MlflowException, match="the store failed"):
-        register(f"runs:/{run.info.run_id}/model", run.info.run_id, 0.5)
+        register(f"runs:/{run.info.run_id}/model", run.info.run_id, 0.5, NAME)
     monkeypatch.undo()
     assert str(client.get_model_version_by_alias("cifar10-resnet", "champion").version) == "1"
 
@@ -106,10 +110,10 @@ def test_a_tie_keeps_the_champion_though_its_tag_rounded_its_accuracy_down(store
 
     client, run = store
     tie = 1001 / 1500
-    assert register(f"runs:/{run.info.run_id}/model", run.info.run_id, tie).promoted
+    assert register(f"runs:/{run.info.run_id}/model", run.info.run_id, tie, NAME).promoted
     with mlflow.start_run() as other:
         mlflow.log_text("stand-in", "model/MLmodel")
-    decision = register(f"runs:/{other.info.run_id}/model", other.info.run_id, tie)
+    decision = register(f"runs:/{other.info.run_id}/model", other.info.run_id, tie, NAME)
     assert not decision.promoted and decision.describe().endswith(
         "does not beat champion version 2 (0.6673): @champion stays on version 2"
     )
@@ -123,13 +127,13 @@ def test_a_champion_scored_on_other_test_images_is_not_compared(store):
     from pipeline.registry import register
 
     client, run = store
-    first = register(f"runs:/{run.info.run_id}/model", run.info.run_id, 0.5, test_set="cifar")
+    first = register(f"runs:/{run.info.run_id}/model", run.info.run_id, 0.5, NAME, "cifar")
     assert first.promoted and client.get_model_version("cifar10-resnet", "2").tags == {
         "test_accuracy": "0.500000", "test_images": "cifar"
     }  # fmt: skip
     with mlflow.start_run() as pets:
         mlflow.log_text("stand-in", "model/MLmodel")
-    decision = register(f"runs:/{pets.info.run_id}/model", pets.info.run_id, 0.95, test_set="pets")
+    decision = register(f"runs:/{pets.info.run_id}/model", pets.info.run_id, 0.95, NAME, "pets")
     assert not decision.promoted and decision.version == "3"
     assert decision.describe() == (
         "cifar10-resnet version 3 (test accuracy 0.9500) is not compared with champion version "
@@ -147,7 +151,7 @@ def test_a_champion_scored_on_other_test_images_is_not_compared(store):
     client.delete_model_version_tag("cifar10-resnet", "2", "test_images")
     client.set_model_version_tag("cifar10-resnet", "2", "test_set", "cifar-in-batch-order")
     assert register(
-        f"runs:/{pets.info.run_id}/model", pets.info.run_id, 0.95, test_set="pets"
+        f"runs:/{pets.info.run_id}/model", pets.info.run_id, 0.95, NAME, "pets"
     ).promoted
 
 
@@ -157,7 +161,7 @@ import mlflow
 from mlflow import MlflowClient
 from pipeline import registry
 
-uri, run_id, accuracy, pause, me, other = sys.argv[1:]
+uri, run_id, accuracy, name, pause, me, other = sys.argv[1:]
 mlflow.set_tracking_uri(uri)
 real = MlflowClient.get_model_version_by_alias
 
@@ -176,7 +180,7 @@ MlflowClient.get_model_version_by_alias = slow
 pathlib.Path(me).touch()
 while not pathlib.Path(other).exists():  # both decide at the same moment
     time.sleep(0.01)
-print(registry.register(f"runs:/{run_id}/model", run_id, float(accuracy)).describe())
+print(registry.register(f"runs:/{run_id}/model", run_id, float(accuracy), name).describe())
 """
 
 
@@ -188,7 +192,7 @@ def test_two_evaluations_deciding_at_once_on_sqlite_leave_the_better_one_champio
 
     import mlflow
 
-    from tests.repo import ROOT, stage_env
+    from tests.repo import stage_env
 
     client, run = store
     with mlflow.start_run() as worse:
@@ -203,6 +207,7 @@ def test_two_evaluations_deciding_at_once_on_sqlite_leave_the_better_one_champio
                 uri,
                 run_id,
                 accuracy,
+                NAME,
                 pause,
                 str(tmp_path / me),
                 str(tmp_path / other),
