@@ -43,7 +43,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 
 from pipeline import files, paths
-from pipeline.config import flatten, load_params
+from pipeline.config import EvaluateParams, flatten, load_params
 from pipeline.errors import PipelineError, cli
 from pipeline.prepared import Split, load_meta, load_split
 from pipeline.startup import import_tensorflow
@@ -211,18 +211,48 @@ def check_finite(probabilities: np.ndarray) -> np.ndarray:
     return probabilities
 
 
-def write_outputs(figures: dict, matrix_labels, probabilities, test, class_names, cfg) -> int:
+def evaluate(
+    predict: Callable[[np.ndarray], np.ndarray],
+    test: Split,
+    class_names: list[str],
+    cfg: EvaluateParams,
+    fill: str,
+) -> tuple[dict, np.ndarray]:
+    """The test figures (test.json's content) and the single-pass probabilities (N, classes).
+
+    `predict` maps (N, S, S, 3) uint8 images to (N, classes) probabilities; it is called
+    once, or with test-time augmentation once per view (cfg.flip_tta, cfg.shift_tta, whose
+    shifts fill the uncovered edges as `fill`, training's train.augment.fill, says).
+    """
+    probabilities = predict(test.images)
+    figures = score(probabilities, test.labels, class_names)
+    if cfg.flip_tta or cfg.shift_tta:
+        mirrored = predict(mirror(test.images))
+    if cfg.flip_tta:
+        tta = score(flip_tta(probabilities, mirrored), test.labels, class_names)
+        figures["flip_tta"] = tta_figures(tta)
+    if cfg.shift_tta:
+        mean = shift_tta(predict, test.images, cfg.shift_tta, probabilities, mirrored, fill)
+        figures["shift_tta"] = tta_figures(score(mean, test.labels, class_names))
+    return figures, probabilities
+
+
+def write_outputs(
+    figures: dict, probabilities: np.ndarray, test: Split, class_names: list[str],
+    cfg: EvaluateParams,
+) -> int:  # fmt: skip
     """Write metrics/test.json, confusion.csv and the PNGs; return misclassified images drawn."""
     from pipeline import reports
 
     predictions = probabilities.argmax(axis=1)
+    matrix = confusion_matrix(test.labels, predictions, len(class_names))
     files.write_text(paths.CONFUSION_FILE, confusion_csv(test.labels, predictions, class_names))
     drawn = reports.misclassified_grid(
         test.images, test.labels, predictions, probabilities.max(axis=1), class_names,
         paths.MISCLASSIFIED_PNG, cfg.misclassified,
     )  # fmt: skip
     reports.per_class_chart(figures["per_class_accuracy"], figures["accuracy"], paths.PER_CLASS_PNG)
-    reports.confusion_chart(matrix_labels, class_names, paths.CONFUSION_PNG)
+    reports.confusion_chart(matrix, class_names, paths.CONFUSION_PNG)
     # Last: a test.json beside the charts of the model before would pass for this model's.
     files.write_text(paths.TEST_METRICS, json.dumps(figures, indent=2) + "\n")
     return drawn
@@ -343,21 +373,9 @@ def main(argv: list[str] | None = None) -> None:
             )
         return probabilities
 
-    probabilities = predict(test.images)
-    figures = score(probabilities, test.labels, class_names)
-    if cfg.flip_tta or cfg.shift_tta:
-        mirrored = predict(mirror(test.images))
-    if cfg.flip_tta:
-        tta = score(flip_tta(probabilities, mirrored), test.labels, class_names)
-        figures["flip_tta"] = tta_figures(tta)
-    if cfg.shift_tta:
-        fill = params.train.augment.fill
-        mean = shift_tta(predict, test.images, cfg.shift_tta, probabilities, mirrored, fill)
-        tta = score(mean, test.labels, class_names)
-        figures["shift_tta"] = tta_figures(tta)
-    matrix = confusion_matrix(test.labels, probabilities.argmax(axis=1), len(class_names))
+    figures, probabilities = evaluate(predict, test, class_names, cfg, params.train.augment.fill)
     try:
-        drawn = write_outputs(figures, matrix, probabilities, test, class_names, cfg)
+        drawn = write_outputs(figures, probabilities, test, class_names, cfg)
     except OSError as error:  # a full disk, a file where metrics/ should be
         raise PipelineError(
             f"could not write the evaluation's outputs in {paths.METRICS_DIR}/: {error}; "
@@ -388,7 +406,7 @@ def main(argv: list[str] | None = None) -> None:
         flush=True,
     )
 
-    files = [
+    logged = [
         paths.TEST_METRICS, paths.CONFUSION_FILE, paths.PER_CLASS_PNG, paths.CONFUSION_PNG,
     ] + ([paths.MISCLASSIFIED_PNG] if drawn else [])  # fmt: skip
     used = {key: value for key, value in flatten(params).items() if key.startswith("evaluate.")}
@@ -400,7 +418,7 @@ def main(argv: list[str] | None = None) -> None:
         f"its figures are {'printed above' if copy else f'in {paths.TEST_METRICS}'}; once "
         f"the store answers, {again} evaluates again and logs it",
     ):
-        number = tracking.log_evaluation(info["run_id"], mlflow_metrics(figures), files, used)
+        number = tracking.log_evaluation(info["run_id"], mlflow_metrics(figures), logged, used)
     print(f"evaluate: logged as evaluation {number} of MLflow run {info['run_id']}", flush=True)
     if not cfg.register:
         return

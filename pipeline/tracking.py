@@ -227,8 +227,7 @@ def connect(root: Path) -> str:
             raise TrackingError(
                 f"MLflow tracking store {redact(uri)} is not usable: {refused}"
             ) from None
-        message = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise TrackingError(_unreachable(uri, redact(message))) from None
+        raise TrackingError(_unreachable(uri, redact(first_line(error)))) from None
     except TrackingError:  # already one line (a missing folder for the SQLite file)
         raise
     except ModuleNotFoundError as error:  # a database URI whose driver is not installed

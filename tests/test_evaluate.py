@@ -128,6 +128,43 @@ def test_shift_tta_is_the_mean_over_all_ten_views():
     np.testing.assert_allclose(mean.sum(axis=1), 1.0)
 
 
+def test_the_core_scores_one_pass_and_each_tta_on_its_own_views(raw_params):
+    """evaluate(): test.json's figures from a predict function, as main gives it the model;
+    the single-pass figures stay the headline (the registry compares them)."""
+    import dataclasses
+
+    from pipeline.config import parse_params
+    from pipeline.evaluate import evaluate
+    from pipeline.prepared import Split
+
+    images = np.random.default_rng(2).integers(0, 256, (6, 6, 6, 3), dtype=np.uint8)
+    test = Split(images, np.array([0, 1, 2, 0, 1, 2]))
+    seen = []
+
+    def predict(batch):  # sure and right on the images as they are, wrong on any other view
+        seen.append(batch)
+        as_is = np.array([(batch[i] == images[i]).all() for i in range(len(batch))])
+        wrong = one_hot((test.labels + 1) % 3, 0.6)
+        return np.where(as_is[:, None], one_hot(test.labels, 0.9), wrong)
+
+    cfg = parse_params(raw_params).evaluate
+    for flip, shift_px, passes, keys in (
+        (False, 0, 1, set()), (True, 0, 2, {"flip_tta"}),
+        (False, 1, 10, {"shift_tta"}), (True, 1, 10, {"flip_tta", "shift_tta"}),
+    ):  # fmt: skip
+        seen.clear()
+        options = dataclasses.replace(cfg, flip_tta=flip, shift_tta=shift_px)
+        figures, probabilities = evaluate(predict, test, CLASSES, options, "nearest")
+        assert len(seen) == passes and keys <= set(figures), (flip, shift_px)
+        assert not {"flip_tta", "shift_tta"} - keys & set(figures)
+        assert figures["accuracy"] == 1.0 and probabilities.argmax(1).tolist() == [0, 1, 2] * 2
+        if flip:  # one view of two right, the surer one: the mean still picks the right class
+            assert figures["flip_tta"]["accuracy"] == 1.0
+            assert figures["flip_tta"]["loss"] > figures["loss"]
+        if shift_px:  # one view of ten right: the wrong ones carry the mean
+            assert figures["shift_tta"]["accuracy"] == 0.0
+
+
 def test_tta_figures_become_their_own_mlflow_metrics():
     labels = np.array([0, 1, 2])
     figures = score(one_hot([0, 1, 1]), labels, CLASSES)
@@ -360,7 +397,7 @@ def test_outputs_that_fail_midway_leave_no_new_test_json(tmp_path, monkeypatch):
     paths.TEST_METRICS.write_text('{"accuracy": 0.5}\n')
     test = Split(np.zeros((3, 8, 8, 3), np.uint8), np.array([0, 1, 2]))
     figures = {"accuracy": 1.0, "per_class_accuracy": dict.fromkeys(CLASSES, 1.0)}
-    args = (figures, np.eye(3, dtype=int), one_hot([0, 1, 2]), test, CLASSES)
+    args = (figures, one_hot([0, 1, 2]), test, CLASSES)
     cfg = type("Cfg", (), {"misclassified": 4})()
 
     def disk_full(*_):
