@@ -9,7 +9,7 @@ out at its top or under one top-level folder (`pets/train/...`) as
 
 Class names are the train/ folder names, sorted. Images are PNG, JPEG, BMP or
 GIF (its first frame) of any size and colour mode; each becomes RGB exactly as
-`pipeline.predict.load_image` prepares an image to classify (EXIF orientation
+`pipeline.images.load_image` prepares an image to classify (EXIF orientation
 applied, transparency on white, centre crop to a square, Lanczos resize to
 data.image_size pixels), so training and prediction see the same pixels.
 Hidden entries (`.DS_Store`, `__MACOSX/`) and other files are counted and left
@@ -57,7 +57,7 @@ import numpy as np
 
 from pipeline.config import DataParams
 from pipeline.errors import PipelineError
-from pipeline.predict import load_image
+from pipeline.images import load_image
 from pipeline.prepare import ArchiveError, Dataset, check_member, stratified_split
 from pipeline.prepared import Split
 

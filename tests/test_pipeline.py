@@ -357,7 +357,7 @@ def test_predict_and_pyfunc_agree_with_the_keras_model(repo, client, tmp_path):
     assert "error" in results[1] and "corrupt.jpg" in local.stderr
     assert all("predictions" in r for r in results[:1] + results[2:])
 
-    from pipeline.predict import load_image
+    from pipeline.images import load_image
 
     images = np.stack([load_image(f, 32) for f in files if f != corrupt])
     expected = keras.saving.load_model(repo / "models/model.keras").predict(images, verbose=0)

@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 
 from pipeline.errors import PipelineError
-from pipeline.predict import load_image, load_predictor
+from pipeline.images import load_image
+from pipeline.predict import load_predictor
 
 
 def png(path, size=(32, 32)):
