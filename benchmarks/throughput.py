@@ -202,7 +202,8 @@ def run_pipeline(precision: str, params, split, meta, epochs: int, batch: int) -
     from pipeline import paths, tracking
     from pipeline.data import steps_per_epoch
     from pipeline.prepared import Split
-    from pipeline.train import EpochRecorder, run_training
+    from pipeline.progress import EpochRecorder
+    from pipeline.train import run_training
 
     params = measured_params(params, precision, epochs, batch)
     empty = Split(split.images[:0], split.labels[:0])

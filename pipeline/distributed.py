@@ -286,7 +286,7 @@ def fit_workers(
 
     `end_epoch(epoch, logs, train_s, total_s)` is called on every worker after
     each epoch with the global loss and accuracy (and validation figures).
-    `progress` (a pipeline.train.StepProgress) gives the lines printed within an epoch.
+    `progress` (a pipeline.progress.StepProgress) gives the lines printed within an epoch.
     """
     import tensorflow as tf
 

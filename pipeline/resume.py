@@ -139,7 +139,7 @@ class TrainState:
     # Set once the trained model is logged: a rerun after a later failure (the store
     # down when the run is marked finished) does not log it again.
     model_uri: str | None = None
-    # What the fingerprint hashes (pipeline.train.resume_basis), to say what changed.
+    # What the fingerprint hashes (pipeline.recovery_key.resume_basis), to say what changed.
     basis: dict | None = None
     # Keras's random streams (dropout's), [seed, counter] each: its checkpoints leave them out.
     rng: list[list[int]] | None = None

@@ -13,12 +13,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import hashlib
 import json
 import math
 import sys
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -29,32 +26,26 @@ from pipeline.device import Device, emulation_warning, resolve_device
 from pipeline.distributed import Cluster
 from pipeline.errors import PipelineError, cli
 from pipeline.prepared import Split, load_meta, load_split
+from pipeline.progress import (
+    HISTORY_COLUMNS,
+    PROGRESS_EVERY_S,
+    EpochLogger,
+    EpochRecorder,
+    StepProgress,
+    divergence_remedy,
+    duration,
+    keras_callbacks,
+)
+from pipeline.recovery_key import TRAINING_SECTIONS, resume_basis, resume_key
 from pipeline.startup import import_tensorflow
 
-HISTORY_COLUMNS = (
-    "epoch", "loss", "accuracy", "val_loss", "val_accuracy", "learning_rate", "images_per_second",
-)  # fmt: skip
-# The params sections training reads; dvc.yaml's train stage lists the same, so editing one
-# re-runs training. data.* reach training only through data/prepared, a dep by content (and
-# the recovery state is keyed by its content too, see resume_key), so a mirror URL serving
-# the same archive re-runs no training. evaluate.* must not restart a training either.
-TRAINING_SECTIONS = ("model", "train")
 # The MLflow run's params: the training sections and the data params that made its data.
 LOGGED_SECTIONS = ("data", *TRAINING_SECTIONS)
 
 
-def _sections(params: Params, names: tuple[str, ...]) -> dict:
-    return {k: v for k, v in flatten(params).items() if k.split(".")[0] in names}
-
-
-def training_params(params: Params) -> dict:
-    """The dotted values of the sections training reads: with meta.json, the resume key."""
-    return _sections(params, TRAINING_SECTIONS)
-
-
 def logged_params(params: Params) -> dict:
     """The dotted values the MLflow run logs as params: training's and the data's."""
-    return _sections(params, LOGGED_SECTIONS)
+    return {k: v for k, v in flatten(params).items() if k.split(".")[0] in LOGGED_SECTIONS}
 
 
 # --- checks ----------------------------------------------------------------------------------
@@ -71,187 +62,6 @@ def check_fits(params: TrainParams, train: Split, replicas: int = 1) -> None:
             f"train.batch_size: must be at most the {len(train.labels)} training images, "
             f"got {params.batch_size}"
         )
-
-
-# --- one epoch line and MLflow per epoch ---------------------------------------------------------
-
-
-def epoch_line(row: dict, epochs: int, eta_s: float) -> str:
-    parts = [
-        f"epoch {row['epoch']}/{epochs}",
-        f"loss {row['loss']:.4f}",
-        f"acc {row['accuracy']:.4f}",
-    ]
-    if "val_loss" in row:
-        parts += [f"val_loss {row['val_loss']:.4f}", f"val_acc {row['val_accuracy']:.4f}"]
-    parts += [
-        f"lr {row['learning_rate']:.2e}",
-        f"{row['images_per_second']:.0f} img/s",
-        f"ETA {_duration(eta_s)}",
-    ]
-    return "train: " + "  ".join(parts)
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(round(seconds))
-    if seconds >= 3600:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    return f"{seconds // 60}m{seconds % 60:02d}s"
-
-
-# A progress line within an epoch at most this often, in seconds: an epoch of the full data
-# takes 3-4 minutes on CPU-2 (one line or none), 15-21 on an AVX2-only laptop-class CPU
-# (a line every 2 minutes instead of 20 silent ones), seconds on a GPU (none).
-PROGRESS_EVERY_S = 120.0
-
-
-class StepProgress:
-    """Within a long epoch, a line every `every_s` seconds: steps done, running loss and
-    accuracy, speed so far and when the epoch will end. Pure: the caller prints."""
-
-    def __init__(self, epochs: int, steps: int, batch_size: int, every_s: float, clock=None):
-        self.epochs, self.steps, self.batch_size, self.every_s = epochs, steps, batch_size, every_s
-        self.clock = clock or time.perf_counter
-        self.epoch, self.started, self.last, self.last_done = 0, 0.0, 0.0, 0
-
-    def start(self, epoch: int) -> None:
-        """Epoch `epoch` (0-based) begins now."""
-        self.epoch, self.started = epoch, self.clock()
-        self.last, self.last_done = self.started, 0
-
-    def step_done(self, done: int, logs: dict) -> str | None:
-        """`done` steps of this epoch are finished; a line if one is due, else None. A step
-        reported after a later one (Keras's thread pool runs callbacks out of order) is
-        left out."""
-        now = self.clock()
-        if done <= self.last_done:
-            return None
-        self.last_done = done
-        if now - self.last < self.every_s or done >= self.steps:  # the epoch line follows
-            return None
-        self.last = now
-        elapsed = now - self.started
-        parts = [f"epoch {self.epoch + 1}/{self.epochs}", f"step {done}/{self.steps}"]
-        parts += [
-            f"{name} {float(logs[key]):.4f}"
-            for key, name in (("loss", "loss"), ("accuracy", "acc"))
-            if logs.get(key) is not None
-        ]
-        parts += [
-            f"{done * self.batch_size / elapsed:.0f} img/s",
-            f"epoch ends in {_duration((self.steps - done) * elapsed / done)}",
-        ]
-        return "train: " + "  ".join(parts)
-
-
-class EpochLogger:
-    """Logs each epoch's row to the MLflow run.
-
-    A store that does not answer (a server restarting, the network down) costs
-    a warning, not the training: the epochs it missed are logged with the next
-    epoch that gets through, and by `finish` at the latest. `history` is the
-    recovery state's, which holds every epoch so far.
-    """
-
-    def __init__(self, run_id: str, history: list[dict]) -> None:
-        self.run_id, self.history, self.behind = run_id, history, False
-
-    def __call__(self, row: dict) -> None:
-        from pipeline import tracking
-
-        try:
-            with tracking.few_retries():
-                if self.behind:
-                    tracking.backfill_metrics(self.run_id, self.history)
-                else:
-                    tracking.log_epoch(row, step=row["epoch"])
-            self.behind = False
-        except tracking.store_errors() as error:
-            self.behind = True
-            print(
-                f"train: warning: epoch {row['epoch']} is not logged to MLflow yet "
-                f"({tracking.short_reason(error)}); training goes on and logs it later",
-                flush=True,
-            )
-
-
-def divergence_remedy(cfg: TrainParams) -> str:
-    """The params to change when the loss turns NaN: warm-up only exists under onecycle."""
-    remedy = "lower train.learning_rate"
-    if cfg.lr_schedule == "onecycle":
-        return remedy + " or lengthen train.warmup"
-    return remedy + " (or warm up to it: train.lr_schedule onecycle)"
-
-
-class EpochRecorder:
-    """At each epoch's end: checkpoint, then log to MLflow, then print one line.
-
-    The checkpoint comes first: a crash after it resumes past the epoch, and
-    the MLflow metrics it did not log yet are back-filled on resume.
-    """
-
-    def __init__(
-        self, state, store, epochs: int, images_per_epoch: int, log_metrics,
-        remedy: str = "lower train.learning_rate",
-    ):  # fmt: skip
-        self.state, self.store, self.epochs = state, store, epochs
-        self.images_per_epoch, self.log_metrics = images_per_epoch, log_metrics
-        self.remedy = remedy  # what to change when the training diverges
-
-    def end_epoch(self, model, epoch: int, logs: dict, train_s: float, total_s: float) -> None:
-        from pipeline.optimizer import last_step_rate  # imports Keras
-
-        state = self.state
-        row = {"epoch": epoch + 1, **{k: float(v) for k, v in logs.items()}}
-        if not math.isfinite(row["loss"]):  # NaN weights from here on: nothing worth keeping
-            raise PipelineError(
-                f"the training diverged: its loss was {row['loss']} in epoch {epoch + 1}; "
-                f"{self.remedy} (the recovery state keeps epoch {state.epochs_done}, which "
-                "only a rerun with the same params resumes)"
-            )
-        row["learning_rate"] = last_step_rate(model.optimizer)  # the epoch's last, in logs
-        row["images_per_second"] = self.images_per_epoch / train_s
-        state.history.append({k: row[k] for k in HISTORY_COLUMNS if k in row})
-        state.epochs_done = epoch + 1
-        state.wall_time_s += total_s
-        self.store.save(state, model)
-        self.log_metrics(state.history[-1])
-        remaining = self.epochs - state.epochs_done
-        print(epoch_line(row, self.epochs, remaining * state.wall_time_s / len(state.history)))
-        sys.stdout.flush()
-
-
-def keras_callbacks(recorder: EpochRecorder, progress: StepProgress) -> list:
-    """Times each epoch of `fit` (training part apart from validation) for the recorder,
-    and prints the progress lines within it."""
-    import keras
-
-    class EpochEnd(keras.callbacks.Callback):
-        def on_epoch_begin(self, epoch, logs=None):
-            self.started = time.perf_counter()
-            self.train_s = None
-            progress.start(epoch)
-
-        def on_test_begin(self, logs=None):  # validation starts: training part is done
-            self.train_s = time.perf_counter() - self.started
-
-        def on_epoch_end(self, epoch, logs=None):
-            total_s = time.perf_counter() - self.started
-            recorder.end_epoch(self.model, epoch, logs, self.train_s or total_s, total_s)
-
-    class StepLines(keras.callbacks.Callback):
-        # Keras may then call it from a worker thread, without holding up the next step
-        # to turn this step's logs into numbers; the epoch's end waits for it.
-        async_safe = True
-        lock = threading.Lock()  # the pool's threads, one at a time: lines in step order
-
-        def on_train_batch_end(self, batch, logs=None):
-            with self.lock:
-                line = progress.step_done(batch + 1, logs or {})
-                if line:
-                    print(line, flush=True)
-
-    return [EpochEnd(), StepLines()]
 
 
 # --- the stage -----------------------------------------------------------------------------------
@@ -377,118 +187,6 @@ def build_network(params: Params, meta: dict):
         params.model, num_classes=len(meta["class_names"]), image_size=meta["image_size"],
         mean=meta["mean"], std=meta["std"],
     )  # fmt: skip
-
-
-# The code that decides what a training computes, by module: the network and its loss,
-# the input and augmentation, the optimizer and schedule, SAM, the compiled model, the
-# seeds, the fit and the multi-worker step. Only these functions, classes and constants
-# (a constant a function reads is not in the function's source) of model.py,
-# optimizer.py, distributed.py and this module: a fix in their logging, progress lines,
-# loading or recovery code (restored_model, agreeing) keeps a recovery state (a crash
-# fixed after 40 epochs must not cost the 40), and so do edits of comments and
-# docstrings: the digest is of the code's syntax tree without them.
-TRAINING_CODE = {
-    "pipeline/model.py": (
-        "build_model", "_conv", "_residual_unit", "crossentropy", "SmoothedCrossentropy",
-    ),
-    "pipeline/data.py": None,  # None: the whole module
-    "pipeline/optimizer.py": (
-        "AgreedLossScaleOptimizer", "make_schedule", "make_optimizer", "decay_only",
-        "NOT_KERNELS",
-    ),
-    "pipeline/sam.py": None,
-    "pipeline/distributed.py": ("agree_on_overflow", "fit_workers"),
-    "pipeline/train.py": ("compiled_model", "build_network", "seed_everything", "fit_epochs"),
-}  # fmt: skip
-
-
-def code_digest() -> dict[str, str]:
-    """pipeline/<module>: the sha256 (16 hex digits) of its TRAINING_CODE, as syntax trees
-    without docstrings (comments and layout are not in a tree)."""
-    import importlib
-    import inspect
-
-    digest = {}
-    for path, names in TRAINING_CODE.items():
-        module = importlib.import_module(path.removesuffix(".py").replace("/", "."))
-        parts = [module] if names is None else [getattr(module, name) for name in names]
-        trees = [
-            _without_docstrings(inspect.getsource(part))
-            if inspect.ismodule(part) or inspect.isclass(part) or inspect.isfunction(part)
-            else _literal(part)
-            for part in parts
-        ]
-        digest[path] = hashlib.sha256("".join(trees).encode()).hexdigest()[:16]
-    return digest
-
-
-def _literal(constant) -> str:
-    """A constant as text that is the same in every process: plain values only (a set's
-    order changes with the hash seed, an object's default repr with its address)."""
-    if isinstance(constant, tuple | list):
-        return "(" + ",".join(_literal(c) for c in constant) + ")"
-    if constant is None or isinstance(constant, str | int | float | bool):
-        return repr(constant)
-    raise TypeError(f"TRAINING_CODE: {constant!r} is not a plain constant to digest")
-
-
-def _without_docstrings(source: str) -> str:
-    """The syntax tree of `source` (ast.dump), every docstring left out."""
-    import ast
-    import textwrap
-
-    tree = ast.parse(textwrap.dedent(source))
-    for node in ast.walk(tree):
-        body = getattr(node, "body", None)
-        if (
-            isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef)
-            and body and isinstance(body[0], ast.Expr)
-            and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str)
-        ):  # fmt: skip
-            node.body = body[1:] or [ast.Pass()]
-    return ast.dump(tree)
-
-
-def resume_basis(
-    params: Params, meta: dict, train: Split, val: Split, precision: str, workers: int,
-    replicas: int | None = None,
-) -> dict:  # fmt: skip
-    """What a recovery state must match to be resumed: training params, data, precision,
-    workers, replicas (GPUs in sync over all workers: each replica's batch-norm statistics
-    are over its share of the batch) and the code that computes the training.
-
-    The data by content (data.url or data.md5 may change with the same images);
-    evaluate.* not at all, so an evaluation edit never restarts a training. The code,
-    since dvc.yaml reruns this stage after an edit of it: resuming a checkpoint of other
-    code would fail at export after all the epochs (a changed layer), or mix two
-    networks in one model without a word (a changed pooling, say).
-    """
-    from pipeline.prepared import training_data_digest
-
-    data = training_data_digest(train, val)
-    settings = training_params(params)
-    # Values that change nothing this training computes: the precision is in the basis as
-    # `auto` resolved it, a warm-up only under onecycle, SAM's first epoch only with SAM on,
-    # the weight decay's scope only with a weight decay.
-    del settings["train.precision"]
-    if params.train.lr_schedule != "onecycle":
-        del settings["train.warmup"]
-    if not params.train.sam_rho:
-        del settings["train.sam_from_epoch"]
-    if not params.train.weight_decay:
-        del settings["train.weight_decay_scope"]
-    return {
-        "params": settings, "meta": meta, "data": data,
-        "precision": precision, "workers": workers, "replicas": replicas or workers,
-        "code": code_digest(),
-    }  # fmt: skip
-
-
-def resume_key(basis: dict) -> str:
-    """The recovery state's fingerprint: a hash of its basis."""
-    from pipeline.resume import fingerprint
-
-    return fingerprint(*basis.values())
 
 
 def run_training(
@@ -775,7 +473,7 @@ def finish(
     store.release()
     print(
         f"train: done, {state.epochs_done} epoch{'s' * (state.epochs_done != 1)} in "
-        f"{_duration(state.wall_time_s)}; "
+        f"{duration(state.wall_time_s)}; "
         f"{summary['images_per_second']:.0f} img/s; saved {paths.MODEL_FILE}",
         flush=True,
     )

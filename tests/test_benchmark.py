@@ -147,7 +147,7 @@ def test_the_pipelines_epoch_time_holds_its_checkpoint_and_mlflow_logging(
 
     from benchmarks.throughput import load_images, run_pipeline
     from pipeline.config import parse_params
-    from pipeline.train import EpochRecorder
+    from pipeline.progress import EpochRecorder
 
     params = parse_params(raw_params)
     params = dataclasses.replace(

@@ -26,17 +26,9 @@ from pipeline.config import ParamsError, flatten, parse_params
 from pipeline.distributed import peers_reachable
 from pipeline.errors import PipelineError, Terminated
 from pipeline.optimizer import make_optimizer, make_schedule
-from pipeline.train import (
-    HISTORY_COLUMNS,
-    TRAINING_SECTIONS,
-    StepProgress,
-    check_fits,
-    epoch_line,
-    logged_params,
-    resume_basis,
-    resume_key,
-    training_params,
-)
+from pipeline.progress import HISTORY_COLUMNS, StepProgress, epoch_line
+from pipeline.recovery_key import TRAINING_SECTIONS, resume_basis, resume_key, training_params
+from pipeline.train import check_fits, logged_params
 from tests.cifar_archive import write_archive
 from tests.repo import (
     ROOT,
@@ -506,8 +498,9 @@ def test_both_training_loops_print_progress_within_the_epoch(raw_params, capsys)
     from pipeline.device import Device
     from pipeline.distributed import fit_workers
     from pipeline.prepared import Split
+    from pipeline.progress import keras_callbacks
     from pipeline.resume import TrainState
-    from pipeline.train import compiled_model, keras_callbacks
+    from pipeline.train import compiled_model
 
     params = parse_params(raw_params)
     params = dataclasses.replace(
@@ -605,7 +598,7 @@ def test_the_code_a_state_must_match_is_what_computes_the_training(monkeypatch):
     import inspect
 
     from pipeline import distributed, model, optimizer, train
-    from pipeline.train import TRAINING_CODE, code_digest
+    from pipeline.recovery_key import TRAINING_CODE, code_digest
 
     digest = code_digest()
     assert sorted(digest) == sorted(TRAINING_CODE) == [
@@ -623,7 +616,7 @@ def test_the_code_a_state_must_match_is_what_computes_the_training(monkeypatch):
     }  # fmt: skip
     untouched = {
         optimizer.last_step_rate, optimizer.agreeing, model.load_saved_model,
-        train.StepProgress, train.restored_model, distributed.check_same_start,
+        StepProgress, train.restored_model, distributed.check_same_start,
     }  # fmt: skip
 
     def source_after(edit, change="edited = True\n"):
@@ -897,7 +890,7 @@ def test_a_store_that_stops_answering_costs_a_warning_and_the_epochs_follow_late
     from mlflow.exceptions import MlflowException
 
     from pipeline import tracking
-    from pipeline.train import EpochLogger
+    from pipeline.progress import EpochLogger
 
     down = [True]
 
@@ -2701,7 +2694,7 @@ def test_a_diverged_training_stops_at_the_epoch_and_keeps_the_last_good_state(
 
 
 def test_divergence_advice_names_warm_up_only_where_the_schedule_has_one(raw_params):
-    from pipeline.train import divergence_remedy
+    from pipeline.progress import divergence_remedy
 
     train = parse_params(raw_params).train
     onecycle = dataclasses.replace(train, lr_schedule="onecycle")
@@ -2757,7 +2750,8 @@ def test_a_mixed_float16_training_resumes_from_its_checkpoint(
 
     from pipeline import device, tracking
     from pipeline.errors import end_mlflow_run
-    from pipeline.train import EpochRecorder, run_training
+    from pipeline.progress import EpochRecorder
+    from pipeline.train import run_training
 
     params, meta, train, empty = tiny_training(raw_params, epochs=2)
     params = dataclasses.replace(
@@ -2822,7 +2816,8 @@ def test_a_resumed_training_draws_the_dropout_masks_an_unbroken_one_draws(
 
     from pipeline import tracking
     from pipeline.errors import end_mlflow_run
-    from pipeline.train import EpochRecorder, run_training
+    from pipeline.progress import EpochRecorder
+    from pipeline.train import run_training
 
     params, meta, train, empty = tiny_training(raw_params, epochs=3)
     params = dataclasses.replace(
