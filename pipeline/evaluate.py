@@ -26,7 +26,7 @@ experiment it ran in, under the artifact folder `evaluation-k/`. Nothing is
 overwritten: `evaluate.*` values are not run params (those never change once
 logged), and the one run param an evaluation adds, `evaluation.k` (when and
 where it ran), claims its number, so that two evaluations of one model at once
-take two (see tracking._claim_evaluation).
+take two (see evaluation_log._claim_evaluation).
 """
 
 from __future__ import annotations
@@ -346,7 +346,7 @@ def main(argv: list[str] | None = None) -> None:
         raise PipelineError(f"{paths.MODEL_FILE}: not found; run `dvc repro train` first") from None
     check_model_matches_info(model, info)
 
-    from pipeline import tracking
+    from pipeline import evaluation_log, tracking
 
     root = tracking.repository_root()
     # What evaluates again: in a temporary experiment copy, whose files DVC deletes when
@@ -356,7 +356,7 @@ def main(argv: list[str] | None = None) -> None:
     tracking.retried_by(again)
     tracking.connect(root)  # fail before the work if the store is unreachable
     with tracking.reported(f"cannot read MLflow run {info['run_id']}", "nothing was evaluated"):
-        tracking.check_run(info["run_id"], paths.MODEL_INFO)  # the store may not have it
+        evaluation_log.check_run(info["run_id"], paths.MODEL_INFO)  # the store may not have it
     passes = SHIFT_TTA_VIEWS if cfg.shift_tta else 2 if cfg.flip_tta else 1
     done = []  # seconds each pass over the test set took
 
@@ -418,7 +418,9 @@ def main(argv: list[str] | None = None) -> None:
         f"its figures are {'printed above' if copy else f'in {paths.TEST_METRICS}'}; once "
         f"the store answers, {again} evaluates again and logs it",
     ):
-        number = tracking.log_evaluation(info["run_id"], mlflow_metrics(figures), logged, used)
+        number = evaluation_log.log_evaluation(
+            info["run_id"], mlflow_metrics(figures), logged, used
+        )
     print(f"evaluate: logged as evaluation {number} of MLflow run {info['run_id']}", flush=True)
     if not cfg.register:
         return
@@ -441,7 +443,7 @@ def main(argv: list[str] | None = None) -> None:
         f"the registry decision is made, but it could not be tagged on MLflow run {info['run_id']}",
         f"the registry itself is right; {again} evaluates again and tags the run",
     ):
-        tracking.set_run_tags(info["run_id"], decision.tags())
+        evaluation_log.set_run_tags(info["run_id"], decision.tags())
 
 
 if __name__ == "__main__":

@@ -104,14 +104,14 @@ class EpochLogger:
         self.run_id, self.history, self.behind = run_id, history, False
 
     def __call__(self, row: dict) -> None:
-        from pipeline import tracking
+        from pipeline import run_log, tracking
 
         try:
             with tracking.few_retries():
                 if self.behind:
-                    tracking.backfill_metrics(self.run_id, self.history)
+                    run_log.backfill_metrics(self.run_id, self.history)
                 else:
-                    tracking.log_epoch(row, step=row["epoch"])
+                    run_log.log_epoch(row, step=row["epoch"])
             self.behind = False
         except tracking.store_errors() as error:
             self.behind = True

@@ -368,13 +368,13 @@ def recovery_store(expected: str, writable: bool):
 
 def start_run(params: Params, state, store, device: Device) -> None:
     """Chief only: start the MLflow run, or continue the recovery state's."""
-    from pipeline import tracking
+    from pipeline import run_log, tracking
 
     for discarded in store.discarded:  # its training is not coming back
         if discarded.run_id and discarded.run_id != state.run_id:
-            tracking.end_abandoned(discarded.run_id, discarded.model_uri is not None)
+            run_log.end_abandoned(discarded.run_id, discarded.model_uri is not None)
     previous = state.run_id
-    state.run_id = tracking.start_run(state.run_id).info.run_id
+    state.run_id = run_log.start_run(state.run_id).info.run_id
     if state.run_id != previous:  # a new run: the first try, or the old run is gone
         state.model_uri = None  # a model logged to the old run is not this run's
         try:
@@ -386,14 +386,14 @@ def start_run(params: Params, state, store, device: Device) -> None:
     # Every start: a kill while a new run's params were being logged leaves the rest to a
     # rerun, which then continues that run (log_params adds only those it lacks).
     logged = {**logged_params(params), "train.precision_resolved": device.precision}
-    tracking.log_params(logged)
-    tracking.log_params_file(logged)  # the first upload: a broken artifact store stops us here
+    run_log.log_params(logged)
+    run_log.log_params_file(logged)  # the first upload: a broken artifact store stops us here
     if state.epochs_done:
         print(f"train: resuming after epoch {state.epochs_done} in MLflow run {state.run_id}")
-        tracking.backfill_metrics(state.run_id, state.history)
+        run_log.backfill_metrics(state.run_id, state.history)
     elif state.run_id == previous:
         print(f"train: starting again in MLflow run {state.run_id} (stopped during epoch 1)")
-    tracking.set_tags(tracking.run_tags(), unset=tracking.DVC_TAGS)
+    run_log.set_tags(tracking.run_tags(), unset=tracking.DVC_TAGS)
 
 
 def rerun(workers: int) -> str:
@@ -416,7 +416,7 @@ def finish(
     """Chief only: save the model and metrics, log them to MLflow, clear the recovery state."""
     import keras
 
-    from pipeline import tracking
+    from pipeline import run_log, tracking
 
     # The saved model computes in float32 whatever the training policy: portable to any device.
     keras.mixed_precision.set_global_policy("float32")
@@ -436,11 +436,11 @@ def finish(
                 f"its recovery state is kept, so once the store answers {rerun(workers)} logs it "
                 "without training again",
             ):
-                tracking.backfill_metrics(state.run_id, state.history)  # epochs an outage missed
+                run_log.backfill_metrics(state.run_id, state.history)  # epochs an outage missed
                 # The model last: calls before it are harmless to repeat when a rerun logs the run.
-                tracking.log_final(summary, [paths.HISTORY_FILE, paths.TRAIN_METRICS])
+                run_log.log_final(summary, [paths.HISTORY_FILE, paths.TRAIN_METRICS])
                 examples = val if len(val.labels) else train
-                state.model_uri = tracking.log_model(export, examples, meta["class_names"])
+                state.model_uri = run_log.log_model(export, examples, meta["class_names"])
             store.record(state)
         from pipeline.prepared import training_data_digest
 
@@ -468,7 +468,7 @@ def finish(
         f"its recovery state is kept, so once the store answers {rerun(workers)} marks it "
         "without training or logging again",
     ):
-        tracking.end_run(state.run_id)
+        run_log.end_run(state.run_id)
     store.clear()
     store.release()
     print(

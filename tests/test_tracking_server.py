@@ -35,7 +35,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from pipeline import files
+from pipeline import evaluation_log, files
 from pipeline import server as launcher
 from pipeline.errors import PipelineError, Terminated
 from tests.repo import ROOT, TINY, Background, dvc, free_port, make_repo, run, set_params, stage_env
@@ -770,8 +770,6 @@ def test_two_evaluations_of_one_run_at_once_take_two_numbers(server, tmp_path, m
     made after ours looked at the run is refused to us, over REST, and we take the next."""
     import mlflow
 
-    from pipeline import tracking
-
     with login("alice", USERS["alice"]):
         client = server.client()
         run_id = client.create_run(client.create_experiment("claims")).info.run_id
@@ -787,7 +785,7 @@ def test_two_evaluations_of_one_run_at_once_take_two_numbers(server, tmp_path, m
         mlflow.set_tracking_uri(server.url)
         try:
             (tmp_path / "test.json").write_text("{}\n")
-            number = tracking.log_evaluation(
+            number = evaluation_log.log_evaluation(
                 run_id, {"test_accuracy": 0.5}, [tmp_path / "test.json"], {"evaluate.x": 1}
             )
         finally:

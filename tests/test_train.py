@@ -22,6 +22,7 @@ import psutil
 import pytest
 import yaml
 
+from pipeline import evaluation_log, run_log
 from pipeline.config import ParamsError, flatten, parse_params
 from pipeline.distributed import peers_reachable
 from pipeline.errors import PipelineError, Terminated
@@ -668,15 +669,16 @@ def test_every_public_store_call_waits_out_a_locked_sqlite_store():
 
     unguarded = [
         f"{module}.{node.name}"
-        for module in ("tracking", "registry")
+        for module in ("tracking", "run_log", "evaluation_log", "registry")
         for node in ast.parse((ROOT / f"pipeline/{module}.py").read_text()).body
         if isinstance(node, ast.FunctionDef)
         and not node.name.startswith("_")
         and imports_mlflow(node)
         and "retry_locked" not in [ast.unparse(d) for d in node.decorator_list]
     ]
-    # connect retries its one store call itself; store_lock is the file lock around writes.
-    assert unguarded == ["tracking.connect", "tracking.store_lock"]
+    # connect retries its one store call itself; store_lock is the file lock around writes;
+    # refusal reads the tracking URI, no store call, to explain a refused one.
+    assert unguarded == ["tracking.connect", "tracking.store_lock", "tracking.refusal"]
 
 
 def test_an_evaluation_retried_on_a_locked_store_keeps_its_number(
@@ -701,7 +703,7 @@ def test_an_evaluation_retried_on_a_locked_store_keeps_its_number(
 
     monkeypatch.setattr(mlflow.MlflowClient, "set_tag", locked_once)
     (tmp_path / "report.txt").write_text("figures\n")
-    number = tracking.log_evaluation(
+    number = evaluation_log.log_evaluation(
         run_id, {"test_accuracy": 0.5}, [tmp_path / "report.txt"], {"x": 1}
     )
     history = mlflow_store.get_metric_history(run_id, "test_accuracy")
@@ -717,7 +719,6 @@ def test_two_evaluations_of_one_run_at_once_take_two_numbers(mlflow_store, tmp_p
     """On a tracking server nothing serialises two evaluations of one model: both read the
     metric history before either logs. The run param each claims its number with, which
     MLflow's store takes once, tells them apart; nothing is overwritten."""
-    from pipeline import tracking
 
     run_id = mlflow_store.create_run(mlflow_store.create_experiment("e")).info.run_id
     real_history, rival = mlflow.MlflowClient.get_metric_history, []
@@ -733,7 +734,7 @@ def test_two_evaluations_of_one_run_at_once_take_two_numbers(mlflow_store, tmp_p
     for accuracy, seen in ((0.5, []), (0.6, []), (0.7, [3])):
         rival.extend(seen)
         numbers.append(
-            tracking.log_evaluation(
+            evaluation_log.log_evaluation(
                 run_id, {"test_accuracy": accuracy}, [tmp_path / "report.txt"], {"x": accuracy}
             )
         )
@@ -750,7 +751,7 @@ def test_two_evaluations_of_one_run_at_once_take_two_numbers(mlflow_store, tmp_p
     assert mlflow_store.get_run(run_id).data.tags["evaluation.count"] == "4"
     # A retry whose claim got through the first time takes that number again.
     mark = params["evaluation.2"]
-    assert tracking._log_evaluation_metrics(run_id, {"test_accuracy": 0.6}, mark) == 2
+    assert evaluation_log._log_evaluation_metrics(run_id, {"test_accuracy": 0.6}, mark) == 2
 
 
 def test_artifacts_go_beside_the_sqlite_store_whatever_the_working_directory(
@@ -850,16 +851,15 @@ def test_connect_keeps_the_users_request_timeout(mlflow_store, tmp_path, monkeyp
 
 
 def test_a_run_the_store_no_longer_has_is_replaced_by_a_new_one(mlflow_store, capsys):
-    from pipeline import tracking
 
     with mlflow.start_run() as kept, mlflow.start_run(nested=True) as deleted:
         pass
     mlflow_store.delete_run(deleted.info.run_id)
-    with tracking.start_run(kept.info.run_id) as run:  # a resumed training
+    with run_log.start_run(kept.info.run_id) as run:  # a resumed training
         assert run.info.run_id == kept.info.run_id
     assert capsys.readouterr().out == ""
     for gone in (deleted.info.run_id, "0123456789abcdef0123456789abcdef"):
-        with tracking.start_run(gone) as run:
+        with run_log.start_run(gone) as run:
             assert run.info.run_id not in (gone, kept.info.run_id)
         assert f"MLflow run {gone} is deleted or not in this tracking store" in (
             capsys.readouterr().out
@@ -872,11 +872,11 @@ def test_a_run_whose_experiment_was_renamed_goes_on_there(mlflow_store, tmp_path
     from pipeline import tracking
 
     experiment = tracking.connect(tmp_path)
-    with tracking.start_run(None) as run:
+    with run_log.start_run(None) as run:
         pass
     mlflow_store.rename_experiment(experiment, "cifar10-resnet (old)")
     assert tracking.connect(tmp_path) != experiment  # a new "cifar10-resnet"
-    with tracking.start_run(run.info.run_id) as resumed:
+    with run_log.start_run(run.info.run_id) as resumed:
         assert resumed.info.run_id == run.info.run_id
     assert capsys.readouterr().out == (
         f"train: MLflow run {run.info.run_id} is in experiment 'cifar10-resnet (old)' now; "
@@ -889,7 +889,6 @@ def test_a_store_that_stops_answering_costs_a_warning_and_the_epochs_follow_late
 ):
     from mlflow.exceptions import MlflowException
 
-    from pipeline import tracking
     from pipeline.progress import EpochLogger
 
     down = [True]
@@ -902,7 +901,7 @@ def test_a_store_that_stops_answering_costs_a_warning_and_the_epochs_follow_late
 
         return wrapper
 
-    monkeypatch.setattr(tracking, "log_epoch", refused_while_down(tracking.log_epoch))
+    monkeypatch.setattr(run_log, "log_epoch", refused_while_down(run_log.log_epoch))
     history_call = mlflow.MlflowClient.get_metric_history  # the backfill's first request
     monkeypatch.setattr(mlflow.MlflowClient, "get_metric_history", refused_while_down(history_call))
     history = []
@@ -1430,7 +1429,6 @@ def test_log_model_keeps_one_model_per_run_across_tries(
     between log_model and recording its URI: the next try takes that model."""
     from mlflow.exceptions import MlflowException
 
-    from pipeline import tracking
     from pipeline.prepared import Split
     from pipeline.train import build_network
 
@@ -1447,8 +1445,8 @@ def test_log_model_keeps_one_model_per_run_across_tries(
 
     with mlflow.start_run(experiment_id=experiment) as run:
         leftover = mlflow.initialize_logged_model(name="model").model_id  # PENDING
-        first = tracking.log_model(model, examples, meta["class_names"])
-        assert tracking.log_model(model, examples, meta["class_names"]) == first
+        first = run_log.log_model(model, examples, meta["class_names"])
+        assert run_log.log_model(model, examples, meta["class_names"]) == first
     assert logged(run.info.run_id) == [(first.split("/")[-1], "READY")]
     assert leftover not in first
 
@@ -1458,7 +1456,7 @@ def test_log_model_keeps_one_model_per_run_across_tries(
     monkeypatch.setattr(mlflow.MlflowClient, "delete_logged_model", refuse)
     with mlflow.start_run(experiment_id=experiment) as run:
         leftover = mlflow.initialize_logged_model(name="model").model_id
-        second = tracking.log_model(model, examples, meta["class_names"])
+        second = run_log.log_model(model, examples, meta["class_names"])
     assert logged(run.info.run_id) == sorted(
         [(leftover, "PENDING"), (second.split("/")[-1], "READY")]
     )
@@ -1469,18 +1467,17 @@ def test_log_model_keeps_one_model_per_run_across_tries(
 
 
 def test_discarded_recovery_state_ends_its_run_if_nothing_else_did(mlflow_store, capsys):
-    from pipeline import tracking
 
     client = mlflow_store
     experiment = client.create_experiment("e")
     killed, logged, failed, deleted = (client.create_run(experiment) for _ in range(4))
     client.set_terminated(failed.info.run_id, "FAILED")
     client.delete_run(deleted.info.run_id)
-    tracking.end_abandoned(killed.info.run_id, logged=False)
-    tracking.end_abandoned(logged.info.run_id, logged=True)
-    tracking.end_abandoned(failed.info.run_id, logged=False)  # its status stays
-    tracking.end_abandoned(deleted.info.run_id, logged=False)
-    tracking.end_abandoned("0123456789abcdef0123456789abcdef", logged=False)  # not in this store
+    run_log.end_abandoned(killed.info.run_id, logged=False)
+    run_log.end_abandoned(logged.info.run_id, logged=True)
+    run_log.end_abandoned(failed.info.run_id, logged=False)  # its status stays
+    run_log.end_abandoned(deleted.info.run_id, logged=False)
+    run_log.end_abandoned("0123456789abcdef0123456789abcdef", logged=False)  # not in this store
     status = {r: client.get_run(r.info.run_id).info.status for r in (killed, logged, failed)}
     assert list(status.values()) == ["KILLED", "FINISHED", "FAILED"]
     assert client.get_run(deleted.info.run_id).info.status == "RUNNING"
@@ -1908,7 +1905,6 @@ def test_an_unreadable_state_is_discarded_saying_so_and_its_run_ended(tmp_path, 
 def test_a_long_backfill_cut_short_is_completed_metric_by_metric(mlflow_store, monkeypatch):
     """Over 1000 values take several requests, each of whole epochs: a failed second one,
     then a retry, leaves every metric with every epoch once."""
-    from pipeline import tracking
 
     keys = ("loss", "accuracy", "val_loss", "val_accuracy", "lr", "images_per_second")
     history = [{"epoch": e, **{k: e + i / 10 for i, k in enumerate(keys)}} for e in range(1, 201)]
@@ -1924,8 +1920,8 @@ def test_a_long_backfill_cut_short_is_completed_metric_by_metric(mlflow_store, m
 
     monkeypatch.setattr(mlflow.MlflowClient, "log_batch", log_batch)
     with pytest.raises(OSError):
-        tracking.backfill_metrics(run_id, history)
-    tracking.backfill_metrics(run_id, history)
+        run_log.backfill_metrics(run_id, history)
+    run_log.backfill_metrics(run_id, history)
     assert all(size <= 1000 and size % len(keys) == 0 for size in sizes), sizes
     for key in keys:
         steps = sorted(m.step for m in mlflow_store.get_metric_history(run_id, key))
@@ -1956,11 +1952,11 @@ def test_evaluate_stops_before_its_work_if_the_training_run_is_not_in_the_store(
 
     with mlflow.start_run() as run:
         pass
-    tracking.check_run(run.info.run_id, Path("models/model_info.json"))  # there: no error
+    evaluation_log.check_run(run.info.run_id, Path("models/model_info.json"))  # there: no error
     mlflow_store.delete_run(run.info.run_id)
     for gone in (run.info.run_id, "0123456789abcdef0123456789abcdef"):
         with pytest.raises(tracking.TrackingError) as error:
-            tracking.check_run(gone, Path("models/model_info.json"))
+            evaluation_log.check_run(gone, Path("models/model_info.json"))
         assert str(error.value).startswith(
             f"models/model_info.json names MLflow run {gone}, which is deleted or not in the "
             "tracking store sqlite:///"
