@@ -32,7 +32,7 @@ import yaml
 from pipeline import paths
 from pipeline.errors import PipelineError
 
-EXPERIMENT = "cifar10-resnet"
+EXPERIMENT = "cifar10-resnet"  # the experiment runs go to, unless MLFLOW_EXPERIMENT_NAME says
 DB_FILE = "mlflow.db"
 ARTIFACTS_DIR = "mlartifacts"
 _EXPERIMENT_COPY = (".dvc", "tmp", "exps")  # where DVC puts temporary experiment copies
@@ -49,6 +49,12 @@ _RERUN = contextvars.ContextVar("rerun", default="`dvc repro`")
 
 class TrackingError(PipelineError):
     """The MLflow tracking store cannot be reached or used."""
+
+
+def experiment_name() -> str:
+    """The MLflow experiment training runs go to: MLflow's own MLFLOW_EXPERIMENT_NAME where
+    it is set (your own dataset's runs apart from CIFAR-10's), else cifar10-resnet."""
+    return os.environ.get("MLFLOW_EXPERIMENT_NAME") or EXPERIMENT
 
 
 def repository_root(cwd: Path | None = None) -> Path:
@@ -291,17 +297,17 @@ def _unreachable(uri: str, reason: str) -> str:
     )
 
 
-def _refused(
-    uri: str, status: int, on: str = f"experiment '{EXPERIMENT}'", message: str = ""
-) -> str | None:
+def _refused(uri: str, status: int, on: str | None = None, message: str = "") -> str | None:
     """Why a server refused our login (401), our user (403) or the host name we reached it
     by (403 from its DNS-rebinding check), and what to do, else None.
 
-    on: what a permission 403 was about; the server says no more than the status.
+    on: what a permission 403 was about (the experiment unless said); the server says no
+    more than the status.
     message: MLflow's error text, which holds the body of a response that was not JSON.
     """
     from urllib.parse import urlsplit
 
+    on = on or f"experiment '{experiment_name()}'"
     parts = urlsplit(uri)
     if status == 403 and "Invalid Host header" in message:
         name = parts.hostname or "?"
@@ -368,14 +374,15 @@ def artifact_location(uri: str, root: Path) -> str | None:
 def _get_or_create_experiment(mlflow, location: str | None) -> str:
     from mlflow.exceptions import MlflowException
 
-    experiment = mlflow.get_experiment_by_name(EXPERIMENT)
+    name = experiment_name()
+    experiment = mlflow.get_experiment_by_name(name)
     if experiment is None:
         try:
-            mlflow.create_experiment(EXPERIMENT, artifact_location=location)
+            mlflow.create_experiment(name, artifact_location=location)
         except MlflowException as error:
             if "RESOURCE_ALREADY_EXISTS" not in str(error.error_code):
                 raise  # else another run created it first
-        experiment = mlflow.get_experiment_by_name(EXPERIMENT)
+        experiment = mlflow.get_experiment_by_name(name)
     if experiment.lifecycle_stage == "deleted":
         _restore(mlflow, experiment.experiment_id)
     mlflow.set_experiment(experiment_id=experiment.experiment_id)
@@ -386,8 +393,9 @@ def _restore(mlflow, experiment_id: str) -> None:
     """Bring back the deleted experiment: MLflow keeps its name taken until `mlflow gc`."""
     from mlflow.exceptions import MlflowException
 
+    name = experiment_name()
     print(
-        f"tracking: experiment '{EXPERIMENT}' (id {experiment_id}) was deleted; restoring it "
+        f"tracking: experiment '{name}' (id {experiment_id}) was deleted; restoring it "
         "for this run, with every run it held (MLflow restores those too, also ones deleted "
         "on their own before). To drop it for good instead: `mlflow gc` on the store",
         flush=True,
@@ -397,7 +405,7 @@ def _restore(mlflow, experiment_id: str) -> None:
     except MlflowException as error:
         if error.get_http_status_code() == 403:  # restoring needs MANAGE, not EDIT
             raise TrackingError(
-                f"experiment '{EXPERIMENT}' (id {experiment_id}) is deleted, and restoring it "
+                f"experiment '{name}' (id {experiment_id}) is deleted, and restoring it "
                 "needs MANAGE permission on it (HTTP 403): ask whoever deleted it, or the "
                 f"server's admin, to restore it (`mlflow experiments restore --experiment-id "
                 f"{experiment_id}`) or to remove it for good (`mlflow gc`)"
@@ -502,7 +510,7 @@ def refusal(error: Exception) -> str | None:
 
     if not isinstance(error, MlflowException):
         return None
-    on = f"experiment '{EXPERIMENT}' or the registered model it writes to"
+    on = f"experiment '{experiment_name()}' or the registered model it writes to"
     return _refused(mlflow.get_tracking_uri(), error.get_http_status_code(), on, str(error))
 
 

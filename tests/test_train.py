@@ -850,6 +850,23 @@ def test_connect_keeps_the_users_request_timeout(mlflow_store, tmp_path, monkeyp
     assert seen == ["10", "60"]
 
 
+def test_mlflows_experiment_name_variable_picks_the_experiment(mlflow_store, tmp_path, monkeypatch):
+    """MLFLOW_EXPERIMENT_NAME, as MLflow documents it: your own dataset's runs apart."""
+    from pipeline import tracking
+
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "pets")
+    pets = tracking.connect(tmp_path)
+    with run_log.start_run(None) as run:
+        assert run.info.experiment_id == pets
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME")
+    cifar = tracking.connect(tmp_path)
+    assert pets != cifar
+    names = [mlflow_store.get_experiment(i).name for i in (pets, cifar)]
+    assert names == ["pets", "cifar10-resnet"]
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "pets")
+    assert "on experiment 'pets'" in tracking._refused("http://h:5000", 403)
+
+
 def test_a_run_the_store_no_longer_has_is_replaced_by_a_new_one(mlflow_store, capsys):
 
     with mlflow.start_run() as kept, mlflow.start_run(nested=True) as deleted:
