@@ -451,6 +451,22 @@ def usable_cpus() -> int:
     return os.cpu_count() or 1
 
 
+@contextlib.contextmanager
+def _fixed_at_the_source(source: Path) -> Iterator[None]:
+    """A folder dataset is read from download's copy in data/raw: a fix made in the copy
+    is overwritten, and one made in the folder data.url names is not copied by itself (its
+    params have not changed). Layout and decoding errors say so."""
+    try:
+        yield
+    except LayoutError as error:
+        if not source.is_dir():
+            raise
+        raise LayoutError(
+            f"{error} ({source} is download's copy of the folder data.url names: make the "
+            "change there, then copy it again with `dvc repro --force download`)"
+        ) from None
+
+
 def read_imagefolder(source: Path, data: DataParams, workers: int | None = None) -> Dataset:
     """Read an image-folder dataset (folder or archive) into train and test splits.
 
@@ -458,7 +474,8 @@ def read_imagefolder(source: Path, data: DataParams, workers: int | None = None)
     """
     workers = workers or usable_cpus()
     with open_dataset(source) as (members, read):
-        layout = find_layout(members, source)
+        with _fixed_at_the_source(source):
+            layout = find_layout(members, source)
         has_test = len(layout.images) > layout.num_train
         if has_test and data.test_size:
             raise LayoutError(
@@ -496,9 +513,10 @@ def read_imagefolder(source: Path, data: DataParams, workers: int | None = None)
                 "holds validation images out of train/ (move them there to train on them)",
                 flush=True,
             )
-        images, decoded = decode_images(
-            layout, members, read, data.image_size, data.on_bad_image, workers
-        )
+        with _fixed_at_the_source(source):
+            images, decoded = decode_images(
+                layout, members, read, data.image_size, data.on_bad_image, workers
+            )
     labels, num_train = layout.labels, layout.num_train
     if not decoded.all():
         num_train = int(decoded[:num_train].sum())

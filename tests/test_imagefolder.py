@@ -347,10 +347,23 @@ def test_unusable_layouts_are_refused_with_the_cause_and_fix(tmp_path, data, fil
 
 
 def test_empty_class_folder_is_refused(tmp_path, data):
+    """A folder is read from download's copy: the error says where to fix it (a fix in the
+    copy is overwritten, one in the source is not copied until download runs again)."""
     source = write_folder(tmp_path / "set", two_classes())
     (source / "train" / "bird").mkdir()
-    with pytest.raises(LayoutError, match=r"train/bird/ holds no images"):
+    with pytest.raises(LayoutError, match=r"train/bird/ holds no images") as error:
         read_imagefolder(source, data)
+    assert str(error.value).endswith(
+        f"({source} is download's copy of the folder data.url names: make the change there, "
+        "then copy it again with `dvc repro --force download`)"
+    )
+    (source / "train" / "bird").rmdir()
+    (source / "train" / "dog" / "broken.png").write_bytes(b"\x89PNG not really")
+    with pytest.raises(LayoutError, match=r"broken.png: cannot decode it .* --force download`\)$"):
+        read_imagefolder(source, data)
+    archive = write_tar(tmp_path / "set.tar", {**two_classes(), "train/bird/notes.txt": b"todo"})
+    with pytest.raises(LayoutError, match=r"add some or remove the folder$"):  # no copy there
+        read_imagefolder(archive, data)
 
 
 @pytest.mark.parametrize("writer", [write_tar, write_zip], ids=["tar.gz", "zip"])
