@@ -41,7 +41,14 @@ Check = Callable[[str, Any], Any]
 
 
 def _fail(path: str, allowed: str, value: Any) -> ParamsError:
-    return ParamsError(f"{path}: must be {allowed}, got {value!r}")
+    return ParamsError(f"{path}: must be {allowed}, got {_as_yaml(value)}")
+
+
+def _as_yaml(value: Any) -> str:
+    """A value as params.yaml spells it (`null`, `true`), not as Python does (None, True)."""
+    if value is None or isinstance(value, bool):
+        return {None: "null", True: "true", False: "false"}[value]
+    return repr(value)
 
 
 def integer(low: int | None = None, high: int | None = None) -> Check:
@@ -126,6 +133,12 @@ def url() -> Check:
     schemes = ("https://", "http://", "file://")
 
     def check(path: str, value: Any) -> str:
+        if isinstance(value, str) and value and "://" not in value:  # a path: its file:// URL
+            local = Path(value).expanduser().resolve().as_uri()  # stages run at the repo root
+            raise ParamsError(
+                f"{path}: must be a URL starting with https://, http:// or file://, got "
+                f"{value!r}; for that local file or folder: {local}"
+            )
         if not isinstance(value, str) or not value.startswith(schemes):
             raise _fail(path, "a URL starting with https://, http:// or file://", value)
         return value

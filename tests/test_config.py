@@ -58,7 +58,7 @@ BAD_VALUES = [
     ("data.test_size", -1, "data.test_size: must be an integer >= 0, got -1"),
     ("data.on_bad_image", "warn", "data.on_bad_image: must be one of fail, skip, got 'warn'"),
     ("train.epochs", -3, "train.epochs: must be an integer between 1 and 100000, got -3"),
-    ("train.epochs", True, "train.epochs: must be an integer between 1 and 100000, got True"),
+    ("train.epochs", True, "train.epochs: must be an integer between 1 and 100000, got true"),
     ("train.learning_rate", 0, "train.learning_rate: must be a number in (0, 10], got 0"),
     (
         "train.lr_schedule",
@@ -96,7 +96,7 @@ BAD_VALUES = [
     ("train.augment", 3, "train.augment: must be a mapping of keys to values, got 3"),
     # NaN passes every comparison, so it needs its own check.
     ("train.learning_rate", float("nan"), "train.learning_rate: must be a number in (0, 10]"),
-    ("train.learning_rate", True, "train.learning_rate: must be a number in (0, 10], got True"),
+    ("train.learning_rate", True, "train.learning_rate: must be a number in (0, 10], got true"),
     pytest.param(
         "train.learning_rate",
         10**400,
@@ -122,7 +122,14 @@ BAD_VALUES = [
     ("evaluate.misclassified", 401, "evaluate.misclassified: must be an integer between 0 an"),
     ("evaluate.shift_tta", 1.5, "evaluate.shift_tta: must be an integer between 0 and 1024"),
     ("evaluate.flip_tta", "no", "evaluate.flip_tta: must be true or false, got 'no'"),
-    ("evaluate.register", None, "evaluate.register: must be true or false, got None"),
+    ("evaluate.register", None, "evaluate.register: must be true or false, got null"),
+    (
+        "data.url",
+        "/data/cifar mirror.tar.gz",
+        "data.url: must be a URL starting with https://, http:// or file://, got "
+        "'/data/cifar mirror.tar.gz'; for that local file or folder: "
+        "file:///data/cifar%20mirror.tar.gz",
+    ),
 ]
 
 
