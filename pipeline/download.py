@@ -29,6 +29,7 @@ import http.client
 import os
 import re
 import shutil
+import socket
 import ssl
 import stat
 import sys
@@ -326,6 +327,13 @@ def _download_http(
                 f"{url} (data.url): {host}'s certificate failed verification "
                 f"({reason.verify_message}). A proxy that inspects HTTPS needs its CA: point "
                 "SSL_CERT_FILE at a bundle that holds it"
+            ) from None
+        if isinstance(reason, socket.gaierror) and reason.errno == socket.EAI_NONAME:
+            # DNS knows no such name: a typo, or a machine offline. Waiting minutes for the
+            # retries mends neither; a rerun resumes any .part once the name resolves.
+            raise DownloadError(
+                f"{url} (data.url): no such host {urllib.parse.urlsplit(url).hostname!r} "
+                f"({reason.strerror}); check the address and the network, or " + _mirror_hint(name)
             ) from None
         raise _Transient(f"{host} is unreachable: {reason}") from None
 

@@ -197,6 +197,31 @@ def test_a_certificate_that_fails_verification_is_not_retried(tmp_path, monkeypa
     assert "retry" not in capsys.readouterr().out
 
 
+def test_a_host_dns_does_not_know_fails_at_once(tmp_path, monkeypatch, capsys):
+    """Offline, the canonical host: 5 retries took 31 s to say what the first one knew."""
+    import socket
+
+    def unknown(request, timeout):
+        raise urllib.error.URLError(socket.gaierror(socket.EAI_NONAME, "Name or service not known"))
+
+    monkeypatch.setattr(download.urllib.request, "urlopen", unknown)
+    url = f"https://www.cs.toronto.edu/~kriz/{NAME}"
+    with pytest.raises(DownloadError) as caught:
+        fetch(url, MD5, tmp_path, retries=3, progress=quiet(), **FAST)
+    assert str(caught.value).startswith(
+        f"{url} (data.url): no such host 'www.cs.toronto.edu' (Name or service not known); "
+        "check the address and the network, or point data.url at a mirror"
+    )
+    assert "retry" not in capsys.readouterr().out
+    transient = socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+    monkeypatch.setattr(
+        download.urllib.request, "urlopen",
+        lambda request, timeout: (_ for _ in ()).throw(urllib.error.URLError(transient)),
+    )  # fmt: skip
+    with pytest.raises(DownloadError, match="after 2 attempts"):  # this one is retried
+        fetch(url, MD5, tmp_path, retries=1, progress=quiet(), **FAST)
+
+
 def test_reuses_a_good_file_without_any_request(serve, tmp_path, capsys):
     server = serve()
     (tmp_path / NAME).write_bytes(PAYLOAD)
