@@ -178,6 +178,9 @@ def test_evaluate_change_reruns_only_evaluate_and_keeps_both_evaluations(repo, c
 
 
 def test_train_change_reruns_train_and_evaluate_only(repo, client):
+    before = yaml.safe_load((repo / "params.yaml").read_text())["train"]["learning_rate"]
+    first_model = (repo / "models/model_info.json").read_text()
+    first_test = (repo / "metrics/test.json").read_text()
     set_params(repo, {"train.learning_rate": 0.003})
     result = dvc(repo, "repro")
     assert ran(result.stdout) == ["train", "evaluate"]
@@ -191,6 +194,18 @@ def test_train_change_reruns_train_and_evaluate_only(repo, client):
     champion = str(client.get_model_version_by_alias("cifar10-resnet", "champion").version)
     assert champion == ("2" if second > first else "1"), decision
     commit(repo, "train change")
+
+    # Back to params trained before: DVC's run cache gives back that model and its
+    # evaluation, nothing trains or logs again (README, "Experimenting").
+    set_params(repo, {"train.learning_rate": before})
+    result = dvc(repo, "repro")
+    assert ran(result.stdout) == [] and "Stage 'train' is cached" in result.stdout
+    assert (repo / "models/model_info.json").read_text() == first_model
+    assert (repo / "metrics/test.json").read_text() == first_test
+    assert len(client.search_runs([runs[0].info.experiment_id])) == 2
+    set_params(repo, {"train.learning_rate": 0.003})
+    assert ran(dvc(repo, "repro").stdout) == []
+    assert run(["git", "status", "--porcelain"], repo).stdout == ""  # as committed
 
 
 def test_evaluating_by_hand_on_test_images_drawn_anew_is_refused(repo, tmp_path):
