@@ -133,8 +133,8 @@ def url() -> Check:
     schemes = ("https://", "http://", "file://")
 
     def check(path: str, value: Any) -> str:
-        if isinstance(value, str) and value and "://" not in value:  # a path: its file:// URL
-            local = Path(value).expanduser().resolve().as_uri()  # stages run at the repo root
+        if isinstance(value, str) and value.startswith(("/", "~")):  # an absolute path
+            local = Path(value).expanduser().as_uri()
             raise ParamsError(
                 f"{path}: must be a URL starting with https://, http:// or file://, got "
                 f"{value!r}; for that local file or folder: {local}"

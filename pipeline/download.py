@@ -52,6 +52,13 @@ MB = 1e6  # progress is reported in decimal megabytes, as browsers and curl do
 FIX_HINT = "dvc exp run -S data.url=... -S data.md5=... or edit params.yaml"
 
 
+def _proxied(url: str) -> bool:
+    """Whether urllib sends a request for `url` through a proxy (HTTPS_PROXY and the like)."""
+    parts = urllib.parse.urlsplit(url)
+    proxy = urllib.request.getproxies().get(parts.scheme)
+    return bool(proxy) and not urllib.request.proxy_bypass(parts.hostname or "")
+
+
 def _mirror_hint(name: str) -> str:
     return (
         f"point data.url at a mirror or a local copy (file:///path/to/{name}) "
@@ -328,7 +335,11 @@ def _download_http(
                 f"({reason.verify_message}). A proxy that inspects HTTPS needs its CA: point "
                 "SSL_CERT_FILE at a bundle that holds it"
             ) from None
-        if isinstance(reason, socket.gaierror) and reason.errno == socket.EAI_NONAME:
+        if (
+            isinstance(reason, socket.gaierror)
+            and reason.errno == socket.EAI_NONAME
+            and not _proxied(url)  # then the unknown name may be the proxy's
+        ):
             # DNS knows no such name: a typo, or a machine offline. Waiting minutes for the
             # retries mends neither; a rerun resumes any .part once the name resolves.
             raise DownloadError(

@@ -205,6 +205,8 @@ def test_a_host_dns_does_not_know_fails_at_once(tmp_path, monkeypatch, capsys):
         raise urllib.error.URLError(socket.gaierror(socket.EAI_NONAME, "Name or service not known"))
 
     monkeypatch.setattr(download.urllib.request, "urlopen", unknown)
+    for variable in ("https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):  # the CI's, say
+        monkeypatch.delenv(variable, raising=False)
     url = f"https://www.cs.toronto.edu/~kriz/{NAME}"
     with pytest.raises(DownloadError) as caught:
         fetch(url, MD5, tmp_path, retries=3, progress=quiet(), **FAST)
@@ -213,6 +215,13 @@ def test_a_host_dns_does_not_know_fails_at_once(tmp_path, monkeypatch, capsys):
         "check the address and the network, or point data.url at a mirror"
     )
     assert "retry" not in capsys.readouterr().out
+    # Through a proxy the unknown name may be the proxy's: retried and reported as before.
+    monkeypatch.setenv("https_proxy", "http://no-such-proxy.invalid:3128")
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    with pytest.raises(DownloadError, match="after 2 attempts.*Check the network or proxy"):
+        fetch(url, MD5, tmp_path, retries=1, progress=quiet(), **FAST)
+    monkeypatch.delenv("https_proxy")
     transient = socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
     monkeypatch.setattr(
         download.urllib.request, "urlopen",
