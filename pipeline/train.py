@@ -5,7 +5,7 @@
 Prints one line per epoch, and a progress line every 2 minutes within a long
 one; checkpoints every epoch into .train-state/ so a killed run continues where
 it stopped (see pipeline/resume.py); logs params, per-epoch metrics, tags and
-the model to MLflow (see pipeline/tracking.py).
+the model to MLflow (see pipeline/run_log.py; epoch lines: pipeline/progress.py).
 """
 
 from __future__ import annotations

@@ -77,7 +77,7 @@ def imported_modules(path: str, top_level: bool = False) -> set[str]:
 
 def code_of(module: str) -> set[str]:
     """The stage's module, what it imports anywhere, and what those import at their top,
-    on and on: prepare imports imagefolder, whose top imports predict's image decoder."""
+    on and on: prepare imports imagefolder, whose top imports images.py's decoder."""
     code = {module} | imported_modules(module)
     todo = sorted(code - {module})
     while todo:
