@@ -346,15 +346,20 @@ def test_unusable_layouts_are_refused_with_the_cause_and_fix(tmp_path, data, fil
         read_imagefolder(write_tar(tmp_path / "set.tar.gz", files), data)
 
 
-def test_empty_class_folder_is_refused(tmp_path, data):
+def test_empty_class_folder_is_refused(tmp_path, data, monkeypatch):
     """A folder is read from download's copy: the error says where to fix it (a fix in the
     copy is overwritten, one in the source is not copied until download runs again)."""
-    source = write_folder(tmp_path / "set", two_classes())
+    monkeypatch.chdir(tmp_path)  # a stage's working directory: data/raw is download's
+    elsewhere = write_folder(tmp_path / "set", two_classes())
+    (elsewhere / "train" / "bird").mkdir()
+    with pytest.raises(LayoutError, match=r"train/bird/ holds no images .*remove the folder$"):
+        read_imagefolder(elsewhere, data)  # read in place (a benchmark): no copy to speak of
+    source = write_folder(tmp_path / "data" / "raw" / "set", two_classes())
     (source / "train" / "bird").mkdir()
     with pytest.raises(LayoutError, match=r"train/bird/ holds no images") as error:
         read_imagefolder(source, data)
     assert str(error.value).endswith(
-        f"({source} is download's copy of the folder data.url names: make the change there, "
+        f"({source} is download's copy of the folder data.url names: change that folder, "
         "then copy it again with `dvc repro --force download`)"
     )
     (source / "train" / "bird").rmdir()
