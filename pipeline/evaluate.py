@@ -354,7 +354,7 @@ def main(argv: list[str] | None = None) -> None:
     copy = tracking.in_experiment_copy()
     again = "the same `dvc exp run`" if copy else "`dvc repro`"
     tracking.retried_by(again)
-    tracking.connect(root)  # fail before the work if the store is unreachable
+    tracking.connect(root, experiment=False)  # fail before the work if the store is unreachable
     with tracking.reported(f"cannot read MLflow run {info['run_id']}", "nothing was evaluated"):
         evaluation_log.check_run(info["run_id"], paths.MODEL_INFO)  # the store may not have it
     passes = SHIFT_TTA_VIEWS if cfg.shift_tta else 2 if cfg.flip_tta else 1

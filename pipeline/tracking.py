@@ -206,11 +206,13 @@ def quiet_mlflow_logs() -> None:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
-def connect(root: Path) -> str:
+def connect(root: Path, experiment: bool = True) -> str | None:
     """Point MLflow at the store and make sure the experiment exists; return its id.
 
     Raises TrackingError at once (before any training) when the store is
-    unreachable or refuses us, naming the URI and how to fix it.
+    unreachable or refuses us, naming the URI and how to fix it. experiment=False (an
+    evaluation, which logs into its training's run wherever that is): only the store is
+    checked, and no experiment is created, restored or made active.
     """
     import mlflow
     from mlflow.exceptions import MlflowException
@@ -229,6 +231,9 @@ def connect(root: Path) -> str:
                 _create_schema_once(uri)
             elif database_server(uri):
                 probe_database(uri)
+            if not experiment:
+                retry_locked(mlflow.search_experiments)(max_results=1)
+                return None
             location = artifact_location(uri, root)
             return retry_locked(_get_or_create_experiment)(mlflow, location)
     except MlflowException as error:

@@ -227,6 +227,10 @@ def test_mlflows_experiment_name_variable_picks_the_experiment(mlflow_store, tmp
     assert names == ["pets", "cifar10-resnet"]
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "pets")
     assert "on experiment 'pets'" in tracking._refused("http://h:5000", 403)
+    # An evaluation logs into its training's run: it checks the store, creates nothing.
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "other")
+    assert tracking.connect(tmp_path, experiment=False) is None
+    assert mlflow_store.get_experiment_by_name("other") is None
 
 
 def test_a_run_the_store_no_longer_has_is_replaced_by_a_new_one(mlflow_store, capsys):
