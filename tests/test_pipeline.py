@@ -84,9 +84,11 @@ def test_repro_runs_all_four_stages(repo, request):
     assert shown["metrics/train.json"]["data"]["epochs"] == 2
     dvc(repo, "plots", "show", "-o", str(repo / "plots_html"))
     page = (repo / "plots_html/index.html").read_text()
-    for title in ("Loss per epoch", "Accuracy per epoch", "Confusion matrix (test)"):
+    for title in ("Loss per epoch", "Accuracy per epoch", "Learning rate per epoch"):
         assert title in page
-    assert "misclassified.png" in page
+    assert "Confusion matrix (test)" in page
+    for png in ("misclassified.png", "per_class_accuracy.png", "confusion_matrix.png"):
+        assert png in page
 
     # The MLflow run holds params, per-epoch and test metrics, artifacts and the model.
     experiment = client.get_experiment_by_name("cifar10-resnet")
